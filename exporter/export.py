@@ -1,0 +1,261 @@
+"""Export a DeepSeek checkpoint to one ONNX decoder graph with a latent KV cache, layer by layer.
+
+The graph contract (docs/graph-contract.md):
+  inputs   input_ids [B, T] int64, position_ids [B, T] int64, attention_mask [B, P+T] int64,
+           past_latent.{i} [B, P, kv_lora_rank + qk_rope_head_dim] float32 for each layer i
+  outputs  logits [B, T, V] float32, present_latent.{i} [B, P+T, kv_lora_rank + qk_rope_head_dim]
+
+Attention runs on the latent: W_UK (the key half of kv_b_proj) is absorbed into the query and
+W_UV (the value half) into the output, so keys and values are never expanded per head and the
+cache holds only the normalized latent and the rotated rope key.
+
+Tensors are read from the checkpoint one layer at a time and written straight to the external
+data file, so peak memory is one layer plus the embeddings, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from onnx import TensorProto
+
+from .checkpoint import CheckpointReader
+from .config import ModelConfig
+from .graph import GraphBuilder
+from .lowering import ExpertWeights, get_lowering
+from .reference import LATENT_NORM_EPS, layer_tensors
+from .rope import rope_frequencies
+
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    moe_lowering: str = "ort-moe"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    config: ModelConfig
+    export_config: ExportConfig
+    weight_bytes: int
+
+
+def graph_contract(cfg: ModelConfig) -> dict:
+    """Names, dtypes and shapes of the decoder graph's inputs and outputs (symbolic dims)."""
+    L = cfg.latent_dim
+    inputs = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_seq"]},
+    ]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", cfg.vocab_size]}]
+    for i in range(cfg.num_hidden_layers):
+        inputs.append({"name": f"past_latent.{i}", "dtype": "float32", "shape": ["batch", "past_seq", L]})
+        outputs.append({"name": f"present_latent.{i}", "dtype": "float32", "shape": ["batch", "total_seq", L]})
+    return {"inputs": inputs, "outputs": outputs, "cache": {
+        "layout": "per layer [batch, seq, kv_lora_rank + qk_rope_head_dim]: RMS-normalized latent, then rotated rope key",
+        "values_per_token_per_layer": L,
+    }}
+
+
+class _DecoderEmitter:
+    """Emits the decoder into a GraphBuilder; one method per block, shapes in comments."""
+
+    def __init__(self, g: GraphBuilder, cfg: ModelConfig, export_cfg: ExportConfig):
+        self.g, self.cfg = g, cfg
+        self.lowering = get_lowering(export_cfg.moe_lowering)
+
+    def inputs(self) -> None:
+        g, cfg = self.g, self.cfg
+        self.input_ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+        self.position_ids = g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
+        self.attention_mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_seq"])
+        self.past = [
+            g.input(f"past_latent.{i}", TensorProto.FLOAT, ["batch", "past_seq", cfg.latent_dim])
+            for i in range(cfg.num_hidden_layers)
+        ]
+
+    def rope_and_mask(self) -> None:
+        g, cfg = self.g, self.cfg
+        inv_freq, rope_scale = rope_frequencies(cfg)
+        pos = g.op("Cast", [g.op("Unsqueeze", [self.position_ids, g.const([-1])], name="pos3")], name="posf", to=1)
+        freqs = g.op("Mul", [pos, g.weight("rope.inv_freq", inv_freq.numpy())], name="freqs")  # [B, T, dr/2]
+        cos, sin = g.op("Cos", [freqs], name="cos"), g.op("Sin", [freqs], name="sin")
+        if rope_scale != 1.0:
+            cos = g.op("Mul", [cos, g.const(rope_scale, np.float32)], name="cos_scaled")
+            sin = g.op("Mul", [sin, g.const(rope_scale, np.float32)], name="sin_scaled")
+        self.cos3, self.sin3 = cos, sin  # [B, T, dr/2] for the single-head rope key
+        self.cos4 = g.op("Unsqueeze", [cos, g.const([1])], name="cos4")  # [B, 1, T, dr/2] for per-head queries
+        self.sin4 = g.op("Unsqueeze", [sin, g.const([1])], name="sin4")
+
+        past_len = g.op("Shape", [self.past[0]], name="past_len", start=1, end=2)  # [1]
+        new_len = g.op("Shape", [self.input_ids], name="new_len", start=1, end=2)  # [1]
+        total = g.op("Add", [past_len, new_len], name="total_len")
+        scalar = lambda v, n: g.op("Squeeze", [v, g.const([0])], name=n)  # noqa: E731
+        k_pos = g.op("Range", [g.const(0), scalar(total, "total_s"), g.const(1)], name="k_pos")  # [S]
+        q_pos = g.op("Range", [scalar(past_len, "past_s"), scalar(total, "total_s"), g.const(1)], name="q_pos")  # [T]
+        causal = g.op("LessOrEqual", [g.op("Unsqueeze", [k_pos, g.const([0])], name="k_pos2"),
+                                      g.op("Unsqueeze", [q_pos, g.const([1])], name="q_pos2")], name="causal")  # [T, S]
+        pad = g.op("Cast", [self.attention_mask], name="pad", to=TensorProto.BOOL)
+        pad = g.op("Unsqueeze", [pad, g.const([1, 2])], name="pad4")  # [B, 1, 1, S]
+        self.mask = g.op("And", [causal, pad], name="mask")  # [B, 1, T, S]
+
+    def rope(self, x: str, cos: str, sin: str, name: str) -> str:
+        g = self.g
+        half = self.cfg.qk_rope_head_dim // 2
+        x1, x2 = g.op("Split", [x, g.const([half, half])], name=name + "_halves", outputs=2, axis=-1)
+        a = g.op("Sub", [g.op("Mul", [x1, cos], name=name + "_x1c"), g.op("Mul", [x2, sin], name=name + "_x2s")], name=name + "_a")
+        b = g.op("Add", [g.op("Mul", [x2, cos], name=name + "_x2c"), g.op("Mul", [x1, sin], name=name + "_x1s")], name=name + "_b")
+        return g.op("Concat", [a, b], name=name, axis=-1)
+
+    def attention(self, x: str, t: dict[str, np.ndarray], i: int) -> str:
+        g, cfg = self.g, self.cfg
+        H, dn, dr, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        p = f"layers.{i}.self_attn"
+        if cfg.q_lora_rank is None:
+            q_in, w_q = x, t["self_attn.q_proj.weight"]
+        else:
+            qa = g.linear(x, t["self_attn.q_a_proj.weight"], p + ".q_a_proj", t.get("self_attn.q_a_proj.bias"))
+            q_in = g.rms_norm(qa, t["self_attn.q_a_layernorm.weight"], LATENT_NORM_EPS, p + ".q_a_layernorm")
+            w_q = t["self_attn.q_b_proj.weight"]
+        w_q = w_q.reshape(H, dn + dr, -1)
+        w_q_nope = w_q[:, :dn].reshape(H * dn, -1)
+        w_q_rope = w_q[:, dn:].reshape(H * dr, -1)
+        w_kv_b = t["self_attn.kv_b_proj.weight"].reshape(H, dn + dv, r)
+        w_uk = np.ascontiguousarray(w_kv_b[:, :dn])  # [H, dn, r]
+        w_uv_t = np.ascontiguousarray(w_kv_b[:, dn:].transpose(0, 2, 1))  # [H, r, dv]
+
+        heads = lambda v, d, n: g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, H, d])], name=n + "_4d")],  # noqa: E731
+                                     name=n, perm=[0, 2, 1, 3])
+        q_nope = heads(g.linear(q_in, w_q_nope, p + ".q_nope"), dn, p + "_q_nope")  # [B, H, T, dn]
+        q_lat = g.op("MatMul", [q_nope, g.weight(p + ".w_uk", w_uk)], name=p + "_q_lat")  # [B, H, T, r]
+        q_rope = heads(g.linear(q_in, w_q_rope, p + ".q_rope"), dr, p + "_q_rope")  # [B, H, T, dr]
+        q_rope = self.rope(q_rope, self.cos4, self.sin4, p + "_q_rot")
+        q = g.op("Concat", [q_lat, q_rope], name=p + "_q", axis=-1)  # [B, H, T, r+dr]
+        q = g.op("Mul", [q, g.const(cfg.softmax_scale, np.float32)], name=p + "_q_scaled")
+
+        kv = g.linear(x, t["self_attn.kv_a_proj_with_mqa.weight"], p + ".kv_a_proj_with_mqa",
+                      t.get("self_attn.kv_a_proj_with_mqa.bias"))  # [B, T, r+dr]
+        c, k_rope = g.op("Split", [kv, g.const([r, dr])], name=p + "_kv_split", outputs=2, axis=-1)
+        c = g.rms_norm(c, t["self_attn.kv_a_layernorm.weight"], LATENT_NORM_EPS, p + ".kv_a_layernorm")
+        k_rope = self.rope(k_rope, self.cos3, self.sin3, p + "_k_rot")
+        latent = g.op("Concat", [c, k_rope], name=p + "_latent", axis=-1)  # [B, T, r+dr]
+        present = g.op("Concat", [self.past[i], latent], name=f"present_latent_{i}", axis=1)  # [B, S, r+dr]
+        self.present.append(present)
+
+        keys = g.op("Unsqueeze", [present, g.const([1])], name=p + "_keys")  # [B, 1, S, r+dr]
+        scores = g.op("MatMul", [q, g.op("Transpose", [keys], name=p + "_keys_t", perm=[0, 1, 3, 2])],
+                      name=p + "_scores")  # [B, H, T, S]
+        scores = g.op("Where", [self.mask, scores, g.const(np.finfo(np.float32).min, np.float32)], name=p + "_masked")
+        probs = g.op("Softmax", [scores], name=p + "_probs", axis=-1)
+        values = g.op("Slice", [keys, g.const([0]), g.const([r]), g.const([-1])], name=p + "_values")  # [B, 1, S, r]
+        ctx = g.op("MatMul", [probs, values], name=p + "_ctx_lat")  # [B, H, T, r]
+        ctx = g.op("MatMul", [ctx, g.weight(p + ".w_uv_t", w_uv_t)], name=p + "_ctx")  # [B, H, T, dv]
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], name=p + "_ctx_t", perm=[0, 2, 1, 3]), g.const([0, 0, H * dv])],
+                   name=p + "_ctx_flat")  # [B, T, H*dv]
+        return g.linear(ctx, t["self_attn.o_proj.weight"], p + ".o_proj", t.get("self_attn.o_proj.bias"))
+
+    def mlp(self, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str) -> str:
+        g = self.g
+        inter = gate.shape[0]
+        h = g.linear(x, np.concatenate([gate, up], axis=0), name + ".gate_up")  # [.., 2I]
+        a, b = g.op("Split", [h, g.const([inter, inter])], name=name + "_gu", outputs=2, axis=-1)
+        act = g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a], name=name + "_sig")], name=name + "_silu"), b], name=name + "_act")
+        return g.linear(act, down, name + ".down_proj")
+
+    def moe(self, x: str, t: dict[str, np.ndarray], i: int) -> str:
+        g, cfg = self.g, self.cfg
+        p = f"layers.{i}.mlp"
+        x2 = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])], name=p + "_x2d")  # [N, D]
+        w = ExpertWeights(t["mlp.router"], t.get("mlp.bias"), t["mlp.w_gate"], t["mlp.w_up"], t["mlp.w_down"])
+        y = self.lowering.emit(g, x2, w, cfg, p)  # [N, D]
+        if cfg.n_shared_experts:
+            shared = self.mlp(x2, t["mlp.shared.gate_proj.weight"], t["mlp.shared.up_proj.weight"],
+                              t["mlp.shared.down_proj.weight"], p + ".shared")
+            y = g.op("Add", [y, shared], name=p + "_sum")
+        return g.op("Reshape", [y, g.op("Shape", [x], name=p + "_shape")], name=p + "_out")
+
+    def layer(self, x: str, t: dict[str, np.ndarray], i: int) -> str:
+        g, cfg = self.g, self.cfg
+        h = g.rms_norm(x, t["input_layernorm.weight"], cfg.rms_norm_eps, f"layers.{i}.input_layernorm")
+        x = g.op("Add", [x, self.attention(h, t, i)], name=f"layers.{i}_attn_res")
+        h = g.rms_norm(x, t["post_attention_layernorm.weight"], cfg.rms_norm_eps, f"layers.{i}.post_attention_layernorm")
+        if cfg.is_moe_layer(i):
+            m = self.moe(h, t, i)
+        else:
+            m = self.mlp(h, t["mlp.gate_proj.weight"], t["mlp.up_proj.weight"], t["mlp.down_proj.weight"], f"layers.{i}.mlp")
+        return g.op("Add", [x, m], name=f"layers.{i}_out")
+
+    def run(self, reader: CheckpointReader, progress: Callable[[str, int, int], None]) -> None:
+        g, cfg = self.g, self.cfg
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.inputs()
+        self.rope_and_mask()
+        self.present: list[str] = []
+        embed = reader.get("model.embed_tokens.weight", (V, D)).numpy()
+        embed_name = g.weight("embed_tokens.weight", embed)
+        x = g.op("Gather", [embed_name, self.input_ids], name="embed", axis=0)  # [B, T, D]
+        del embed
+        for i in range(cfg.num_hidden_layers):
+            progress("export", i, cfg.num_hidden_layers)
+            t = {name: tensor.numpy() for name, tensor in layer_tensors(reader, i)}
+            x = self.layer(x, t, i)
+            del t  # this layer's weights are on disk now; keep memory at one layer
+        progress("export", cfg.num_hidden_layers, cfg.num_hidden_layers)
+        x = g.rms_norm(x, reader.get("model.norm.weight", (D,)).numpy(), cfg.rms_norm_eps, "norm")
+        x2 = g.op("Reshape", [x, g.const([-1, D])], name="final_2d")
+        if cfg.tie_word_embeddings or "lm_head.weight" not in reader:
+            head = embed_name  # Gemm(transB=1) reads [V, D] as stored: tied weights stay one copy
+        else:
+            head = g.weight("lm_head.weight", reader.get("lm_head.weight", (V, D)).numpy())
+        logits = g.op("Gemm", [x2, head], name="lm_head", transB=1)  # [N, V]
+        out_shape = g.op("Concat", [g.op("Shape", [self.input_ids], name="bt"), g.const([V])], name="logits_shape", axis=0)
+        g.output(g.op("Reshape", [logits, out_shape], name="logits3"), "logits", TensorProto.FLOAT, ["batch", "seq", V])
+        for i, present in enumerate(self.present):
+            g.output(present, f"present_latent.{i}", TensorProto.FLOAT, ["batch", "total_seq", cfg.latent_dim])
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def export_model(checkpoint_dir: str | Path, out_dir: str | Path, export_cfg: ExportConfig = ExportConfig(),
+                 progress: Callable[[str, int, int], None] = _no_progress) -> ExportResult:
+    """Write model.onnx + model.onnx.data + manifest.json + tokenizer files into out_dir."""
+    from dsexport import __version__
+
+    reader = CheckpointReader(checkpoint_dir)
+    cfg = reader.config
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g = GraphBuilder(out / DATA_FILE)
+    _DecoderEmitter(g, cfg, export_cfg).run(reader, progress)
+    g.save(out / GRAPH_FILE, "dsexport_decoder")
+    for name in TOKENIZER_FILES:
+        if (reader.dir / name).is_file():
+            shutil.copyfile(reader.dir / name, out / name)
+    import onnx
+    import onnxruntime
+    import torch
+
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "producer": {"dsexport": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+        "model": cfg.to_json(),
+        "export": dataclasses.asdict(export_cfg),
+        "graphs": {"decoder": {"file": GRAPH_FILE, "data": DATA_FILE, **graph_contract(cfg)}},
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return ExportResult(out, cfg, export_cfg, g.weight_bytes)

@@ -1,0 +1,124 @@
+"""A small ONNX graph builder that streams initializers to one external-data file.
+
+Weights are written to disk the moment they are added and only their location is kept in the
+graph, so a build holds one layer's tensors at a time, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+ALIGN = 64  # external-data offsets aligned for mmap-friendly, vectorizable reads
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+
+_NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.bool_): TensorProto.BOOL,
+}
+
+
+class GraphBuilder:
+    def __init__(self, data_path: Path):
+        self.data_path = Path(data_path)
+        self._data = open(self.data_path, "wb")
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._names: dict[str, int] = {}
+        self._consts: dict[tuple, str] = {}
+        self.weight_bytes = 0
+
+    # ---- names and values ---------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        n = self._names.get(base, 0)
+        self._names[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Append a weight to the external-data file; the graph keeps only its location."""
+        array = np.ascontiguousarray(array)
+        offset = self._data.tell()
+        pad = -offset % ALIGN
+        if pad:
+            self._data.write(b"\0" * pad)
+            offset += pad
+        self._data.write(array.tobytes())
+        tensor = TensorProto(name=name, data_type=_NP_TO_ONNX[array.dtype], dims=list(array.shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
+        self.weight_bytes += array.nbytes
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant (shape, axes, scalars), deduplicated and kept inside the graph."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            name = self.fresh("const")
+            self.initializers.append(helper.make_tensor(name, _NP_TO_ONNX[array.dtype], array.shape, array.flatten().tolist()))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, outputs: int = 1,
+           domain: str = "", **attrs) -> str | list[str]:
+        base = name or op_type.lower()
+        outs = [self.fresh(base if outputs == 1 else f"{base}_{i}") for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh("n_" + base), domain=domain, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
+        self.nodes.append(helper.make_node("Identity", [value], [name], name=self.fresh("n_out_" + name)))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    # ---- common blocks ------------------------------------------------------------------
+    def linear(self, x: str, w_out_in: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
+        """x @ W^T (+ b) for a torch-layout weight [out, in]; stored transposed for MatMul."""
+        y = self.op("MatMul", [x, self.weight(name + ".weight", w_out_in.T.astype(np.float32))], name=name)
+        if bias is not None:
+            y = self.op("Add", [y, self.weight(name + ".bias", bias.astype(np.float32))], name=name + "_bias")
+        return y
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+        # x * 1/sqrt(mean(x^2) + eps) * w, written out so every ONNX consumer parses it;
+        # ORT fuses it into SimplifiedLayerNormalization.
+        sq = self.op("Mul", [x, x], name=name + "_sq")
+        mean = self.op("ReduceMean", [sq], name=name + "_mean", axes=[-1], keepdims=1)
+        var = self.op("Add", [mean, self.const(eps, np.float32)], name=name + "_eps")
+        inv = self.op("Reciprocal", [self.op("Sqrt", [var], name=name + "_sqrt")], name=name + "_inv")
+        y = self.op("Mul", [x, inv], name=name + "_scaled")
+        return self.op("Mul", [y, self.weight(name + ".weight", weight.astype(np.float32))], name=name)
+
+    # ---- finish -------------------------------------------------------------------------
+    def save(self, model_path: Path, graph_name: str, metadata: dict[str, str] | None = None) -> None:
+        self._data.flush()
+        os.fsync(self._data.fileno())
+        self._data.close()
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+            producer_name="dsexport",
+        )
+        model.ir_version = 8
+        for k, v in (metadata or {}).items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = k, v
+        Path(model_path).write_bytes(model.SerializeToString())

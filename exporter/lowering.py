@@ -1,0 +1,145 @@
+"""How a DeepSeekMoE layer becomes ONNX: routing in standard ops, experts by a chosen lowering.
+
+Lowerings live in a registry keyed by name; a target (dsexport.targets) names the one it takes.
+Routing is always computed in the graph from the hidden state (never baked in at export):
+
+  ort-moe  ONNX Runtime's fused com.microsoft.MoE op. Selection is done before the op; the op
+           gets log(weight) at the chosen experts and -inf elsewhere, so its softmax returns
+           w / sum(w) at exactly those experts; the per-token sum(w) is multiplied back after it.
+           Runs only the routed experts for any number of tokens: fit for prefill and decode.
+  gather   Standard ops only (TopK, Gather of stacked experts, batched MatMul): what TensorRT
+           parses. Materializes tokens x k expert weights, so it is for decode-sized inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from .config import ModelConfig
+from .graph import MS_DOMAIN, GraphBuilder
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    router: np.ndarray  # [E, D]
+    bias: np.ndarray | None  # [E] noaux_tc correction bias
+    gate: np.ndarray  # [E, I, D]
+    up: np.ndarray  # [E, I, D]
+    down: np.ndarray  # [E, D, I]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoELowering:
+    name: str
+    emit: Callable[[GraphBuilder, str, ExpertWeights, ModelConfig, str], str]
+    prefill_ok: bool  # False: cost grows as tokens x k x expert bytes; decode only
+    ops: tuple[str, ...]  # op types it adds beyond routing, for target compatibility checks
+    description: str
+
+
+MOE_LOWERINGS: dict[str, MoELowering] = {}
+
+
+def register(name: str, prefill_ok: bool, ops: tuple[str, ...], description: str):
+    def wrap(fn):
+        MOE_LOWERINGS[name] = MoELowering(name, fn, prefill_ok, ops, description)
+        return fn
+
+    return wrap
+
+
+def emit_routing(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str) -> tuple[str, str]:
+    """x [N, D] -> (weights [N, k] float, expert ids [N, k] int64), as reference.route."""
+    E, k = w.router.shape[0], cfg.num_experts_per_tok
+    logits = g.linear(x, w.router, name + ".router")  # [N, E]
+    if cfg.scoring_func == "softmax":
+        scores = g.op("Softmax", [logits], name=name + "_scores", axis=-1)
+    else:
+        scores = g.op("Sigmoid", [logits], name=name + "_scores")
+    choice = scores
+    if w.bias is not None:
+        choice = g.op("Add", [scores, g.weight(name + ".bias", w.bias.astype(np.float32))], name=name + "_choice")
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        G = cfg.n_group
+        grouped = g.op("Reshape", [choice, g.const([-1, G, E // G])], name=name + "_grouped")  # [N, G, E/G]
+        if cfg.topk_method == "noaux_tc":
+            top2 = g.op("TopK", [grouped, g.const([2])], name=name + "_top2", outputs=2, axis=-1)[0]
+            group_scores = g.op("ReduceSum", [top2, g.const([-1])], name=name + "_gscore", keepdims=0)
+        else:
+            group_scores = g.op("ReduceMax", [grouped], name=name + "_gscore", axes=[-1], keepdims=0)  # [N, G]
+        group_idx = g.op("TopK", [group_scores, g.const([cfg.topk_group])], name=name + "_gtop", outputs=2, axis=-1)[1]
+        zeros = g.op("Mul", [group_scores, g.const(0.0, np.float32)], name=name + "_gzero")
+        ones = g.op("Expand", [g.const(1.0, np.float32), g.op("Shape", [group_idx], name=name + "_gishape")],
+                    name=name + "_gone")
+        group_mask = g.op("ScatterElements", [zeros, group_idx, ones], name=name + "_gmask", axis=1)  # [N, G]
+        keep = g.op("Expand", [g.op("Unsqueeze", [group_mask, g.const([-1])], name=name + "_gmask3"),
+                               g.op("Shape", [grouped], name=name + "_gshape")], name=name + "_gexp")
+        keep = g.op("Reshape", [keep, g.op("Shape", [choice], name=name + "_cshape")], name=name + "_keep")  # [N, E]
+        keep = g.op("Greater", [keep, g.const(0.5, np.float32)], name=name + "_keepb")
+        choice = g.op("Where", [keep, choice, g.const(-np.inf, np.float32)], name=name + "_masked")
+    idx = g.op("TopK", [choice, g.const([k])], name=name + "_topk", outputs=2, axis=-1)[1]  # [N, k]
+    weights = g.op("GatherElements", [scores, idx], name=name + "_w", axis=1)  # [N, k]
+    if cfg.norm_topk_prob:
+        total = g.op("ReduceSum", [weights, g.const([-1])], name=name + "_wsum", keepdims=1)
+        total = g.op("Add", [total, g.const(1e-20, np.float32)], name=name + "_wsum_eps")
+        weights = g.op("Div", [weights, total], name=name + "_wnorm")
+    if cfg.routed_scaling_factor != 1.0:
+        weights = g.op("Mul", [weights, g.const(cfg.routed_scaling_factor, np.float32)], name=name + "_wscaled")
+    return weights, idx
+
+
+@register("ort-moe", prefill_ok=True, ops=("com.microsoft.MoE",),
+          description="ONNX Runtime fused MoE op (interleaved SwiGLU), routing computed before it")
+def emit_ort_moe(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str) -> str:
+    E, inter, D = w.gate.shape
+    weights, idx = emit_routing(g, x, w, cfg, name)
+    # Router input: log(weight) at the chosen experts, -inf elsewhere; the op's softmax then
+    # yields weight / sum(weights) at exactly these experts, and the sum is restored after it.
+    logits_shape = g.op("Concat", [g.op("Shape", [x], name=name + "_xshape", start=0, end=1), g.const([E])],
+                        name=name + "_eshape", axis=0)
+    dense = g.op("Expand", [g.const(-np.inf, np.float32), logits_shape], name=name + "_ninf")
+    router_in = g.op("ScatterElements", [dense, idx, g.op("Log", [weights], name=name + "_logw")],
+                     name=name + "_router_in", axis=1)  # [N, E]
+    total = g.op("ReduceSum", [weights, g.const([-1])], name=name + "_total", keepdims=1)  # [N, 1]
+    fc1 = np.stack([w.gate, w.up], axis=2).reshape(E, 2 * inter, D)  # rows g0,u0,g1,u1,... (swiglu_fusion=1)
+    y = g.op(
+        "MoE",
+        [x, router_in, g.weight(name + ".fc1", fc1.astype(np.float32)), "",
+         g.weight(name + ".fc2", w.down.astype(np.float32))],
+        name=name + "_moe", domain=MS_DOMAIN,
+        k=cfg.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1,
+        activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0,
+    )
+    return g.op("Mul", [y, total], name=name + "_routed")
+
+
+@register("gather", prefill_ok=False, ops=("Gather", "MatMul", "TopK"),
+          description="standard ops: gather the routed experts' stacked weights per token, batched MatMul")
+def emit_gather(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str) -> str:
+    E, inter, D = w.gate.shape
+    weights, idx = emit_routing(g, x, w, cfg, name)
+    w1 = np.concatenate([w.gate, w.up], axis=1).transpose(0, 2, 1)  # [E, D, 2I]
+    w2 = w.down.transpose(0, 2, 1)  # [E, I, D]
+    w1_sel = g.op("Gather", [g.weight(name + ".w13", np.ascontiguousarray(w1, np.float32)), idx],
+                  name=name + "_w13sel", axis=0)  # [N, k, D, 2I]
+    x4 = g.op("Unsqueeze", [x, g.const([1, 2])], name=name + "_x4")  # [N, 1, 1, D]
+    h = g.op("MatMul", [x4, w1_sel], name=name + "_h13")  # [N, k, 1, 2I]
+    gate, up = g.op("Split", [h, g.const([inter, inter])], name=name + "_gu", outputs=2, axis=-1)
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=name + "_sig")], name=name + "_silu"), up],
+               name=name + "_act")
+    w2_sel = g.op("Gather", [g.weight(name + ".w2", np.ascontiguousarray(w2, np.float32)), idx],
+                  name=name + "_w2sel", axis=0)  # [N, k, I, D]
+    out = g.op("Squeeze", [g.op("MatMul", [act, w2_sel], name=name + "_down"), g.const([2])], name=name + "_out")
+    out = g.op("Mul", [out, g.op("Unsqueeze", [weights, g.const([-1])], name=name + "_w3")], name=name + "_weighted")
+    return g.op("ReduceSum", [out, g.const([1])], name=name + "_routed", keepdims=0)  # [N, D]
+
+
+def get_lowering(name: str) -> MoELowering:
+    if name not in MOE_LOWERINGS:
+        from dsexport.errors import UserError
+
+        raise UserError(f"unknown MoE lowering {name!r}; available: {', '.join(sorted(MOE_LOWERINGS))}")
+    return MOE_LOWERINGS[name]
