@@ -1,0 +1,267 @@
+"""Generate text from an exported dsexport model with ONNX Runtime. No torch.
+
+    engine = Engine.load("dist/mymodel", threads=2)
+    print(engine.generate("Once upon a time", max_new_tokens=32).text)
+    for event in engine.stream("Once upon a time"):
+        print(event.text, end="", flush=True)
+
+Batches of prompts of different lengths are left-padded; the attention mask hides the padding
+and position ids count only real tokens, so each row decodes as it would alone. The KV cache is
+the per-layer latent the graph returns, handed back to the next step as ONNX Runtime values
+without a round trip through numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from dsexport.errors import BundleError, ContextLengthError, UserError
+
+from .sampling import SamplingParams, sample_token
+from .tokenizer import BundleTokenizer, StreamDecoder
+
+MANIFEST_FILE = "manifest.json"
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt_ids: list[int]
+    output_ids: list[int]  # generated ids only
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length" (max_new_tokens) | "context" (max context reached)
+    ttft_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    row: int  # which prompt of the batch
+    token_id: int
+    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+    finish_reason: str | None = None  # set on the row's last event
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class Engine:
+    def __init__(self, directory: Path, manifest: dict, session: ort.InferenceSession,
+                 tokenizer: BundleTokenizer | None, max_context: int):
+        self.directory = directory
+        self.manifest = manifest
+        self.config = manifest["model"]
+        self.session = session
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.num_layers = int(self.config["num_hidden_layers"])
+        self.latent_dim = int(self.config["kv_lora_rank"]) + int(self.config["qk_rope_head_dim"])
+        self.eos_ids = set(self.config.get("eos_token_ids") or [])
+        if tokenizer is not None and tokenizer.eos_id is not None:
+            self.eos_ids.add(tokenizer.eos_id)
+        self.pad_id = next(iter(sorted(self.eos_ids)), 0)
+        self._outputs = ["logits"] + [f"present_latent.{i}" for i in range(self.num_layers)]
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None, max_context: int | None = None) -> "Engine":
+        directory = Path(path)
+        manifest_path = directory / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise BundleError(f"{directory}: no {MANIFEST_FILE}; not a dsexport bundle (or an unfinished one)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{manifest_path}: not valid JSON ({e})") from None
+        version = manifest.get("schema_version")
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise BundleError(f"{manifest_path}: schema_version {version!r} is not supported by this runtime "
+                              f"(supports {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
+        graph = manifest["graphs"]["decoder"]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        model_path = directory / graph["file"]
+        if not model_path.is_file():
+            raise BundleError(f"{model_path}: missing from the bundle")
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own types for unreadable graphs or external data
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        tokenizer = BundleTokenizer(directory) if (directory / "tokenizer.json").is_file() else None
+        limit = int(manifest["model"]["max_position_embeddings"])
+        if max_context is not None:
+            if max_context < 2:
+                raise UserError(f"max_context must be at least 2, got {max_context}")
+            limit = min(limit, int(max_context))
+        return cls(directory, manifest, session, tokenizer, limit)
+
+    # ---- text ---------------------------------------------------------------------------
+    def _require_tokenizer(self) -> BundleTokenizer:
+        if self.tokenizer is None:
+            raise BundleError(f"{self.directory}: the bundle has no tokenizer.json; pass token ids")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._require_tokenizer().encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._require_tokenizer().decode(list(ids))
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            bos = self.config.get("bos_token_id")
+            if bos is None:
+                raise UserError("the prompt is empty and the model has no BOS token to start from")
+            ids = [int(bos)]
+        vocab = int(self.config["vocab_size"])
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        return ids
+
+    # ---- one forward step ---------------------------------------------------------------
+    def empty_cache(self, batch: int) -> list[ort.OrtValue]:
+        zeros = np.zeros((batch, 0, self.latent_dim), np.float32)
+        return [ort.OrtValue.ortvalue_from_numpy(zeros) for _ in range(self.num_layers)]
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                cache: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """Run the decoder once: logits [B, T, V] and the grown cache."""
+        feed = {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(input_ids, np.int64)),
+            "position_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(position_ids, np.int64)),
+            "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(attention_mask, np.int64)),
+        }
+        for i, value in enumerate(cache):
+            feed[f"past_latent.{i}"] = value
+        out = self.session.run_with_ort_values(self._outputs, feed)
+        return out[0].numpy(), list(out[1:])
+
+    # ---- generation ---------------------------------------------------------------------
+    def _run(self, prompts: list[list[int]], gen: GenerationConfig, timings: dict) -> Iterator[TokenEvent]:
+        B = len(prompts)
+        longest = max(len(p) for p in prompts)
+        if longest >= self.max_context:
+            raise ContextLengthError(f"the prompt has {longest} tokens; the context holds {self.max_context} "
+                                     "(raise --max-context up to the model's limit, or shorten the prompt)")
+        # Left padding: real tokens end at the same column, so every row decodes in lockstep.
+        ids = np.full((B, longest), self.pad_id, np.int64)
+        mask = np.zeros((B, longest), np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, longest - len(p):] = p
+            mask[b, longest - len(p):] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        rngs = [np.random.default_rng(gen.sampling.seed) for _ in range(B)]
+        seen = [list(p) for p in prompts]
+        decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in range(B)]
+        produced = [0] * B
+        done = [False] * B
+
+        start = time.perf_counter()
+        logits, cache = self.forward(ids, positions, mask, self.empty_cache(B))
+        timings["prefill_s"] = time.perf_counter() - start
+        timings["prefill_tokens"] = int(mask.sum())
+        next_pos = positions[:, -1] + 1
+        total = longest
+        decode_start = None
+        while True:
+            step = np.full(B, self.pad_id, np.int64)
+            for b in range(B):
+                if done[b]:
+                    continue
+                token = sample_token(logits[b, -1], gen.sampling, rngs[b], np.asarray(seen[b]))
+                step[b] = token
+                seen[b].append(token)
+                produced[b] += 1
+                delta = decoders[b].push(token) if decoders[b] else ""
+                reason = None
+                if token in self.eos_ids and not gen.ignore_eos:
+                    reason = "eos"
+                elif gen.stop and decoders[b] and any(s in decoders[b].text for s in gen.stop):
+                    reason = "stop"
+                    text = decoders[b].text
+                    cut = min(text.find(s) for s in gen.stop if s in text)
+                    delta = delta[: max(0, cut - (len(text) - len(delta)))]  # never stream the stop string
+                elif produced[b] >= gen.max_new_tokens:
+                    reason = "length"
+                elif total + 1 > self.max_context:
+                    reason = "context"
+                done[b] = reason is not None
+                yield TokenEvent(b, token, delta, reason)
+            if decode_start is None:
+                decode_start = time.perf_counter()
+                timings["ttft_s"] = decode_start - start
+            if all(done):
+                break
+            mask = np.concatenate([mask, (~np.asarray(done))[:, None].astype(np.int64)], axis=1)
+            logits, cache = self.forward(step[:, None], next_pos[:, None], mask, cache)
+            next_pos = next_pos + 1
+            total += 1
+        timings["decode_s"] = time.perf_counter() - decode_start
+        timings["decode_steps"] = max(produced) - 1
+
+    def _config(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                repetition_penalty: float, seed: int | None, stop: str | Sequence[str] | None,
+                ignore_eos: bool) -> GenerationConfig:
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return GenerationConfig(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
+                                stops, ignore_eos)
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[TokenEvent]:
+        """Yield one TokenEvent per generated token of a single prompt."""
+        gen = self._config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
+        yield from self._run([self._prompt_ids(prompt)], gen, {})
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> Generation:
+        return self.generate_batch([prompt], **kwargs)[0]
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 128,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                       seed: int | None = None, stop: str | Sequence[str] | None = None,
+                       ignore_eos: bool = False) -> list[Generation]:
+        if not prompts:
+            raise UserError("no prompts given")
+        gen = self._config(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
+        prompt_ids = [self._prompt_ids(p) for p in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        reasons: list[str] = [""] * len(prompts)
+        timings: dict = {}
+        for event in self._run(prompt_ids, gen, timings):
+            outputs[event.row].append(event.token_id)
+            if event.finish_reason:
+                reasons[event.row] = event.finish_reason
+        results = []
+        for ids, out, reason in zip(prompt_ids, outputs, reasons):
+            text = self.decode(out) if self.tokenizer else ""
+            if reason == "stop":
+                cut = min(text.find(s) for s in gen.stop if s in text)
+                text = text[:cut]
+            results.append(Generation(
+                prompt_ids=ids, output_ids=out, text=text, finish_reason=reason,
+                ttft_s=timings.get("ttft_s", 0.0),
+                prefill_tokens_per_s=timings["prefill_tokens"] / max(timings["prefill_s"], 1e-9),
+                decode_tokens_per_s=timings["decode_steps"] * len(prompts) / max(timings["decode_s"], 1e-9)
+                if timings["decode_steps"] else 0.0,
+            ))
+        return results
