@@ -93,7 +93,7 @@ def build_hf_model(variant: str | dict, seed: int = 0, scale: float = 0.15, **ov
     """A transformers DeepseekV2/V3ForCausalLM with random weights of std `scale`."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
-    spec = dict(_BASE, **(VARIANTS[variant] if isinstance(variant, str) else variant), **overrides)
+    spec = {**_BASE, **(VARIANTS[variant] if isinstance(variant, str) else variant), **overrides}
     model_type = spec.pop("model_type")
     cfg_cls, model_cls = (
         (DeepseekV3Config, DeepseekV3ForCausalLM) if model_type == "deepseek_v3" else (DeepseekV2Config, DeepseekV2ForCausalLM)

@@ -58,6 +58,22 @@ class GenerationConfig:
     ignore_eos: bool = False
 
 
+def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _safe_end(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the prefix of text that no continuation can make part of a stop string."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return len(text) - hold
+
+
 class Engine:
     def __init__(self, directory: Path, manifest: dict, session: ort.InferenceSession,
                  tokenizer: BundleTokenizer | None, max_context: int):
@@ -172,6 +188,7 @@ class Engine:
         seen = [list(p) for p in prompts]
         decoders = [StreamDecoder(self.tokenizer) if self.tokenizer else None for _ in range(B)]
         produced = [0] * B
+        emitted = [0] * B  # characters of each row's text already yielded
         done = [False] * B
 
         start = time.perf_counter()
@@ -190,20 +207,25 @@ class Engine:
                 step[b] = token
                 seen[b].append(token)
                 produced[b] += 1
-                delta = decoders[b].push(token) if decoders[b] else ""
+                text = ""
+                if decoders[b]:
+                    decoders[b].push(token)
+                    text = decoders[b].text
                 reason = None
+                cut = _stop_position(text, gen.stop)
                 if token in self.eos_ids and not gen.ignore_eos:
                     reason = "eos"
-                elif gen.stop and decoders[b] and any(s in decoders[b].text for s in gen.stop):
+                elif cut is not None:
                     reason = "stop"
-                    text = decoders[b].text
-                    cut = min(text.find(s) for s in gen.stop if s in text)
-                    delta = delta[: max(0, cut - (len(text) - len(delta)))]  # never stream the stop string
                 elif produced[b] >= gen.max_new_tokens:
                     reason = "length"
-                elif total + 1 > self.max_context:
+                elif total + 1 >= self.max_context:  # the sequence now fills the context
                     reason = "context"
                 done[b] = reason is not None
+                # Emit text only once it cannot turn out to be the start of a stop string.
+                end = cut if cut is not None else len(text) if done[b] else _safe_end(text, gen.stop)
+                delta = text[emitted[b]:end] if end > emitted[b] else ""
+                emitted[b] = max(emitted[b], end)
                 yield TokenEvent(b, token, delta, reason)
             if decode_start is None:
                 decode_start = time.perf_counter()
@@ -255,8 +277,7 @@ class Engine:
         for ids, out, reason in zip(prompt_ids, outputs, reasons):
             text = self.decode(out) if self.tokenizer else ""
             if reason == "stop":
-                cut = min(text.find(s) for s in gen.stop if s in text)
-                text = text[:cut]
+                text = text[: _stop_position(text, gen.stop)]
             results.append(Generation(
                 prompt_ids=ids, output_ids=out, text=text, finish_reason=reason,
                 ttft_s=timings.get("ttft_s", 0.0),
