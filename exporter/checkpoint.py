@@ -13,16 +13,70 @@ trust_remote_code are never imported.
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from dsexport.errors import CheckpointError
 
 from .config import ModelConfig, load_config
 
 FP8_BLOCK = 128
+_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """Reads one tensor at a time with pread: no memory map, so the pages of tensors already
+    exported do not stay resident (a mapped file would count in RSS for the whole build)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+            size = os.fstat(self._fd).st_size
+            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if header_len > size - 8:
+                raise ValueError("header length beyond end of file")
+            header = json.loads(os.pread(self._fd, header_len, 8))
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + header_len
+        self._entries = header
+        for name, entry in header.items():
+            start, end = entry["data_offsets"]
+            if entry.get("dtype") not in _DTYPES or self._base + end > size:
+                raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype or lies past the end of the file")
+
+    def keys(self):
+        return self._entries.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        start, end = entry["data_offsets"]
+        data = bytearray(end - start)
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            n = os.preadv(self._fd, [view[done:]], self._base + start + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+            done += n
+        dtype = _DTYPES[entry["dtype"]]
+        if not data:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 class CheckpointReader:
@@ -33,7 +87,7 @@ class CheckpointReader:
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory")
         self.config = config or load_config(self.dir)
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
         self._where: dict[str, Path] = self._index()
 
     # ---- index --------------------------------------------------------------------------
@@ -61,11 +115,7 @@ class CheckpointReader:
     def _open(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for a corrupt header
-                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-            self._handles[file] = handle
+            handle = self._handles[file] = SafetensorsFile(file)
         return handle
 
     def __contains__(self, name: str) -> bool:
@@ -79,11 +129,10 @@ class CheckpointReader:
         """The tensor as stored (any dtype)."""
         if name not in self._where:
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
-        file = self._where[name]
-        try:
-            return self._open(file).get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+        handle = self._open(self._where[name])
+        if name not in handle.keys():
+            raise CheckpointError(f"{handle.path}: the index lists {name!r} but the file does not hold it")
+        return handle.get_tensor(name)
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor as float32, FP8 block scales applied; `shape` is checked when given."""
