@@ -84,8 +84,10 @@ class CheckpointReader:
 
     def __init__(self, checkpoint_dir: str | Path, config: ModelConfig | None = None):
         self.dir = Path(checkpoint_dir)
+        if not self.dir.exists():
+            raise CheckpointError(f"checkpoint directory {self.dir} does not exist")
         if not self.dir.is_dir():
-            raise CheckpointError(f"{self.dir}: not a directory")
+            raise CheckpointError(f"{self.dir}: not a directory (pass the checkpoint directory)")
         self.config = config or load_config(self.dir)
         self._handles: dict[Path, SafetensorsFile] = {}
         self._where: dict[str, Path] = self._index()

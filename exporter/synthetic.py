@@ -124,3 +124,19 @@ def write_checkpoint(out_dir: str | Path, variant: str | dict, seed: int = 0, dt
     model.to(dtype).save_pretrained(out)
     train_tokenizer(out, min(model.config.vocab_size, 320))
     return out
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a random tiny DeepSeek checkpoint with transformers.")
+    ap.add_argument("out", help="directory to write")
+    ap.add_argument("--variant", default="v3_noaux_tc", choices=sorted(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    path = write_checkpoint(args.out, args.variant, seed=args.seed)
+    print(f"wrote {args.variant} checkpoint (random weights) to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -139,6 +139,9 @@ class Engine:
     def decode(self, ids: Sequence[int]) -> str:
         return self._require_tokenizer().decode(list(ids))
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt)
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:

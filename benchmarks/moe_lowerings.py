@@ -1,0 +1,105 @@
+"""Time one MoE layer under each registered lowering, fp32, with ONNX Runtime on N threads.
+
+The layer is shaped like checkpoint M's (hidden 1024, 64 routed experts top-6, moe_intermediate
+512, noaux_tc routing with 8 groups), weights random, held in memory. Prints ms per call for
+decode (1 token) and prefill-sized inputs, and for one token the fraction of the copy-bandwidth
+floor: bytes of the 6 routed experts' weights / measured 2-thread copy bandwidth.
+
+    python benchmarks/moe_lowerings.py [--threads 2] [--repeats 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto
+
+from dsexport.exporter.config import parse_config
+from dsexport.exporter.graph import GraphBuilder
+from dsexport.exporter.lowering import MOE_LOWERINGS, ExpertWeights
+
+CONFIG = dict(model_type="deepseek_v3", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+              moe_intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, kv_lora_rank=256,
+              qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, q_lora_rank=None, n_routed_experts=64,
+              n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=4, first_k_dense_replace=1,
+              routed_scaling_factor=2.5, norm_topk_prob=True)
+
+
+def copy_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """Bytes read + written per second copying a 1 GiB buffer with `threads` threads (best of 5)."""
+    import threading
+
+    src = np.ones(int(gib * 2**30) // 8)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(src.size), threads)
+    best = 0.0
+    for _ in range(5):
+        def work(p):
+            np.copyto(dst[p[0]:p[-1] + 1], src[p[0]:p[-1] + 1])
+        ts = [threading.Thread(target=work, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = max(best, 2 * src.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def build_layer(lowering: str, weights: ExpertWeights, cfg, out: Path) -> Path:
+    g = GraphBuilder(out / f"{lowering}.onnx.data")
+    x = g.input("x", TensorProto.FLOAT, ["tokens", cfg.hidden_size])
+    y = MOE_LOWERINGS[lowering].emit(g, x, weights, cfg, "moe")
+    g.output(y, "y", TensorProto.FLOAT, ["tokens", cfg.hidden_size])
+    g.save(out / f"{lowering}.onnx", "moe_layer")
+    return out / f"{lowering}.onnx"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args()
+    cfg = parse_config(CONFIG)
+    rng = np.random.default_rng(0)
+    E, I, D = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    w = ExpertWeights(
+        router=rng.standard_normal((E, D), np.float32) * 0.05, bias=rng.standard_normal(E).astype(np.float32) * 0.1,
+        gate=rng.standard_normal((E, I, D), np.float32) * 0.03, up=rng.standard_normal((E, I, D), np.float32) * 0.03,
+        down=rng.standard_normal((E, D, I), np.float32) * 0.03,
+    )
+    bandwidth = copy_bandwidth(args.threads)
+    expert_bytes = cfg.num_experts_per_tok * 3 * I * D * 4
+    floor_ms = expert_bytes / bandwidth * 1e3
+    print(f"copy bandwidth ({args.threads} threads): {bandwidth / 1e9:.1f} GB/s; "
+          f"routed expert bytes per token {expert_bytes / 1e6:.1f} MB -> floor {floor_ms:.2f} ms")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    results = {}
+    inputs = {tokens: rng.standard_normal((tokens, D)).astype(np.float32) for tokens in (1, 16, 128)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MOE_LOWERINGS:
+            session = ort.InferenceSession(str(build_layer(name, w, cfg, Path(tmp))), opts, providers=["CPUExecutionProvider"])
+            for tokens, x in inputs.items():
+                y = session.run(None, {"x": x})[0]
+                results.setdefault(tokens, {})[name] = y
+                reps = max(3, args.repeats // max(1, tokens // 8))
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    session.run(None, {"x": x})
+                ms = (time.perf_counter() - t0) / reps * 1e3
+                extra = f"  {floor_ms / ms:.2f} of the bandwidth floor" if tokens == 1 else ""
+                print(f"{name:8s} tokens={tokens:4d}: {ms:8.2f} ms per call{extra}")
+    for tokens, ys in results.items():
+        a, b = ys["ort-moe"], ys["gather"]
+        print(f"max |ort-moe - gather| at {tokens} tokens: {np.abs(a - b).max():.2e}")
+
+
+if __name__ == "__main__":
+    main()
