@@ -165,21 +165,23 @@ class CheckpointReader:
 
     # ---- experts ------------------------------------------------------------------------
     def experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stacked routed-expert weights of a layer: gate [E, I, H], up [E, I, H], down [E, H, I]."""
+        """Stacked weights of the routed experts the config keeps in a layer, in order:
+        gate [E, I, H], up [E, I, H], down [E, H, I]."""
         cfg = self.config
-        E, inter, hidden = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        ids = list(cfg.expert_ids(layer))
+        E_all, inter, hidden = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
         prefix = f"model.layers.{layer}.mlp.experts."
         if prefix + "gate_up_proj" in self:
-            gate_up = self.get(prefix + "gate_up_proj", (E, 2 * inter, hidden))
-            down = self.get(prefix + "down_proj", (E, hidden, inter))
+            gate_up = self.get(prefix + "gate_up_proj", (E_all, 2 * inter, hidden))[ids]
+            down = self.get(prefix + "down_proj", (E_all, hidden, inter))[ids]
             return gate_up[:, :inter].contiguous(), gate_up[:, inter:].contiguous(), down
-        gate = torch.empty(E, inter, hidden)
-        up = torch.empty(E, inter, hidden)
-        down = torch.empty(E, hidden, inter)
-        for e in range(E):
-            gate[e] = self.get(f"{prefix}{e}.gate_proj.weight", (inter, hidden))
-            up[e] = self.get(f"{prefix}{e}.up_proj.weight", (inter, hidden))
-            down[e] = self.get(f"{prefix}{e}.down_proj.weight", (hidden, inter))
+        gate = torch.empty(len(ids), inter, hidden)
+        up = torch.empty(len(ids), inter, hidden)
+        down = torch.empty(len(ids), hidden, inter)
+        for slot, e in enumerate(ids):
+            gate[slot] = self.get(f"{prefix}{e}.gate_proj.weight", (inter, hidden))
+            up[slot] = self.get(f"{prefix}{e}.up_proj.weight", (inter, hidden))
+            down[slot] = self.get(f"{prefix}{e}.down_proj.weight", (hidden, inter))
         return gate, up, down
 
     def lm_head(self) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dsexport.errors import CheckpointError
+from dsexport.errors import CheckpointError, UserError
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -79,8 +79,9 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     num_nextn_predict_layers: int = 0
-    # Routed experts kept in each layer (None: n_routed_experts everywhere). Pruning sets it.
-    experts_per_layer: tuple[int, ...] | None = None
+    # Original ids of the routed experts kept in each layer (None: all of them; () for dense
+    # layers). Pruning sets it; counts may then differ per layer and groups become uneven.
+    kept_experts: tuple[tuple[int, ...], ...] | None = None
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -95,12 +96,41 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
 
-    def num_experts(self, layer: int) -> int:
+    def expert_ids(self, layer: int) -> tuple[int, ...]:
+        """Original ids of the routed experts this layer holds, in order."""
         if not self.is_moe_layer(layer):
-            return 0
-        if self.experts_per_layer is not None:
-            return self.experts_per_layer[layer]
-        return self.n_routed_experts
+            return ()
+        if self.kept_experts is not None:
+            return self.kept_experts[layer]
+        return tuple(range(self.n_routed_experts))
+
+    def num_experts(self, layer: int) -> int:
+        return len(self.expert_ids(layer))
+
+    def expert_groups(self, layer: int) -> tuple[int, ...]:
+        """The routing group of each expert the layer holds (groups keep their original ids)."""
+        size = self.n_routed_experts // self.n_group
+        return tuple(e // size for e in self.expert_ids(layer))
+
+    @property
+    def grouped_routing(self) -> bool:
+        return self.n_group > 1 and self.topk_group < self.n_group
+
+    def with_kept_experts(self, kept: dict[int, list[int]] | None) -> "ModelConfig":
+        """This config with only the given original expert ids in the given MoE layers."""
+        if not kept:
+            return self
+        per_layer = []
+        for layer in range(self.num_hidden_layers):
+            ids = tuple(sorted(kept.get(layer, self.expert_ids(layer)))) if self.is_moe_layer(layer) else ()
+            if self.is_moe_layer(layer):
+                if len(ids) < self.num_experts_per_tok or len(set(ids)) != len(ids):
+                    raise UserError(f"layer {layer}: keeping {len(ids)} experts; need at least top-k = "
+                                    f"{self.num_experts_per_tok} distinct ones")
+                if not all(0 <= e < self.n_routed_experts for e in ids):
+                    raise UserError(f"layer {layer}: expert ids must lie in 0..{self.n_routed_experts - 1}")
+            per_layer.append(ids)
+        return dataclasses.replace(self, kept_experts=tuple(per_layer))
 
     @property
     def uses_correction_bias(self) -> bool:
@@ -124,9 +154,23 @@ class ModelConfig:
         data = dict(data)
         data["rope"] = RopeConfig(**data["rope"])
         data["eos_token_ids"] = tuple(data["eos_token_ids"])
-        if data.get("experts_per_layer") is not None:
-            data["experts_per_layer"] = tuple(data["experts_per_layer"])
+        if data.get("kept_experts") is not None:
+            data["kept_experts"] = tuple(tuple(ids) for ids in data["kept_experts"])
         return cls(**data)
+
+
+def group_table(groups: tuple[int, ...], n_group: int) -> tuple[list[list[int]], bool]:
+    """Expert slots of each routing group, padded with the sentinel slot len(groups).
+
+    Returns ([n_group][max group size] slot indices, whether any padding was needed). After
+    pruning, groups may be uneven or empty; unpruned, this is a plain reshape.
+    """
+    members: list[list[int]] = [[] for _ in range(n_group)]
+    for slot, group in enumerate(groups):
+        members[group].append(slot)
+    width = max(len(m) for m in members)
+    padded = any(len(m) < width for m in members)
+    return [m + [len(groups)] * (width - len(m)) for m in members], padded
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

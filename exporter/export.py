@@ -178,7 +178,8 @@ class _DecoderEmitter:
         g, cfg = self.g, self.cfg
         p = f"layers.{i}.mlp"
         x2 = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])], name=p + "_x2d")  # [N, D]
-        w = ExpertWeights(t["mlp.router"], t.get("mlp.bias"), t["mlp.w_gate"], t["mlp.w_up"], t["mlp.w_down"])
+        w = ExpertWeights(t["mlp.router"], t.get("mlp.bias"), t["mlp.w_gate"], t["mlp.w_up"], t["mlp.w_down"],
+                          cfg.expert_groups(i))
         y = self.lowering.emit(g, x2, w, cfg, p)  # [N, D]
         if cfg.n_shared_experts:
             shared = self.mlp(x2, t["mlp.shared.gate_proj.weight"], t["mlp.shared.up_proj.weight"],
@@ -231,12 +232,16 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 
 def export_model(checkpoint_dir: str | Path, out_dir: str | Path, export_cfg: ExportConfig = ExportConfig(),
-                 progress: Callable[[str, int, int], None] = _no_progress) -> ExportResult:
-    """Write model.onnx + model.onnx.data + manifest.json + tokenizer files into out_dir."""
+                 progress: Callable[[str, int, int], None] = _no_progress,
+                 kept_experts: dict[int, list[int]] | None = None) -> ExportResult:
+    """Write model.onnx + model.onnx.data + manifest.json + tokenizer files into out_dir.
+
+    kept_experts: {layer: original expert ids to keep}; other layers keep all their experts.
+    """
     from dsexport import __version__
 
     reader = CheckpointReader(checkpoint_dir)
-    cfg = reader.config
+    reader.config = cfg = reader.config.with_kept_experts(kept_experts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = GraphBuilder(out / DATA_FILE)

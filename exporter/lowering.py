@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, group_table
 from .graph import MS_DOMAIN, GraphBuilder
 
 
@@ -29,6 +29,7 @@ class ExpertWeights:
     gate: np.ndarray  # [E, I, D]
     up: np.ndarray  # [E, I, D]
     down: np.ndarray  # [E, D, I]
+    groups: tuple[int, ...] = ()  # routing group of each expert; () = E / n_group consecutive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,24 +63,8 @@ def emit_routing(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, na
     choice = scores
     if w.bias is not None:
         choice = g.op("Add", [scores, g.weight(name + ".bias", w.bias.astype(np.float32))], name=name + "_choice")
-    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        G = cfg.n_group
-        grouped = g.op("Reshape", [choice, g.const([-1, G, E // G])], name=name + "_grouped")  # [N, G, E/G]
-        if cfg.topk_method == "noaux_tc":
-            top2 = g.op("TopK", [grouped, g.const([2])], name=name + "_top2", outputs=2, axis=-1)[0]
-            group_scores = g.op("ReduceSum", [top2, g.const([-1])], name=name + "_gscore", keepdims=0)
-        else:
-            group_scores = g.op("ReduceMax", [grouped], name=name + "_gscore", axes=[-1], keepdims=0)  # [N, G]
-        group_idx = g.op("TopK", [group_scores, g.const([cfg.topk_group])], name=name + "_gtop", outputs=2, axis=-1)[1]
-        zeros = g.op("Mul", [group_scores, g.const(0.0, np.float32)], name=name + "_gzero")
-        ones = g.op("Expand", [g.const(1.0, np.float32), g.op("Shape", [group_idx], name=name + "_gishape")],
-                    name=name + "_gone")
-        group_mask = g.op("ScatterElements", [zeros, group_idx, ones], name=name + "_gmask", axis=1)  # [N, G]
-        keep = g.op("Expand", [g.op("Unsqueeze", [group_mask, g.const([-1])], name=name + "_gmask3"),
-                               g.op("Shape", [grouped], name=name + "_gshape")], name=name + "_gexp")
-        keep = g.op("Reshape", [keep, g.op("Shape", [choice], name=name + "_cshape")], name=name + "_keep")  # [N, E]
-        keep = g.op("Greater", [keep, g.const(0.5, np.float32)], name=name + "_keepb")
-        choice = g.op("Where", [keep, choice, g.const(-np.inf, np.float32)], name=name + "_masked")
+    if cfg.grouped_routing:
+        choice = _emit_group_mask(g, choice, w.groups or tuple(e // (E // cfg.n_group) for e in range(E)), cfg, name)
     idx = g.op("TopK", [choice, g.const([k])], name=name + "_topk", outputs=2, axis=-1)[1]  # [N, k]
     weights = g.op("GatherElements", [scores, idx], name=name + "_w", axis=1)  # [N, k]
     if cfg.norm_topk_prob:
@@ -89,6 +74,40 @@ def emit_routing(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, na
     if cfg.routed_scaling_factor != 1.0:
         weights = g.op("Mul", [weights, g.const(cfg.routed_scaling_factor, np.float32)], name=name + "_wscaled")
     return weights, idx
+
+
+def _emit_group_mask(g: GraphBuilder, choice: str, groups: tuple[int, ...], cfg: ModelConfig, name: str) -> str:
+    """Keep the experts of the topk_group best groups; -inf elsewhere. Groups may be uneven."""
+    table, padded = group_table(groups, cfg.n_group)  # [G, S] slots, padding = slot E
+    source = choice
+    if padded:
+        first = g.op("Slice", [choice, g.const([0]), g.const([1]), g.const([1])], name=name + "_col0")
+        neg = g.op("Add", [g.op("Mul", [first, g.const(0.0, np.float32)], name=name + "_zero"),
+                           g.const(-np.inf, np.float32)], name=name + "_ninf_col")
+        source = g.op("Concat", [choice, neg], name=name + "_padded", axis=1)  # [N, E+1]
+    grouped = g.op("Gather", [source, g.const(table)], name=name + "_grouped", axis=1)  # [N, G, S]
+    if cfg.topk_method == "noaux_tc":
+        top = g.op("TopK", [grouped, g.const([min(2, len(table[0]))])], name=name + "_top2", outputs=2, axis=-1)[0]
+        if padded:  # a group holding one expert scores that expert; an empty group is never kept
+            finite = g.op("Where", [g.op("IsInf", [top], name=name + "_padinf"), g.const(0.0, np.float32), top],
+                          name=name + "_top2f")
+            total = g.op("ReduceSum", [finite, g.const([-1])], name=name + "_gsum", keepdims=0)
+            best = g.op("ReduceMax", [top], name=name + "_gbest", axes=[-1], keepdims=0)
+            empty = g.op("IsInf", [best], name=name + "_gempty")
+            group_scores = g.op("Where", [empty, g.const(-np.inf, np.float32), total], name=name + "_gscore")
+        else:
+            group_scores = g.op("ReduceSum", [top, g.const([-1])], name=name + "_gscore", keepdims=0)
+    else:
+        group_scores = g.op("ReduceMax", [grouped], name=name + "_gscore", axes=[-1], keepdims=0)  # [N, G]
+    group_idx = g.op("TopK", [group_scores, g.const([cfg.topk_group])], name=name + "_gtop", outputs=2, axis=-1)[1]
+    zeros = g.op("Expand", [g.const(0.0, np.float32), g.op("Shape", [group_scores], name=name + "_gsshape")],
+                 name=name + "_gzero")
+    ones = g.op("Expand", [g.const(1.0, np.float32), g.op("Shape", [group_idx], name=name + "_gishape")],
+                name=name + "_gone")
+    group_mask = g.op("ScatterElements", [zeros, group_idx, ones], name=name + "_gmask", axis=1)  # [N, G]
+    keep = g.op("Gather", [group_mask, g.const(list(groups))], name=name + "_keep", axis=1)  # [N, E]
+    keep = g.op("Greater", [keep, g.const(0.5, np.float32)], name=name + "_keepb")
+    return g.op("Where", [keep, choice, g.const(-np.inf, np.float32)], name=name + "_masked")
 
 
 @register("ort-moe", prefill_ok=True, ops=("com.microsoft.MoE",),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointReader
-from .config import ModelConfig
+from .config import ModelConfig, group_table
 from .rope import rope_deinterleave_permutation, rope_frequencies
 
 # The two MLA-internal RMSNorms (q_a_layernorm, kv_a_layernorm) use a fixed eps in both
@@ -42,26 +42,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek routing. logits [N, E] -> (weights [N, k], expert ids [N, k]).
+def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig,
+          groups: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek routing. logits [N, E] -> (weights [N, k], expert slots [N, k]).
 
     greedy: top-k of softmax. group_limited_greedy: keep topk_group groups by their best
     softmax score, then top-k. noaux_tc: sigmoid scores; selection on scores + correction bias,
     groups ranked by the sum of their top-2 biased scores; weights are the unbiased scores.
+    `groups` gives each expert's group (default: E / n_group consecutive experts per group).
+    After pruning a group may hold one expert (its score is that expert's) or none (never kept).
     """
-    E = logits.shape[-1]
+    N, E = logits.shape
     logits = logits.float()
     scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()  # [N, E]
     choice = scores + bias if bias is not None else scores
-    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        grouped = choice.view(-1, cfg.n_group, E // cfg.n_group)  # [N, G, E/G]
+    if cfg.grouped_routing:
+        if groups is None:
+            groups = tuple(e // (E // cfg.n_group) for e in range(E))
+        table, _ = group_table(groups, cfg.n_group)
+        padded = torch.cat([choice, choice.new_full((N, 1), float("-inf"))], dim=1)
+        grouped = padded[:, torch.tensor(table)]  # [N, G, S], padding at -inf
         if cfg.topk_method == "noaux_tc":
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            top = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values
+            group_scores = torch.where(top.isinf(), 0.0, top).sum(-1)
+            group_scores = group_scores.masked_fill(top[..., 0].isinf(), float("-inf"))  # empty groups
         else:
             group_scores = grouped.max(dim=-1).values  # [N, G]
         group_idx = group_scores.topk(cfg.topk_group, dim=-1).indices  # [N, topk_group]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, E).bool()
+        expert_mask = group_mask[:, torch.tensor(groups)].bool()  # [N, E]
         choice = choice.masked_fill(~expert_mask, float("-inf"))
     idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [N, k]
     weights = scores.gather(1, idx)
@@ -84,9 +93,11 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_experts: int):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
+        num_experts = cfg.num_experts(layer)
+        self.groups = cfg.expert_groups(layer)
         D, inter = cfg.hidden_size, cfg.moe_intermediate_size
         self.router = nn.Parameter(torch.empty(num_experts, D))  # [E, D]
         self.bias = nn.Parameter(torch.zeros(num_experts)) if cfg.uses_correction_bias else None  # [E]
@@ -98,7 +109,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        weights, idx = route(x @ self.router.T, self.bias, self.cfg)  # [N, k], [N, k]
+        weights, idx = route(x @ self.router.T, self.bias, self.cfg, self.groups)  # [N, k], [N, k]
         out = torch.zeros_like(x)
         # Loop over the experts that received tokens: exact, and cheap for prefill.
         flat_idx = idx.flatten()
@@ -192,7 +203,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg, cfg.num_experts(layer)) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg, layer) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, self.layer, cache)
@@ -304,10 +315,10 @@ def layer_tensors(reader: CheckpointReader, i: int):
         yield "mlp.up_proj.weight", reader.get(m + "up_proj.weight", (inter, D))
         yield "mlp.down_proj.weight", reader.get(m + "down_proj.weight", (D, inter))
         return
-    E = cfg.n_routed_experts
-    yield "mlp.router", reader.get(m + "gate.weight", (E, D))
+    E, ids = cfg.n_routed_experts, list(cfg.expert_ids(i))
+    yield "mlp.router", reader.get(m + "gate.weight", (E, D))[ids]
     if cfg.uses_correction_bias:
-        yield "mlp.bias", reader.get(m + "gate.e_score_correction_bias", (E,))
+        yield "mlp.bias", reader.get(m + "gate.e_score_correction_bias", (E,))[ids]
     gate, up, down = reader.experts(i)
     yield "mlp.w_gate", gate
     yield "mlp.w_up", up
