@@ -2,26 +2,42 @@
 
     dsexport build --model ./ckpt --target x86-cpu --out ./dist/mymodel
     dsexport run ./dist/mymodel --prompt "Once upon a time"
+    dsexport inspect ./dist/mymodel [--json]
+    dsexport targets [--json]
 
 Errors in the user's input print one line, `error: ...`, and exit non-zero (codes in
-dsexport.errors and docs/cli.md); anything else is a dsexport bug and keeps its traceback.
+docs/cli.md); anything else is a dsexport bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import click
 
 from dsexport.errors import UserError
 
+from .table import format_table, human_bytes, human_count
 
-def _progress(stage: str, done: int, total: int) -> None:
-    click.echo(f"\r{stage}: layer {done}/{total}", nl=done == total, err=True)
+
+class Progress:
+    """Stage progress on stderr: a live line on a terminal, one line per stage otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.stage = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        text = f"{stage}: {done}/{total}" + (" layers" if stage == "export" else "") + f"  [{elapsed:6.1f} s]"
+        if self.tty:
+            click.echo("\r" + text + " " * 8, nl=done >= total, err=True)
+        elif done >= total:
+            click.echo(text, err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,35 +49,28 @@ def cli() -> None:
 @cli.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer).")
-@click.option("--target", default="x86-cpu", show_default=True, help="Device target (see docs/).")
+@click.option("--target", default="x86-cpu", show_default=True, help="Device target (`dsexport targets`).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--precision", default=None, help="Weight precision (default: the target's).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out (only once the new one is complete).")
-def build(model_dir: Path, target: str, out_dir: Path, precision: str | None, overwrite: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out, once the new one is complete.")
+@click.option("--moe-lowering", default=None, help="Override the target's MoE lowering (see docs/lowering.md).")
+def build(model_dir: Path, target: str, out_dir: Path, precision: str | None, overwrite: bool,
+          moe_lowering: str | None) -> None:
     """Export a checkpoint into a bundle for a target."""
-    from dsexport.exporter.export import ExportConfig, export_model
-    from dsexport.targets import get_target
+    from dsexport.exporter.bundle import BuildConfig, build_bundle
 
-    tgt = get_target(target)
-    precision = precision or tgt.default_precision
-    if precision not in tgt.precisions:
-        raise UserError(f"precision {precision!r} is not available for {tgt.name}; choose from {', '.join(tgt.precisions)}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the destination and rename at the end: an interrupted build leaves only a
-    # hidden .partial directory, never something that looks like a complete bundle.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        result = export_model(model_dir, staging, ExportConfig(moe_lowering=tgt.moe_lowering), progress=_progress)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    click.echo(f"wrote {out_dir} ({result.weight_bytes / 2**20:.1f} MiB of weights, target {tgt.name}, "
-               f"MoE lowering {tgt.moe_lowering})", err=True)
+    config = BuildConfig(model_dir, out_dir, target, precision, overwrite, moe_lowering=moe_lowering)
+    result = build_bundle(config, Progress())
+    m = result.manifest
+    rows = [[name, human_bytes(entry["bytes"])] for name, entry in m["files"].items()]
+    click.echo(format_table(["file", "size"], rows, align_right={1}))
+    click.echo(f"wrote {out_dir}: target {m['target']['name']}, precision {m['precision']}, "
+               f"MoE lowering {m['export']['moe_lowering']}")
+
+
+def _generation_kwargs(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop) -> dict:
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
 
 
 @cli.command()
@@ -75,20 +84,22 @@ def build(model_dir: Path, target: str, out_dir: Path, precision: str | None, ov
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=float, help="1 = off.")
 @click.option("--seed", default=None, type=int)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads (default: all cores).")
 @click.option("--max-context", default=None, type=int, help="Context limit in tokens (default: the model's).")
+@click.option("--weights", default="mmap", show_default=True, type=click.Choice(["mmap", "mlock", "memory"]),
+              help="How weights are held: mapped, mapped and locked in RAM, or read into memory.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def run(bundle: Path, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
         repetition_penalty: float, seed: int | None, stop: tuple[str, ...], threads: int | None,
-        max_context: int | None, as_json: bool) -> None:
+        max_context: int | None, weights: str, no_verify: bool, as_json: bool) -> None:
     """Generate text from a bundle."""
     from dsexport.runtime import Engine
 
-    engine = Engine.load(bundle, threads=threads, max_context=max_context)
+    engine = Engine.load(bundle, threads=threads, max_context=max_context, weights=weights, verify=not no_verify)
     if chat:
         prompt = engine.apply_chat_template([{"role": "user", "content": prompt}])
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
+    kwargs = _generation_kwargs(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     if as_json:
         result = engine.generate(prompt, **kwargs)
         click.echo(json.dumps({
@@ -103,9 +114,94 @@ def run(bundle: Path, prompt: str, chat: bool, max_new_tokens: int, temperature:
     click.echo()
 
 
+def inspect_summary(manifest: dict) -> dict:
+    """What `dsexport inspect --json` prints: a stable digest of the manifest."""
+    m = manifest["model"]
+    kept = m.get("kept_experts")
+    layers = []
+    for i in range(m["num_hidden_layers"]):
+        moe = i >= m["first_k_dense_replace"] and m["n_routed_experts"] > 0
+        routed = (len(kept[i]) if kept else m["n_routed_experts"]) if moe else 0
+        layers.append({"layer": i, "kind": "moe" if moe else "dense", "routed_experts": routed,
+                       "shared_experts": m["n_shared_experts"] if moe else 0})
+    return {
+        "schema_version": manifest["schema_version"],
+        "architecture": m["model_type"],
+        "num_layers": m["num_hidden_layers"],
+        "hidden_size": m["hidden_size"],
+        "vocab_size": m["vocab_size"],
+        "attention": {"heads": m["num_attention_heads"], "q_lora_rank": m["q_lora_rank"],
+                      "kv_lora_rank": m["kv_lora_rank"], "qk_rope_head_dim": m["qk_rope_head_dim"],
+                      "rope": m["rope"]["type"]},
+        "routing": {"method": m["topk_method"], "top_k": m["num_experts_per_tok"], "n_group": m["n_group"],
+                    "topk_group": m["topk_group"], "routed_scaling_factor": m["routed_scaling_factor"]},
+        "layers": layers,
+        "precision": manifest["precision"],
+        "target": manifest["target"]["name"],
+        "moe_lowering": manifest["export"]["moe_lowering"],
+        "parameters": manifest["stats"]["parameters"],
+        "active_parameters_per_token": manifest["stats"]["active_parameters_per_token"],
+        "cache_bytes_per_token": manifest["stats"]["cache_bytes_per_token"],
+        "files": {name: entry["bytes"] for name, entry in manifest["files"].items()},
+        "total_bytes": sum(entry["bytes"] for entry in manifest["files"].values()),
+    }
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+def inspect(bundle: Path, as_json: bool, verify: bool) -> None:
+    """Describe a bundle: architecture, experts per layer, precision, sizes, cache per token."""
+    from dsexport.runtime.bundle import read_bundle
+
+    s = inspect_summary(read_bundle(bundle, verify=verify).manifest)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    a, r = s["attention"], s["routing"]
+    moe = [layer for layer in s["layers"] if layer["kind"] == "moe"]
+    click.echo(format_table(["property", "value"], [
+        ["architecture", f"{s['architecture']}, {s['num_layers']} layers ({len(moe)} MoE), hidden {s['hidden_size']}, "
+                         f"vocab {s['vocab_size']}"],
+        ["attention", f"MLA, {a['heads']} heads, q_lora_rank {a['q_lora_rank']}, kv_lora_rank {a['kv_lora_rank']}, "
+                      f"rope {a['qk_rope_head_dim']} ({a['rope']})"],
+        ["routing", f"{r['method']}, top-{r['top_k']}, {r['n_group']} groups keep {r['topk_group']}, "
+                    f"scale {r['routed_scaling_factor']}"],
+        ["parameters", f"{human_count(s['parameters'])} total, {human_count(s['active_parameters_per_token'])} "
+                       "read per decoded token"],
+        ["target", f"{s['target']}, precision {s['precision']}, MoE lowering {s['moe_lowering']}"],
+        ["kv cache", f"{human_bytes(s['cache_bytes_per_token'])} per token (latent)"],
+        ["size", human_bytes(s["total_bytes"])],
+    ]))
+    click.echo()
+    click.echo(format_table(["layer", "kind", "routed experts", "shared experts"],
+                            [[x["layer"], x["kind"], x["routed_experts"] or "-", x["shared_experts"] or "-"]
+                             for x in s["layers"]], align_right={0, 2, 3}))
+    click.echo()
+    click.echo(format_table(["file", "size"], [[n, human_bytes(b)] for n, b in s["files"].items()], align_right={1}))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def targets(as_json: bool) -> None:
+    """List the device targets."""
+    import dataclasses
+
+    from dsexport.targets import TARGETS
+
+    items = [dataclasses.asdict(t) for t in TARGETS.values()]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    click.echo(format_table(["target", "backend", "precisions", "MoE lowering", "description"],
+                            [[t["name"], t["backend"], ",".join(t["precisions"]), t["moe_lowering"], t["description"]]
+                             for t in items]))
+
+
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -115,6 +211,7 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

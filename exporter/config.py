@@ -324,3 +324,27 @@ def load_config(checkpoint_dir: str | Path) -> ModelConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return parse_config(raw)
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total parameters, parameters a decoded token reads): the latter counts the k routed
+    experts a token runs and every other weight, except the embedding table, of which a token
+    reads one row (with tied embeddings the table is read whole, as the output head)."""
+    D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+    dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    q = D * H * (dn + dr) if cfg.q_lora_rank is None else D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * (dn + dr)
+    attention = q + D * (r + dr) + r + r * H * (dn + dv) + H * dv * D + 2 * D
+    total = V * D * (1 if cfg.tie_word_embeddings else 2) + D
+    active = V * D + D  # the output head and the final norm
+    for layer in range(cfg.num_hidden_layers):
+        total += attention
+        active += attention
+        if not cfg.is_moe_layer(layer):
+            total += 3 * D * cfg.intermediate_size
+            active += 3 * D * cfg.intermediate_size
+            continue
+        E, expert = cfg.num_experts(layer), 3 * D * cfg.moe_intermediate_size
+        shared = cfg.n_shared_experts * expert + E * D + (E if cfg.uses_correction_bias else 0)
+        total += shared + E * expert
+        active += shared + cfg.num_experts_per_tok * expert
+    return total, active

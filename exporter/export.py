@@ -16,8 +16,6 @@ data file, so peak memory is one layer plus the embeddings, whatever the depth.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -33,9 +31,6 @@ from .rope import rope_frequencies
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,36 +226,20 @@ def _no_progress(stage: str, done: int, total: int) -> None:
     pass
 
 
-def export_model(checkpoint_dir: str | Path, out_dir: str | Path, export_cfg: ExportConfig = ExportConfig(),
+def export_model(checkpoint_dir: str | Path | CheckpointReader, out_dir: str | Path,
+                 export_cfg: ExportConfig = ExportConfig(),
                  progress: Callable[[str, int, int], None] = _no_progress,
                  kept_experts: dict[int, list[int]] | None = None) -> ExportResult:
-    """Write model.onnx + model.onnx.data + manifest.json + tokenizer files into out_dir.
+    """Write the decoder graph (model.onnx + model.onnx.data) into out_dir.
 
     kept_experts: {layer: original expert ids to keep}; other layers keep all their experts.
+    The bundle around it (manifest, tokenizer, checksums) is dsexport.exporter.bundle's job.
     """
-    from dsexport import __version__
-
-    reader = CheckpointReader(checkpoint_dir)
+    reader = checkpoint_dir if isinstance(checkpoint_dir, CheckpointReader) else CheckpointReader(checkpoint_dir)
     reader.config = cfg = reader.config.with_kept_experts(kept_experts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     g = GraphBuilder(out / DATA_FILE)
     _DecoderEmitter(g, cfg, export_cfg).run(reader, progress)
     g.save(out / GRAPH_FILE, "dsexport_decoder")
-    for name in TOKENIZER_FILES:
-        if (reader.dir / name).is_file():
-            shutil.copyfile(reader.dir / name, out / name)
-    import onnx
-    import onnxruntime
-    import torch
-
-    manifest = {
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "producer": {"dsexport": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__},
-        "model": cfg.to_json(),
-        "export": dataclasses.asdict(export_cfg),
-        "graphs": {"decoder": {"file": GRAPH_FILE, "data": DATA_FILE, **graph_contract(cfg)}},
-    }
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return ExportResult(out, cfg, export_cfg, g.weight_bytes)

@@ -14,7 +14,6 @@ without a round trip through numpy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,11 +23,12 @@ import onnxruntime as ort
 
 from dsexport.errors import BundleError, ContextLengthError, UserError
 
+from .bundle import read_bundle
+from .memory import lock_mapped_file
 from .sampling import SamplingParams, sample_token
 from .tokenizer import BundleTokenizer, StreamDecoder
 
-MANIFEST_FILE = "manifest.json"
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+WEIGHT_MODES = ("mmap", "mlock", "memory")
 
 
 @dataclasses.dataclass
@@ -93,39 +93,53 @@ class Engine:
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, max_context: int | None = None) -> "Engine":
-        directory = Path(path)
-        manifest_path = directory / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise BundleError(f"{directory}: no {MANIFEST_FILE}; not a dsexport bundle (or an unfinished one)")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{manifest_path}: not valid JSON ({e})") from None
-        version = manifest.get("schema_version")
-        if version not in SUPPORTED_SCHEMA_VERSIONS:
-            raise BundleError(f"{manifest_path}: schema_version {version!r} is not supported by this runtime "
-                              f"(supports {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})")
-        graph = manifest["graphs"]["decoder"]
+    def load(cls, path: str | Path, threads: int | None = None, max_context: int | None = None,
+             weights: str = "mmap", verify: bool = True) -> "Engine":
+        """Open a bundle.
+
+        threads: ONNX Runtime intra-op threads (default: one per core).
+        max_context: context limit in tokens (default and maximum: the model's).
+        weights: "mmap" (default) lets ONNX Runtime map the weight file: least memory, pages load
+          on first use and the OS may evict them; "mlock" maps and then locks the mapped weights in
+          RAM (as llama.cpp --mlock; needs a memory-lock limit that large); "memory" reads the file
+          into ordinary memory (as llama.cpp --no-mmap; briefly twice the weights while loading).
+        verify: check every file against the manifest's sha256 before loading.
+        """
+        bundle = read_bundle(path, verify=verify)
+        directory = bundle.directory
+        if weights not in WEIGHT_MODES:
+            raise UserError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
+            if threads < 1:
+                raise UserError(f"threads must be at least 1, got {threads}")
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        graph = bundle.manifest["graphs"]["decoder"]
         model_path = directory / graph["file"]
-        if not model_path.is_file():
-            raise BundleError(f"{model_path}: missing from the bundle")
+        data_path = directory / graph["data"]
+        for needed in (model_path, data_path):
+            if not needed.is_file():
+                raise BundleError(f"{needed}: missing from the bundle")
+        buffer = None
+        if weights == "memory":
+            buffer = np.fromfile(data_path, dtype=np.uint8)
+            options.add_external_initializers_from_files_in_memory([data_path.name], [buffer], [buffer.size])
         try:
             session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own types for unreadable graphs or external data
             raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        del buffer  # ONNX Runtime copied what it keeps
+        if weights == "mlock":
+            lock_mapped_file(data_path)
         tokenizer = BundleTokenizer(directory) if (directory / "tokenizer.json").is_file() else None
-        limit = int(manifest["model"]["max_position_embeddings"])
+        limit = int(bundle.model["max_position_embeddings"])
         if max_context is not None:
             if max_context < 2:
                 raise UserError(f"max_context must be at least 2, got {max_context}")
             limit = min(limit, int(max_context))
-        return cls(directory, manifest, session, tokenizer, limit)
+        return cls(directory, bundle.manifest, session, tokenizer, limit)
 
     # ---- text ---------------------------------------------------------------------------
     def _require_tokenizer(self) -> BundleTokenizer:
@@ -225,6 +239,8 @@ class Engine:
                 elif total + 1 >= self.max_context:  # the sequence now fills the context
                     reason = "context"
                 done[b] = reason is not None
+                if done[b] and reason != "stop" and decoders[b]:
+                    text = decoders[b].final_text  # flush a held-back partial character
                 # Emit text only once it cannot turn out to be the start of a stop string.
                 end = cut if cut is not None else len(text) if done[b] else _safe_end(text, gen.stop)
                 delta = text[emitted[b]:end] if end > emitted[b] else ""

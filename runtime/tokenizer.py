@@ -26,6 +26,8 @@ class BundleTokenizer:
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.chat_template: str | None = config.get("chat_template")
+        if not self.chat_template and (directory / "chat_template.jinja").is_file():
+            self.chat_template = (directory / "chat_template.jinja").read_text()  # transformers 5 layout
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.add_bos = bool(config.get("add_bos_token", False))
@@ -56,18 +58,20 @@ class BundleTokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text deltas, holding back partial UTF-8 sequences."""
+    """Decodes a growing list of token ids; `text` holds back a trailing partial UTF-8 sequence
+    (shown as U+FFFD) until the next token completes it, `final_text` does not."""
 
     def __init__(self, tokenizer: BundleTokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
 
-    def push(self, token_id: int) -> str:
+    def push(self, token_id: int) -> None:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete multi-byte character: wait for the next token
-        delta = text[len(self.text):]
-        self.text = text
-        return delta
+        if not text.endswith("\ufffd"):
+            self.text = text
+
+    @property
+    def final_text(self) -> str:
+        return self.tokenizer.decode(self.ids)

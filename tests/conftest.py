@@ -31,11 +31,12 @@ class Artifacts:
         return path
 
     def export(self, variant: str, seed: int = 0, lowering: str = "ort-moe") -> Path:
-        from dsexport.exporter.export import ExportConfig, export_model
+        """A bundle for the x86-cpu target, with its MoE lowering or another one."""
+        from dsexport.exporter.bundle import BuildConfig, build_bundle
 
         path = self.root / f"export_{variant}_{seed}_{lowering}"
         if not (path / "manifest.json").is_file():
-            export_model(self.checkpoint(variant, seed), path, ExportConfig(moe_lowering=lowering))
+            build_bundle(BuildConfig(self.checkpoint(variant, seed), path, moe_lowering=lowering))
         return path
 
     def hf_model(self, variant: str, seed: int = 0):

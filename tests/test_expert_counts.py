@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsexport.exporter.checkpoint import CheckpointReader
-from dsexport.exporter.export import export_model
+from dsexport.exporter.bundle import BuildConfig, build_bundle
 from dsexport.exporter.reference import DeepseekReference
 from dsexport.runtime import Engine
 
@@ -30,12 +30,11 @@ PLANS = {
 def test_export_with_per_layer_expert_counts_matches_the_reference(artifacts, tmp_path, variant):
     ckpt = artifacts.checkpoint(variant)
     plan = PLANS[variant]
-    result = export_model(ckpt, tmp_path / "b", kept_experts=plan)
-    cfg = result.config
+    build_bundle(BuildConfig(ckpt, tmp_path / "b", kept_experts=plan))
+    reader = CheckpointReader(ckpt)
+    reader.config = cfg = reader.config.with_kept_experts(plan)
     assert [cfg.num_experts(i) for i in plan] == [len(v) for v in plan.values()]
 
-    reader = CheckpointReader(ckpt)
-    reader.config = reader.config.with_kept_experts(plan)
     reference = DeepseekReference.from_checkpoint(reader)
     for layer, ids in plan.items():
         assert reference.layers[layer].mlp.w_gate.shape[0] == len(ids)

@@ -1,0 +1,157 @@
+"""Build a bundle: the staged pipeline from checkpoint directory to verified bundle directory.
+
+    load -> export -> tokenizer -> verify -> manifest -> publish
+
+Each stage reports progress; the directory is the hand-off. Everything is written into a
+hidden `.NAME.partial-*` directory beside the destination and renamed into place only when
+complete, so an interrupted build never leaves something that looks like a bundle (and an
+existing bundle is replaced only by a finished one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from dsexport.errors import UserError
+from dsexport.runtime.bundle import BUNDLE_FORMAT, MANIFEST_FILE, SCHEMA_VERSION, sha256_file
+
+from .checkpoint import CheckpointReader
+from .config import ModelConfig, parameter_counts
+from .export import ExportConfig, export_model, graph_contract
+from .lowering import get_lowering
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    model_dir: Path
+    out_dir: Path
+    target: str = "x86-cpu"
+    precision: str | None = None  # None: the target's default
+    overwrite: bool = False
+    kept_experts: dict[int, list[int]] | None = None
+    moe_lowering: str | None = None  # None: the target's choice; else a MOE_LOWERINGS key
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    manifest: dict
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import tokenizers
+    import torch
+
+    from dsexport import __version__
+
+    return {"dsexport": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+            "tokenizers": tokenizers.__version__}
+
+
+def model_stats(cfg: ModelConfig, weight_bytes: int, bytes_per_weight: float = 4.0) -> dict:
+    total, active = parameter_counts(cfg)
+    return {"parameters": total, "active_parameters_per_token": active, "weight_bytes": weight_bytes,
+            "decode_weight_bytes_per_token": int(active * bytes_per_weight),
+            "cache_bytes_per_token": cfg.latent_dim * 4 * cfg.num_hidden_layers}
+
+
+def _verify_graph(directory: Path, cfg: ModelConfig) -> None:
+    """Load the graph in ONNX Runtime and run one token: a graph the runtime cannot run fails the build."""
+    import numpy as np
+
+    from dsexport.runtime import Engine
+
+    engine = Engine.load(directory, verify=False, threads=1)
+    logits, cache = engine.forward(np.array([[0]]), np.array([[0]]), np.ones((1, 1), np.int64), engine.empty_cache(1))
+    if logits.shape != (1, 1, cfg.vocab_size) or not np.isfinite(logits).all():
+        raise RuntimeError(f"exported graph produced logits of shape {logits.shape} / non-finite values")
+
+
+def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, total: None) -> BuildResult:
+    from dsexport.targets import get_target
+
+    target = get_target(build.target)
+    precision = build.precision or target.default_precision
+    if precision not in target.precisions:
+        raise UserError(f"precision {precision!r} is not available for {target.name}; "
+                        f"choose from {', '.join(target.precisions)}")
+    get_lowering(build.moe_lowering or target.moe_lowering)  # an unknown name fails before any work
+    out = Path(build.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not build.overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+    progress("loading", 0, 1)
+    reader = CheckpointReader(build.model_dir)
+    progress("loading", 1, 1)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        export_cfg = ExportConfig(moe_lowering=build.moe_lowering or target.moe_lowering)
+        result = export_model(reader, staging, export_cfg, progress, kept_experts=build.kept_experts)
+        cfg = result.config
+
+        tokenizer_files = []
+        for name in TOKENIZER_FILES:
+            if (reader.dir / name).is_file():
+                shutil.copyfile(reader.dir / name, staging / name)
+                tokenizer_files.append(name)
+
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "producer": _versions(),
+            "source": {"checkpoint": str(Path(build.model_dir).resolve().name),
+                       "config_sha256": sha256_file(reader.dir / "config.json")},
+            "model": cfg.to_json(),
+            "target": {"name": target.name, "backend": target.backend,
+                       "execution_providers": list(target.execution_providers)},
+            "precision": precision,
+            "export": dataclasses.asdict(export_cfg),
+            "graphs": {"decoder": {"file": "model.onnx", "data": "model.onnx.data", **graph_contract(cfg)}},
+            "tokenizer": {"files": tokenizer_files},
+            "stats": model_stats(cfg, result.weight_bytes),
+        }
+        # The verify stage loads the bundle through the runtime, so the manifest goes in first
+        # (without checksums); the final manifest, with them, is written after verification.
+        files = sorted(p.name for p in staging.iterdir())
+        (staging / MANIFEST_FILE).write_text(json.dumps({**manifest, "files": {}}, indent=2))
+        progress("verifying", 0, 1)
+        _verify_graph(staging, cfg)
+        progress("verifying", 1, 1)
+        progress("checksums", 0, len(files))
+        manifest["files"] = {}
+        for i, name in enumerate(files):
+            manifest["files"][name] = {"bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
+            progress("checksums", i + 1, len(files))
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+        if out.exists():
+            # Only a finished bundle replaces an existing one; moved aside first, removed after.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return BuildResult(out, manifest)
