@@ -21,7 +21,7 @@ from onnx import TensorProto
 
 from dsexport.exporter.config import parse_config
 from dsexport.exporter.graph import GraphBuilder
-from dsexport.exporter.lowering import MOE_LOWERINGS, ExpertWeights
+from dsexport.exporter.lowering import MOE_LOWERINGS, ExpertWeights, LoweringOptions
 
 CONFIG = dict(model_type="deepseek_v3", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
               moe_intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, kv_lora_rank=256,
@@ -51,13 +51,14 @@ def copy_bandwidth(threads: int, gib: float = 1.0) -> float:
     return best
 
 
-def build_layer(lowering: str, weights: ExpertWeights, cfg, out: Path) -> Path:
-    g = GraphBuilder(out / f"{lowering}.onnx.data")
+def build_layer(lowering: str, weights: ExpertWeights, cfg, out: Path, shards: int = 1) -> Path:
+    tag = f"{lowering}-{shards}"
+    g = GraphBuilder(out / f"{tag}.onnx.data")
     x = g.input("x", TensorProto.FLOAT, ["tokens", cfg.hidden_size])
-    y = MOE_LOWERINGS[lowering].emit(g, x, weights, cfg, "moe")
+    y = MOE_LOWERINGS[lowering].emit(g, x, weights, cfg, "moe", LoweringOptions(moe_shards=shards))
     g.output(y, "y", TensorProto.FLOAT, ["tokens", cfg.hidden_size])
-    g.save(out / f"{lowering}.onnx", "moe_layer")
-    return out / f"{lowering}.onnx"
+    g.save(out / f"{tag}.onnx", "moe_layer")
+    return out / f"{tag}.onnx"
 
 
 def main() -> None:

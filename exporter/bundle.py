@@ -41,6 +41,7 @@ class BuildConfig:
     overwrite: bool = False
     kept_experts: dict[int, list[int]] | None = None
     moe_lowering: str | None = None  # None: the target's choice; else a MOE_LOWERINGS key
+    moe_shards: int | None = None  # None: the target's choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +103,8 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        export_cfg = ExportConfig(moe_lowering=build.moe_lowering or target.moe_lowering)
+        export_cfg = ExportConfig(moe_lowering=build.moe_lowering or target.moe_lowering,
+                                  moe_shards=build.moe_shards or target.moe_shards)
         result = export_model(reader, staging, export_cfg, progress, kept_experts=build.kept_experts)
         cfg = result.config
 

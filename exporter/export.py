@@ -25,7 +25,7 @@ from onnx import TensorProto
 from .checkpoint import CheckpointReader
 from .config import ModelConfig
 from .graph import GraphBuilder
-from .lowering import ExpertWeights, get_lowering
+from .lowering import ExpertWeights, LoweringOptions, get_lowering
 from .reference import LATENT_NORM_EPS, layer_tensors
 from .rope import rope_frequencies
 
@@ -36,6 +36,7 @@ DATA_FILE = "model.onnx.data"
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     moe_lowering: str = "ort-moe"
+    moe_shards: int = 1  # see lowering.LoweringOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class _DecoderEmitter:
     def __init__(self, g: GraphBuilder, cfg: ModelConfig, export_cfg: ExportConfig):
         self.g, self.cfg = g, cfg
         self.lowering = get_lowering(export_cfg.moe_lowering)
+        self.lowering_options = LoweringOptions(moe_shards=export_cfg.moe_shards)
 
     def inputs(self) -> None:
         g, cfg = self.g, self.cfg
@@ -90,9 +92,12 @@ class _DecoderEmitter:
         if rope_scale != 1.0:
             cos = g.op("Mul", [cos, g.const(rope_scale, np.float32)], name="cos_scaled")
             sin = g.op("Mul", [sin, g.const(rope_scale, np.float32)], name="sin_scaled")
-        self.cos3, self.sin3 = cos, sin  # [B, T, dr/2] for the single-head rope key
-        self.cos4 = g.op("Unsqueeze", [cos, g.const([1])], name="cos4")  # [B, 1, T, dr/2] for per-head queries
-        self.sin4 = g.op("Unsqueeze", [sin, g.const([1])], name="sin4")
+        # Rotate-half rope as x * [cos, cos] + swap_halves(x) * [-sin, sin]: the tables are built
+        # once here, so each rope costs a Gather and three elementwise ops.
+        self.cos3 = g.op("Concat", [cos, cos], name="cos_full", axis=-1)  # [B, T, dr]
+        self.sin3 = g.op("Concat", [g.op("Neg", [sin], name="neg_sin"), sin], name="sin_signed", axis=-1)
+        self.cos4 = g.op("Unsqueeze", [self.cos3, g.const([1])], name="cos4")  # [B, 1, T, dr] for per-head queries
+        self.sin4 = g.op("Unsqueeze", [self.sin3, g.const([1])], name="sin4")
 
         past_len = g.op("Shape", [self.past[0]], name="past_len", start=1, end=2)  # [1]
         new_len = g.op("Shape", [self.input_ids], name="new_len", start=1, end=2)  # [1]
@@ -109,10 +114,10 @@ class _DecoderEmitter:
     def rope(self, x: str, cos: str, sin: str, name: str) -> str:
         g = self.g
         half = self.cfg.qk_rope_head_dim // 2
-        x1, x2 = g.op("Split", [x, g.const([half, half])], name=name + "_halves", outputs=2, axis=-1)
-        a = g.op("Sub", [g.op("Mul", [x1, cos], name=name + "_x1c"), g.op("Mul", [x2, sin], name=name + "_x2s")], name=name + "_a")
-        b = g.op("Add", [g.op("Mul", [x2, cos], name=name + "_x2c"), g.op("Mul", [x1, sin], name=name + "_x1s")], name=name + "_b")
-        return g.op("Concat", [a, b], name=name, axis=-1)
+        swap = g.const(list(range(half, 2 * half)) + list(range(half)))
+        swapped = g.op("Gather", [x, swap], name=name + "_swap", axis=-1)
+        return g.op("Add", [g.op("Mul", [x, cos], name=name + "_xc"), g.op("Mul", [swapped, sin], name=name + "_xs")],
+                    name=name)
 
     def attention(self, x: str, t: dict[str, np.ndarray], i: int) -> str:
         g, cfg = self.g, self.cfg
@@ -124,21 +129,19 @@ class _DecoderEmitter:
             qa = g.linear(x, t["self_attn.q_a_proj.weight"], p + ".q_a_proj", t.get("self_attn.q_a_proj.bias"))
             q_in = g.rms_norm(qa, t["self_attn.q_a_layernorm.weight"], LATENT_NORM_EPS, p + ".q_a_layernorm")
             w_q = t["self_attn.q_b_proj.weight"]
-        w_q = w_q.reshape(H, dn + dr, -1)
-        w_q_nope = w_q[:, :dn].reshape(H * dn, -1)
-        w_q_rope = w_q[:, dn:].reshape(H * dr, -1)
+        # softmax_scale folded into the query weights: scores come out scaled, no extra multiply
+        w_q = w_q * np.float32(cfg.softmax_scale)  # [H*(dn+dr), in], per head nope rows then rope rows
         w_kv_b = t["self_attn.kv_b_proj.weight"].reshape(H, dn + dv, r)
         w_uk = np.ascontiguousarray(w_kv_b[:, :dn])  # [H, dn, r]
         w_uv_t = np.ascontiguousarray(w_kv_b[:, dn:].transpose(0, 2, 1))  # [H, r, dv]
 
-        heads = lambda v, d, n: g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, H, d])], name=n + "_4d")],  # noqa: E731
-                                     name=n, perm=[0, 2, 1, 3])
-        q_nope = heads(g.linear(q_in, w_q_nope, p + ".q_nope"), dn, p + "_q_nope")  # [B, H, T, dn]
+        q = g.linear(q_in, w_q, p + ".q")  # [B, T, H*(dn+dr)]
+        q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, H, dn + dr])], name=p + "_q4d")],
+                 name=p + "_q_heads", perm=[0, 2, 1, 3])  # [B, H, T, dn+dr]
+        q_nope, q_rope = g.op("Split", [q, g.const([dn, dr])], name=p + "_q_split", outputs=2, axis=-1)
         q_lat = g.op("MatMul", [q_nope, g.weight(p + ".w_uk", w_uk)], name=p + "_q_lat")  # [B, H, T, r]
-        q_rope = heads(g.linear(q_in, w_q_rope, p + ".q_rope"), dr, p + "_q_rope")  # [B, H, T, dr]
         q_rope = self.rope(q_rope, self.cos4, self.sin4, p + "_q_rot")
         q = g.op("Concat", [q_lat, q_rope], name=p + "_q", axis=-1)  # [B, H, T, r+dr]
-        q = g.op("Mul", [q, g.const(cfg.softmax_scale, np.float32)], name=p + "_q_scaled")
 
         kv = g.linear(x, t["self_attn.kv_a_proj_with_mqa.weight"], p + ".kv_a_proj_with_mqa",
                       t.get("self_attn.kv_a_proj_with_mqa.bias"))  # [B, T, r+dr]
@@ -175,7 +178,7 @@ class _DecoderEmitter:
         x2 = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])], name=p + "_x2d")  # [N, D]
         w = ExpertWeights(t["mlp.router"], t.get("mlp.bias"), t["mlp.w_gate"], t["mlp.w_up"], t["mlp.w_down"],
                           cfg.expert_groups(i))
-        y = self.lowering.emit(g, x2, w, cfg, p)  # [N, D]
+        y = self.lowering.emit(g, x2, w, cfg, p, self.lowering_options)  # [N, D]
         if cfg.n_shared_experts:
             shared = self.mlp(x2, t["mlp.shared.gate_proj.weight"], t["mlp.shared.up_proj.weight"],
                               t["mlp.shared.down_proj.weight"], p + ".shared")
@@ -212,10 +215,10 @@ class _DecoderEmitter:
         x = g.rms_norm(x, reader.get("model.norm.weight", (D,)).numpy(), cfg.rms_norm_eps, "norm")
         x2 = g.op("Reshape", [x, g.const([-1, D])], name="final_2d")
         if cfg.tie_word_embeddings or "lm_head.weight" not in reader:
-            head = embed_name  # Gemm(transB=1) reads [V, D] as stored: tied weights stay one copy
+            # Gemm(transB=1) reads the [V, D] embedding as stored: tied weights stay one copy
+            logits = g.op("Gemm", [x2, embed_name], name="lm_head", transB=1)  # [N, V]
         else:
-            head = g.weight("lm_head.weight", reader.get("lm_head.weight", (V, D)).numpy())
-        logits = g.op("Gemm", [x2, head], name="lm_head", transB=1)  # [N, V]
+            logits = g.linear(x2, reader.get("lm_head.weight", (V, D)).numpy(), "lm_head")  # [N, V]
         out_shape = g.op("Concat", [g.op("Shape", [self.input_ids], name="bt"), g.const([V])], name="logits_shape", axis=0)
         g.output(g.op("Reshape", [logits, out_shape], name="logits3"), "logits", TensorProto.FLOAT, ["batch", "seq", V])
         for i, present in enumerate(self.present):

@@ -33,9 +33,18 @@ class ExpertWeights:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoweringOptions:
+    # ort-moe: split each expert's intermediate dimension into this many shards, placed in
+    # separate expert-index ranges. ONNX Runtime's CPU MoE kernel gives each thread a contiguous
+    # range of expert slots, so with one shard per thread every thread holds a slice of every
+    # routed expert: the decode work is balanced whatever experts the router picks.
+    moe_shards: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class MoELowering:
     name: str
-    emit: Callable[[GraphBuilder, str, ExpertWeights, ModelConfig, str], str]
+    emit: Callable[[GraphBuilder, str, ExpertWeights, ModelConfig, str, LoweringOptions], str]
     prefill_ok: bool  # False: cost grows as tokens x k x expert bytes; decode only
     ops: tuple[str, ...]  # op types it adds beyond routing, for target compatibility checks
     description: str
@@ -53,7 +62,11 @@ def register(name: str, prefill_ok: bool, ops: tuple[str, ...], description: str
 
 
 def emit_routing(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str) -> tuple[str, str]:
-    """x [N, D] -> (weights [N, k] float, expert ids [N, k] int64), as reference.route."""
+    """x [N, D] -> (raw scores of the chosen experts [N, k], expert slots [N, k] int64).
+
+    Normalization and routed_scaling_factor are left to the lowering (`final_weights`), which
+    can often fold them away (reference.route applies them at the end, the same arithmetic).
+    """
     E, k = w.router.shape[0], cfg.num_experts_per_tok
     logits = g.linear(x, w.router, name + ".router")  # [N, E]
     if cfg.scoring_func == "softmax":
@@ -66,14 +79,19 @@ def emit_routing(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, na
     if cfg.grouped_routing:
         choice = _emit_group_mask(g, choice, w.groups or tuple(e // (E // cfg.n_group) for e in range(E)), cfg, name)
     idx = g.op("TopK", [choice, g.const([k])], name=name + "_topk", outputs=2, axis=-1)[1]  # [N, k]
-    weights = g.op("GatherElements", [scores, idx], name=name + "_w", axis=1)  # [N, k]
+    return g.op("GatherElements", [scores, idx], name=name + "_w", axis=1), idx  # [N, k]
+
+
+def final_weights(g: GraphBuilder, raw: str, cfg: ModelConfig, name: str) -> str:
+    """Routing weights as the model applies them: normalized if norm_topk_prob, then scaled."""
+    weights = raw
     if cfg.norm_topk_prob:
-        total = g.op("ReduceSum", [weights, g.const([-1])], name=name + "_wsum", keepdims=1)
+        total = g.op("ReduceSum", [raw, g.const([-1])], name=name + "_wsum", keepdims=1)
         total = g.op("Add", [total, g.const(1e-20, np.float32)], name=name + "_wsum_eps")
-        weights = g.op("Div", [weights, total], name=name + "_wnorm")
+        weights = g.op("Div", [raw, total], name=name + "_wnorm")
     if cfg.routed_scaling_factor != 1.0:
         weights = g.op("Mul", [weights, g.const(cfg.routed_scaling_factor, np.float32)], name=name + "_wscaled")
-    return weights, idx
+    return weights
 
 
 def _emit_group_mask(g: GraphBuilder, choice: str, groups: tuple[int, ...], cfg: ModelConfig, name: str) -> str:
@@ -112,34 +130,53 @@ def _emit_group_mask(g: GraphBuilder, choice: str, groups: tuple[int, ...], cfg:
 
 @register("ort-moe", prefill_ok=True, ops=("com.microsoft.MoE",),
           description="ONNX Runtime fused MoE op (interleaved SwiGLU), routing computed before it")
-def emit_ort_moe(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str) -> str:
+def emit_ort_moe(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str,
+                 opts: LoweringOptions) -> str:
     E, inter, D = w.gate.shape
-    weights, idx = emit_routing(g, x, w, cfg, name)
-    # Router input: log(weight) at the chosen experts, -inf elsewhere; the op's softmax then
-    # yields weight / sum(weights) at exactly these experts, and the sum is restored after it.
-    logits_shape = g.op("Concat", [g.op("Shape", [x], name=name + "_xshape", start=0, end=1), g.const([E])],
+    S = opts.moe_shards if inter % opts.moe_shards == 0 else 1
+    raw, idx = emit_routing(g, x, w, cfg, name)
+    # Router input: log(score) at the chosen slots, -inf elsewhere; the op's softmax then
+    # yields score / (S * sum(scores)) at each of the S shards of each chosen expert. That is
+    # norm_topk_prob's normalization (the factor S is folded into fc2); without it the sum is
+    # multiplied back after the op.
+    logw = g.op("Log", [raw], name=name + "_logw")  # [N, k]
+    if S > 1:
+        idx = g.op("Concat", [g.op("Add", [idx, g.const(s * E)], name=f"{name}_slot{s}") if s else idx
+                              for s in range(S)], name=name + "_slots", axis=1)  # [N, S*k]
+        logw = g.op("Concat", [logw] * S, name=name + "_logw_slots", axis=1)
+    logits_shape = g.op("Concat", [g.op("Shape", [x], name=name + "_xshape", start=0, end=1), g.const([S * E])],
                         name=name + "_eshape", axis=0)
     dense = g.op("Expand", [g.const(-np.inf, np.float32), logits_shape], name=name + "_ninf")
-    router_in = g.op("ScatterElements", [dense, idx, g.op("Log", [weights], name=name + "_logw")],
-                     name=name + "_router_in", axis=1)  # [N, E]
-    total = g.op("ReduceSum", [weights, g.const([-1])], name=name + "_total", keepdims=1)  # [N, 1]
-    fc1 = np.stack([w.gate, w.up], axis=2).reshape(E, 2 * inter, D)  # rows g0,u0,g1,u1,... (swiglu_fusion=1)
+    router_in = g.op("ScatterElements", [dense, idx, logw], name=name + "_router_in", axis=1)  # [N, S*E]
+    # Slot s*E + e holds shard s of expert e: a slice of its intermediate units. SwiGLU acts per
+    # unit, so the shards' outputs sum to the expert's output exactly.
+    part = inter // S
+    gate = w.gate.reshape(E, S, part, D).transpose(1, 0, 2, 3)  # [S, E, I/S, D]
+    up = w.up.reshape(E, S, part, D).transpose(1, 0, 2, 3)
+    fc1 = np.stack([gate, up], axis=3).reshape(S * E, 2 * part, D)  # rows g0,u0,g1,u1,... (swiglu_fusion=1)
+    down = w.down.reshape(E, D, S, part).transpose(2, 0, 1, 3).reshape(S * E, D, part)  # [S*E, D, I/S]
+    # routed_scaling_factor (and the shard count) folded into the down projection
+    fc2 = down * np.float32(cfg.routed_scaling_factor * S)
     y = g.op(
         "MoE",
-        [x, router_in, g.weight(name + ".fc1", fc1.astype(np.float32)), "",
-         g.weight(name + ".fc2", w.down.astype(np.float32))],
+        [x, router_in, g.weight(name + ".fc1", fc1.astype(np.float32)), "", g.weight(name + ".fc2", fc2.astype(np.float32))],
         name=name + "_moe", domain=MS_DOMAIN,
-        k=cfg.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1,
+        k=S * cfg.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1,
         activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0,
     )
+    if cfg.norm_topk_prob:
+        return y
+    total = g.op("ReduceSum", [raw, g.const([-1])], name=name + "_total", keepdims=1)  # [N, 1]
     return g.op("Mul", [y, total], name=name + "_routed")
 
 
 @register("gather", prefill_ok=False, ops=("Gather", "MatMul", "TopK"),
           description="standard ops: gather the routed experts' stacked weights per token, batched MatMul")
-def emit_gather(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str) -> str:
+def emit_gather(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str,
+                opts: LoweringOptions) -> str:
     E, inter, D = w.gate.shape
-    weights, idx = emit_routing(g, x, w, cfg, name)
+    raw, idx = emit_routing(g, x, w, cfg, name)
+    weights = final_weights(g, raw, cfg, name)
     w1 = np.concatenate([w.gate, w.up], axis=1).transpose(0, 2, 1)  # [E, D, 2I]
     w2 = w.down.transpose(0, 2, 1)  # [E, I, D]
     w1_sel = g.op("Gather", [g.weight(name + ".w13", np.ascontiguousarray(w1, np.float32)), idx],

@@ -20,6 +20,7 @@ class Target:
     moe_lowering: str  # a key of dsexport.exporter.lowering.MOE_LOWERINGS
     precisions: tuple[str, ...]
     default_precision: str
+    moe_shards: int = 1  # lowering.LoweringOptions.moe_shards: about the threads the device runs
 
 
 TARGETS: dict[str, Target] = {}

@@ -2,7 +2,8 @@
 
 MoE lowering: the fused com.microsoft.MoE op. Measured against the standard-op lowering by
 benchmarks/moe_lowerings.py (see docs/lowering.md): it runs only the routed experts for any
-token count, so one graph serves prefill and decode.
+token count, so one graph serves prefill and decode. Experts are split in two shards so that
+two threads share every routed expert's decode work (lowering.LoweringOptions).
 """
 
 from .registry import Target, register
@@ -15,4 +16,5 @@ X86_CPU = register(Target(
     moe_lowering="ort-moe",
     precisions=("fp32",),
     default_precision="fp32",
+    moe_shards=2,
 ))
