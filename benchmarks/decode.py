@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--skip-build", action="store_true", help="reuse an existing bundle")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()

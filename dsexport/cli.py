@@ -54,12 +54,15 @@ def cli() -> None:
 @click.option("--precision", default=None, help="Weight precision (default: the target's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out, once the new one is complete.")
 @click.option("--moe-lowering", default=None, help="Override the target's MoE lowering (see docs/lowering.md).")
+@click.option("--moe-shards", default=None, type=click.IntRange(1, 64),
+              help="Split each expert in N slices for N threads (default: the target's; docs/lowering.md).")
 def build(model_dir: Path, target: str, out_dir: Path, precision: str | None, overwrite: bool,
-          moe_lowering: str | None) -> None:
+          moe_lowering: str | None, moe_shards: int | None) -> None:
     """Export a checkpoint into a bundle for a target."""
     from dsexport.exporter.bundle import BuildConfig, build_bundle
 
-    config = BuildConfig(model_dir, out_dir, target, precision, overwrite, moe_lowering=moe_lowering)
+    config = BuildConfig(model_dir, out_dir, target, precision, overwrite, moe_lowering=moe_lowering,
+                         moe_shards=moe_shards)
     result = build_bundle(config, Progress())
     m = result.manifest
     rows = [[name, human_bytes(entry["bytes"])] for name, entry in m["files"].items()]

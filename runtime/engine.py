@@ -220,7 +220,8 @@ class Engine:
             for b in range(B):
                 if done[b]:
                     continue
-                token = sample_token(logits[b, -1], gen.sampling, rngs[b], np.asarray(seen[b]))
+                history = np.asarray(seen[b]) if gen.sampling.repetition_penalty != 1.0 else None
+                token = sample_token(logits[b, -1], gen.sampling, rngs[b], history)
                 step[b] = token
                 seen[b].append(token)
                 produced[b] += 1

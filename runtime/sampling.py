@@ -47,6 +47,8 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
                  seen: np.ndarray | None = None) -> int:
     """One token id from logits [V] (float32)."""
+    if params.greedy and (params.repetition_penalty == 1.0 or seen is None):
+        return int(np.argmax(logits))  # the common decode path: no copies
     logits = logits.astype(np.float64)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
