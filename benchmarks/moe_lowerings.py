@@ -55,7 +55,8 @@ def build_layer(lowering: str, weights: ExpertWeights, cfg, out: Path, shards: i
     tag = f"{lowering}-{shards}"
     g = GraphBuilder(out / f"{tag}.onnx.data")
     x = g.input("x", TensorProto.FLOAT, ["tokens", cfg.hidden_size])
-    y = MOE_LOWERINGS[lowering].emit(g, x, weights, cfg, "moe", LoweringOptions(moe_shards=shards))
+    logits = g.linear(x, weights.router, "moe.router")
+    y = MOE_LOWERINGS[lowering].emit(g, x, logits, weights, cfg, "moe", LoweringOptions(moe_shards=shards))
     g.output(y, "y", TensorProto.FLOAT, ["tokens", cfg.hidden_size])
     g.save(out / f"{tag}.onnx", "moe_layer")
     return out / f"{tag}.onnx"

@@ -123,19 +123,21 @@ class _DecoderEmitter:
         g, cfg = self.g, self.cfg
         H, dn, dr, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         p = f"layers.{i}.self_attn"
+        # The projections that read x (query or its LoRA down-projection, and kv_a) as one MatMul.
+        # softmax_scale is folded into the query weights: scores come out scaled.
+        w_kva, b_kva = t["self_attn.kv_a_proj_with_mqa.weight"], t.get("self_attn.kv_a_proj_with_mqa.bias")
         if cfg.q_lora_rank is None:
-            q_in, w_q = x, t["self_attn.q_proj.weight"]
+            w_q = t["self_attn.q_proj.weight"] * np.float32(cfg.softmax_scale)  # [H*(dn+dr), D]
+            q, kv = g.linear_split(x, [w_q, w_kva], p + ".q_kv_a", [None, b_kva])
         else:
-            qa = g.linear(x, t["self_attn.q_a_proj.weight"], p + ".q_a_proj", t.get("self_attn.q_a_proj.bias"))
-            q_in = g.rms_norm(qa, t["self_attn.q_a_layernorm.weight"], LATENT_NORM_EPS, p + ".q_a_layernorm")
-            w_q = t["self_attn.q_b_proj.weight"]
-        # softmax_scale folded into the query weights: scores come out scaled, no extra multiply
-        w_q = w_q * np.float32(cfg.softmax_scale)  # [H*(dn+dr), in], per head nope rows then rope rows
+            qa, kv = g.linear_split(x, [t["self_attn.q_a_proj.weight"], w_kva], p + ".q_a_kv_a",
+                                    [t.get("self_attn.q_a_proj.bias"), b_kva])
+            qa = g.rms_norm(qa, t["self_attn.q_a_layernorm.weight"], LATENT_NORM_EPS, p + ".q_a_layernorm")
+            q = g.linear(qa, t["self_attn.q_b_proj.weight"] * np.float32(cfg.softmax_scale), p + ".q_b_proj")
         w_kv_b = t["self_attn.kv_b_proj.weight"].reshape(H, dn + dv, r)
         w_uk = np.ascontiguousarray(w_kv_b[:, :dn])  # [H, dn, r]
         w_uv_t = np.ascontiguousarray(w_kv_b[:, dn:].transpose(0, 2, 1))  # [H, r, dv]
 
-        q = g.linear(q_in, w_q, p + ".q")  # [B, T, H*(dn+dr)]
         q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, H, dn + dr])], name=p + "_q4d")],
                  name=p + "_q_heads", perm=[0, 2, 1, 3])  # [B, H, T, dn+dr]
         q_nope, q_rope = g.op("Split", [q, g.const([dn, dr])], name=p + "_q_split", outputs=2, axis=-1)
@@ -143,8 +145,6 @@ class _DecoderEmitter:
         q_rope = self.rope(q_rope, self.cos4, self.sin4, p + "_q_rot")
         q = g.op("Concat", [q_lat, q_rope], name=p + "_q", axis=-1)  # [B, H, T, r+dr]
 
-        kv = g.linear(x, t["self_attn.kv_a_proj_with_mqa.weight"], p + ".kv_a_proj_with_mqa",
-                      t.get("self_attn.kv_a_proj_with_mqa.bias"))  # [B, T, r+dr]
         c, k_rope = g.op("Split", [kv, g.const([r, dr])], name=p + "_kv_split", outputs=2, axis=-1)
         c = g.rms_norm(c, t["self_attn.kv_a_layernorm.weight"], LATENT_NORM_EPS, p + ".kv_a_layernorm")
         k_rope = self.rope(k_rope, self.cos3, self.sin3, p + "_k_rot")
@@ -178,11 +178,16 @@ class _DecoderEmitter:
         x2 = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])], name=p + "_x2d")  # [N, D]
         w = ExpertWeights(t["mlp.router"], t.get("mlp.bias"), t["mlp.w_gate"], t["mlp.w_up"], t["mlp.w_down"],
                           cfg.expert_groups(i))
-        y = self.lowering.emit(g, x2, w, cfg, p, self.lowering_options)  # [N, D]
-        if cfg.n_shared_experts:
-            shared = self.mlp(x2, t["mlp.shared.gate_proj.weight"], t["mlp.shared.up_proj.weight"],
-                              t["mlp.shared.down_proj.weight"], p + ".shared")
-            y = g.op("Add", [y, shared], name=p + "_sum")
+        if not cfg.n_shared_experts:
+            return g.op("Reshape", [self.lowering.emit(g, x2, g.linear(x2, w.router, p + ".router"), w, cfg, p,
+                                                       self.lowering_options), g.op("Shape", [x], name=p + "_shape")],
+                        name=p + "_out")
+        # router and shared expert read the same input: one MatMul
+        gate, up, down = t["mlp.shared.gate_proj.weight"], t["mlp.shared.up_proj.weight"], t["mlp.shared.down_proj.weight"]
+        logits, a, b = g.linear_split(x2, [w.router, gate, up], p + ".router_shared")  # [N, E], [N, Is], [N, Is]
+        y = self.lowering.emit(g, x2, logits, w, cfg, p, self.lowering_options)  # [N, D]
+        act = g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a], name=p + "_sig")], name=p + "_silu"), b], name=p + "_act")
+        y = g.op("Add", [y, g.linear(act, down, p + ".shared.down_proj")], name=p + "_sum")
         return g.op("Reshape", [y, g.op("Shape", [x], name=p + "_shape")], name=p + "_out")
 
     def layer(self, x: str, t: dict[str, np.ndarray], i: int) -> str:

@@ -96,6 +96,17 @@ class GraphBuilder:
             y = self.op("Add", [y, self.weight(name + ".bias", bias.astype(np.float32))], name=name + "_bias")
         return y
 
+    def linear_split(self, x: str, weights: list[np.ndarray], name: str,
+                     biases: list[np.ndarray | None] | None = None) -> list[str]:
+        """Several projections of the same input as one MatMul, then Split: one weight stream
+        and one kernel dispatch instead of several."""
+        sizes = [w.shape[0] for w in weights]
+        bias = None
+        if biases and any(b is not None for b in biases):
+            bias = np.concatenate([b if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
+        y = self.linear(x, np.concatenate(weights, axis=0), name, bias)
+        return self.op("Split", [y, self.const(sizes)], name=name + "_split", outputs=len(sizes), axis=-1)
+
     def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
         # x / sqrt(mean(x^2) + eps) * w in standard ops, in the exact pattern ONNX Runtime fuses
         # into one SimplifiedLayerNormalization kernel (7 small ops cost more than the math).

@@ -44,7 +44,8 @@ class LoweringOptions:
 @dataclasses.dataclass(frozen=True)
 class MoELowering:
     name: str
-    emit: Callable[[GraphBuilder, str, ExpertWeights, ModelConfig, str, LoweringOptions], str]
+    # emit(g, x [N, D], router_logits [N, E], weights, cfg, name, options) -> routed output [N, D]
+    emit: Callable[[GraphBuilder, str, str, ExpertWeights, ModelConfig, str, LoweringOptions], str]
     prefill_ok: bool  # False: cost grows as tokens x k x expert bytes; decode only
     ops: tuple[str, ...]  # op types it adds beyond routing, for target compatibility checks
     description: str
@@ -61,14 +62,13 @@ def register(name: str, prefill_ok: bool, ops: tuple[str, ...], description: str
     return wrap
 
 
-def emit_routing(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str) -> tuple[str, str]:
-    """x [N, D] -> (raw scores of the chosen experts [N, k], expert slots [N, k] int64).
+def emit_routing(g: GraphBuilder, logits: str, w: ExpertWeights, cfg: ModelConfig, name: str) -> tuple[str, str]:
+    """router logits [N, E] -> (raw scores of the chosen experts [N, k], expert slots [N, k] int64).
 
     Normalization and routed_scaling_factor are left to the lowering (`final_weights`), which
     can often fold them away (reference.route applies them at the end, the same arithmetic).
     """
     E, k = w.router.shape[0], cfg.num_experts_per_tok
-    logits = g.linear(x, w.router, name + ".router")  # [N, E]
     if cfg.scoring_func == "softmax":
         scores = g.op("Softmax", [logits], name=name + "_scores", axis=-1)
     else:
@@ -130,11 +130,11 @@ def _emit_group_mask(g: GraphBuilder, choice: str, groups: tuple[int, ...], cfg:
 
 @register("ort-moe", prefill_ok=True, ops=("com.microsoft.MoE",),
           description="ONNX Runtime fused MoE op (interleaved SwiGLU), routing computed before it")
-def emit_ort_moe(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str,
+def emit_ort_moe(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: ModelConfig, name: str,
                  opts: LoweringOptions) -> str:
     E, inter, D = w.gate.shape
     S = opts.moe_shards if inter % opts.moe_shards == 0 else 1
-    raw, idx = emit_routing(g, x, w, cfg, name)
+    raw, idx = emit_routing(g, logits, w, cfg, name)
     # Router input: log(score) at the chosen slots, -inf elsewhere; the op's softmax then
     # yields score / (S * sum(scores)) at each of the S shards of each chosen expert. That is
     # norm_topk_prob's normalization (the factor S is folded into fc2); without it the sum is
@@ -172,10 +172,10 @@ def emit_ort_moe(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, na
 
 @register("gather", prefill_ok=False, ops=("Gather", "MatMul", "TopK"),
           description="standard ops: gather the routed experts' stacked weights per token, batched MatMul")
-def emit_gather(g: GraphBuilder, x: str, w: ExpertWeights, cfg: ModelConfig, name: str,
+def emit_gather(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: ModelConfig, name: str,
                 opts: LoweringOptions) -> str:
     E, inter, D = w.gate.shape
-    raw, idx = emit_routing(g, x, w, cfg, name)
+    raw, idx = emit_routing(g, logits, w, cfg, name)
     weights = final_weights(g, raw, cfg, name)
     w1 = np.concatenate([w.gate, w.up], axis=1).transpose(0, 2, 1)  # [E, D, 2I]
     w2 = w.down.transpose(0, 2, 1)  # [E, I, D]
