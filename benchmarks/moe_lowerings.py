@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bandwidth import copy_bandwidth
 import onnxruntime as ort
 from onnx import TensorProto
 
@@ -28,27 +29,6 @@ CONFIG = dict(model_type="deepseek_v3", vocab_size=32000, hidden_size=1024, inte
               qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, q_lora_rank=None, n_routed_experts=64,
               n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=4, first_k_dense_replace=1,
               routed_scaling_factor=2.5, norm_topk_prob=True)
-
-
-def copy_bandwidth(threads: int, gib: float = 1.0) -> float:
-    """Bytes read + written per second copying a 1 GiB buffer with `threads` threads (best of 5)."""
-    import threading
-
-    src = np.ones(int(gib * 2**30) // 8)
-    dst = np.empty_like(src)
-    parts = np.array_split(np.arange(src.size), threads)
-    best = 0.0
-    for _ in range(5):
-        def work(p):
-            np.copyto(dst[p[0]:p[-1] + 1], src[p[0]:p[-1] + 1])
-        ts = [threading.Thread(target=work, args=(p,)) for p in parts]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        best = max(best, 2 * src.nbytes / (time.perf_counter() - t0))
-    return best
 
 
 def build_layer(lowering: str, weights: ExpertWeights, cfg, out: Path, shards: int = 1) -> Path:
