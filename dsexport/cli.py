@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from dsexport.errors import UserError
+from dsexport.errors import EngineUnavailable, UserError
 
 from .table import format_table, human_bytes, human_count
 
@@ -202,9 +202,74 @@ def targets(as_json: bool) -> None:
                              for t in items]))
 
 
+class ValidationFailed(Exception):
+    """The bundle ran but no longer is the model: exit code 1."""
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint to compare against (needs torch). Without it: the golden outputs in the bundle.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Text or JSONL (\"text\") to evaluate on.")
+@click.option("--samples", default=8, show_default=True, type=click.IntRange(1), help="Token windows to evaluate.")
+@click.option("--seq-len", default=64, show_default=True, type=click.IntRange(2), help="Tokens per window.")
+@click.option("--max-logit-diff", type=float, default=None, help="Fail above this max |logit difference|.")
+@click.option("--min-top1", type=float, default=None, help="Fail below this top-1 agreement.")
+@click.option("--max-ppl-delta", type=float, default=None, help="Fail above this relative perplexity change.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also write JUnit XML here.")
+@click.option("--threads", default=None, type=int)
+def validate(bundle: Path, reference: Path | None, data: Path | None, samples: int, seq_len: int,
+             max_logit_diff: float | None, min_top1: float | None, max_ppl_delta: float | None, as_json: bool,
+             junit: Path | None, threads: int | None) -> None:
+    """Check that a bundle still is the model. Exit 0 pass, 1 fail, 2 bad input, 3 cannot run here."""
+    try:
+        report = _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1,
+                                 max_ppl_delta, threads)
+    except EngineUnavailable:
+        raise
+    except UserError as e:  # validate's contract: every input problem is exit code 2
+        raise UserError(str(e)) from None
+    if junit:
+        report.write_junit(junit)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(format_table(["check", "value", "limit", "result"],
+                                [[c.name, f"{c.value:.6g}", ("<= " if c.kind == "max" else ">= ") + f"{c.limit:.6g}",
+                                  "pass" if c.passed else "FAIL"] for c in report.checks]))
+        click.echo(f"{'PASSED' if report.passed else 'FAILED'}: {bundle} ({report.mode}, "
+                   f"{report.data['sequences']} sequences, {report.data['tokens']} tokens)")
+    if not report.passed:
+        raise ValidationFailed()
+
+
+def _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1, max_ppl_delta, threads):
+    import dataclasses
+
+    from dsexport.runtime import Engine
+    from dsexport.runtime.bundle import read_bundle
+    from dsexport.runtime.validate import Thresholds, validate_golden
+
+    manifest = read_bundle(bundle, verify=False).manifest
+    if manifest["target"]["backend"] != "onnxruntime":
+        raise EngineUnavailable(f"the bundle's {manifest['target']['backend']} engine cannot run on this machine")
+    engine = Engine.load(bundle, threads=threads)  # verifies checksums: a modified file is bad input, not a fail
+    limits = Thresholds.for_precision(manifest["precision"])
+    overrides = {"max_logit_diff": max_logit_diff, "min_top1": min_top1, "max_ppl_delta": max_ppl_delta}
+    limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
+    if reference is None:
+        return validate_golden(engine, limits.max_logit_diff)
+    from dsexport.exporter.validate import validate_against_reference
+
+    return validate_against_reference(engine, reference, data, limits, seq_len=seq_len, samples=samples)
+
+
 def main() -> None:
     try:
         code = cli.main(standalone_mode=False)
+    except ValidationFailed:
+        sys.exit(1)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

@@ -29,5 +29,11 @@ class ContextLengthError(UserError):
     exit_code = 5
 
 
+class EngineUnavailable(UserError):
+    """The bundle's engine cannot run on this machine (e.g. a TensorRT engine without a GPU)."""
+
+    exit_code = 3
+
+
 class InternalError(Exception):
     """An invariant of dsexport itself failed. Report it; it is not the user's input."""

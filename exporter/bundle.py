@@ -1,6 +1,7 @@
 """Build a bundle: the staged pipeline from checkpoint directory to verified bundle directory.
 
-    load -> export -> tokenizer -> verify -> manifest -> publish
+    load -> export -> tokenizer -> verify (ONNX Runtime runs it; golden outputs from the reference)
+         -> manifest with checksums -> publish
 
 Each stage reports progress; the directory is the hand-off. Everything is written into a
 hidden `.NAME.partial-*` directory beside the destination and renamed into place only when
@@ -19,12 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from dsexport.errors import UserError
+from dsexport.errors import InternalError, UserError
 from dsexport.runtime.bundle import BUNDLE_FORMAT, MANIFEST_FILE, SCHEMA_VERSION, sha256_file
+from dsexport.runtime.validate import GOLDEN_FILE
 
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, parameter_counts
 from .export import ExportConfig, export_model, graph_contract
+from .golden import make_golden
 from .lowering import get_lowering
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -71,16 +74,17 @@ def model_stats(cfg: ModelConfig, weight_bytes: int, bytes_per_weight: float = 4
             "cache_bytes_per_token": cfg.latent_dim * 4 * cfg.num_hidden_layers}
 
 
-def _verify_graph(directory: Path, cfg: ModelConfig) -> None:
+def _verify_graph(directory: Path, cfg: ModelConfig):
     """Load the graph in ONNX Runtime and run one token: a graph the runtime cannot run fails the build."""
     import numpy as np
 
     from dsexport.runtime import Engine
 
-    engine = Engine.load(directory, verify=False, threads=1)
+    engine = Engine.load(directory, verify=False)
     logits, cache = engine.forward(np.array([[0]]), np.array([[0]]), np.ones((1, 1), np.int64), engine.empty_cache(1))
     if logits.shape != (1, 1, cfg.vocab_size) or not np.isfinite(logits).all():
-        raise RuntimeError(f"exported graph produced logits of shape {logits.shape} / non-finite values")
+        raise InternalError(f"exported graph produced logits of shape {logits.shape} / non-finite values")
+    return engine
 
 
 def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, total: None) -> BuildResult:
@@ -128,15 +132,20 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
             "export": dataclasses.asdict(export_cfg),
             "graphs": {"decoder": {"file": "model.onnx", "data": "model.onnx.data", **graph_contract(cfg)}},
             "tokenizer": {"files": tokenizer_files},
+            "golden": {"file": GOLDEN_FILE, "producer": "reference"},
             "stats": model_stats(cfg, result.weight_bytes),
         }
         # The verify stage loads the bundle through the runtime, so the manifest goes in first
         # (without checksums); the final manifest, with them, is written after verification.
-        files = sorted(p.name for p in staging.iterdir())
         (staging / MANIFEST_FILE).write_text(json.dumps({**manifest, "files": {}}, indent=2))
-        progress("verifying", 0, 1)
-        _verify_graph(staging, cfg)
-        progress("verifying", 1, 1)
+        progress("verifying", 0, 2)
+        engine = _verify_graph(staging, cfg)
+        progress("verifying", 1, 2)
+        # golden outputs from the reference, and the build's own parity check (exporter/golden.py)
+        (staging / GOLDEN_FILE).write_text(json.dumps(make_golden(reader, engine)))
+        del engine
+        progress("verifying", 2, 2)
+        files = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST_FILE)
         progress("checksums", 0, len(files))
         manifest["files"] = {}
         for i, name in enumerate(files):

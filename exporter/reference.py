@@ -210,6 +210,21 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def positions_and_mask(inv_freq: torch.Tensor, rope_scale: float, shape: tuple[int, int], past: int,
+                       attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None):
+    """Rope cos/sin [B, T, dr/2] and the causal + padding mask [B, 1, T, S] for T new tokens."""
+    B, T = shape
+    S = past + T
+    if attention_mask is None:
+        attention_mask = torch.ones(B, S, dtype=torch.long)
+    if position_ids is None:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    freqs = position_ids[..., None].float() * inv_freq  # [B, T, dr/2]
+    causal = torch.arange(S)[None, :] <= torch.arange(past, S)[:, None]  # [T, S]
+    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
+    return freqs.cos() * rope_scale, freqs.sin() * rope_scale, mask
+
+
 class DeepseekReference(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -228,17 +243,9 @@ class DeepseekReference(nn.Module):
         position_ids: torch.Tensor | None = None,  # [B, T]
         cache: LatentCache | None = None,
     ) -> torch.Tensor:  # logits [B, T, V]
-        B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        S = past + T
-        if attention_mask is None:
-            attention_mask = torch.ones(B, S, dtype=torch.long)
-        if position_ids is None:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, dr/2]
-        cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
-        causal = torch.arange(S)[None, :] <= torch.arange(past, S)[:, None]  # [T, S]
-        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
+        cos, sin, mask = positions_and_mask(self.inv_freq, self.rope_scale, input_ids.shape, past,
+                                            attention_mask, position_ids)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
@@ -257,6 +264,31 @@ class DeepseekReference(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"reference weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model.eval()
+
+
+@torch.no_grad()
+def streamed_logits(reader: CheckpointReader, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Full-sequence reference logits [T, V] per sequence, holding one decoder layer at a time.
+
+    What a build uses to record golden outputs: memory stays at one layer plus activations,
+    whatever the model's size.
+    """
+    cfg = reader.config
+    inv_freq, rope_scale = rope_frequencies(cfg)
+    embed = reader.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+    states = [embed[torch.tensor(seq)][None] for seq in sequences]  # [1, T, D] each
+    del embed
+    rope = [positions_and_mask(inv_freq, rope_scale, (1, len(seq)), 0, None, None) for seq in sequences]
+    for i in range(cfg.num_hidden_layers):
+        with torch.device("meta"):
+            layer = DecoderLayer(cfg, i)
+        layer.load_state_dict(dict(layer_tensors(reader, i)), strict=True, assign=True)
+        states = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(states, rope)]
+        del layer
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    norm.weight = nn.Parameter(reader.get("model.norm.weight", (cfg.hidden_size,)))
+    head = reader.lm_head()
+    return [norm(x)[0] @ head.T for x in states]
 
 
 def iter_reference_tensors(reader: CheckpointReader):

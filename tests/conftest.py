@@ -53,3 +53,20 @@ class Artifacts:
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Artifacts:
     return Artifacts(tmp_path_factory.mktemp("dsexport"))
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run the real `dsexport` entry point in-process: run_cli(*args) -> (exit code, stdout, stderr)."""
+    import sys
+
+    from dsexport.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["dsexport", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run

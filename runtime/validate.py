@@ -1,0 +1,155 @@
+"""Validation reports, the golden-output check, and JUnit output. No torch: a device runs this.
+
+A build stores golden outputs in the bundle (golden.json: for a few fixed prompts, the reference
+model's greedy continuation and its top logits at every position). `check_golden` runs the
+bundle's engine on the same tokens and compares, so a device with no checkpoint and no torch can
+prove its engine still computes the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+
+GOLDEN_FILE = "golden.json"
+GOLDEN_SCHEMA = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    max_logit_diff: float
+    min_top1: float
+    max_ppl_delta: float  # relative: |ppl_bundle / ppl_reference - 1|
+
+    @classmethod
+    def for_precision(cls, precision: str) -> "Thresholds":
+        # fp32: the export only reorders float32 arithmetic (~1e-5 on the test models); 1e-3
+        # leaves room for deeper models and still fails any real error (>= 1e-2 in the tests).
+        if precision == "fp32":
+            return cls(max_logit_diff=1e-3, min_top1=0.99, max_ppl_delta=1e-3)
+        return cls(max_logit_diff=float("inf"), min_top1=0.9, max_ppl_delta=0.02)
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    value: float
+    limit: float
+    kind: str  # "max" (value <= limit passes) or "min" (value >= limit passes)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.value <= self.limit) if self.kind == "max" else bool(self.value >= self.limit)
+
+
+@dataclasses.dataclass
+class Report:
+    bundle: str
+    mode: str  # "reference" or "golden"
+    precision: str
+    metrics: dict
+    checks: list[Check]
+    data: dict
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_json(self) -> dict:
+        return {
+            "bundle": self.bundle, "mode": self.mode, "precision": self.precision, "passed": self.passed,
+            "metrics": self.metrics, "data": self.data, "seconds": round(self.seconds, 3),
+            "checks": [{"name": c.name, "value": c.value, "limit": c.limit, "kind": c.kind, "passed": c.passed}
+                       for c in self.checks],
+        }
+
+    def write_junit(self, path: str | Path) -> None:
+        """One test suite, one test case per check; a failed check is a <failure>."""
+        failures = sum(not c.passed for c in self.checks)
+        lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+                 f'<testsuites><testsuite name="dsexport.validate" tests="{len(self.checks)}" failures="{failures}" '
+                 f'errors="0" time="{self.seconds:.3f}">']
+        for c in self.checks:
+            op = "<=" if c.kind == "max" else ">="
+            lines.append(f'<testcase classname={quoteattr(f"dsexport.validate.{self.mode}")} name={quoteattr(c.name)}>')
+            if not c.passed:
+                lines.append(f'<failure message={quoteattr(f"{c.name} = {c.value:.6g}, required {op} {c.limit:.6g}")}/>')
+            lines.append("</testcase>")
+        lines.append("</testsuite></testsuites>")
+        Path(path).write_text("\n".join(lines) + "\n")
+
+
+def match_length(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def teacher_forced_logits(engine, tokens: list[int]) -> np.ndarray:
+    """The bundle's logits [T, V] for every position of one sequence, in one prefill."""
+    ids = np.asarray([tokens], np.int64)
+    logits, _ = engine.forward(ids, np.arange(len(tokens))[None], np.ones_like(ids), engine.empty_cache(1))
+    return logits[0]
+
+
+def check_golden(engine, golden: dict, max_logit_diff: float) -> tuple[dict, list[Check], dict]:
+    """Compare the bundle with the golden outputs stored at build time.
+
+    Logits are compared on the stored top-k entries of every position; greedy decoding must
+    follow the stored continuation, except at a step whose stored top-2 gap is within twice the
+    logit tolerance (a legitimate near-tie), which is counted.
+    """
+    worst, diffs, agree, total, excused, greedy = 0.0, [], 0, 0, 0, []
+    for case in golden["cases"]:
+        prompt, output = case["prompt_ids"], case["output_ids"]
+        logits = teacher_forced_logits(engine, prompt + output)[len(prompt) - 1:-1]  # predicts output
+        top_ids, top_vals = np.asarray(case["top_ids"]), np.asarray(case["top_logits"], np.float32)
+        got = np.take_along_axis(logits, top_ids, axis=1)
+        diff = np.abs(got - top_vals)
+        worst = max(worst, float(diff.max()))
+        diffs.append(diff.mean())
+        agree += int((logits.argmax(-1) == top_ids[:, 0]).sum())
+        total += len(output)
+        generated = engine.generate(prompt, max_new_tokens=len(output), ignore_eos=True).output_ids
+        n = match_length(generated, output)
+        if n < len(output) and top_vals[n, 0] - top_vals[n, 1] <= 2 * max_logit_diff:
+            excused += 1
+            n = len(output)
+        greedy.append(n / len(output))
+    metrics = {"max_abs_logit_diff": worst, "mean_abs_logit_diff": float(np.mean(diffs)),
+               "top1_agreement": agree / total, "greedy_match_fraction": float(min(greedy)),
+               "greedy_divergences_at_near_ties": excused}
+    checks = [Check("max_abs_logit_diff", worst, max_logit_diff, "max"),
+              Check("greedy_match_fraction", float(min(greedy)), 1.0, "min")]
+    return metrics, checks, {"source": GOLDEN_FILE, "sequences": len(golden["cases"]), "tokens": total}
+
+
+def load_golden(directory: Path) -> dict | None:
+    path = Path(directory) / GOLDEN_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def validate_golden(engine, max_logit_diff: float) -> Report:
+    from dsexport.errors import BundleError
+
+    start = time.perf_counter()
+    golden = load_golden(engine.directory)
+    if golden is None:
+        raise BundleError(f"{engine.directory}: the bundle has no {GOLDEN_FILE}; validate with --reference CKPT")
+    if golden.get("schema") != GOLDEN_SCHEMA:
+        raise BundleError(f"{GOLDEN_FILE}: schema {golden.get('schema')!r} is not supported (supports {GOLDEN_SCHEMA})")
+    metrics, checks, data = check_golden(engine, golden, max_logit_diff)
+    return Report(str(engine.directory), "golden", engine.manifest["precision"], metrics, checks, data,
+                  time.perf_counter() - start)
