@@ -100,7 +100,7 @@ class ModelConfig:
         """Original ids of the routed experts this layer holds, in order."""
         if not self.is_moe_layer(layer):
             return ()
-        if self.kept_experts is not None:
+        if self.kept_experts is not None and layer < len(self.kept_experts):  # (the MTP layer comes after)
             return self.kept_experts[layer]
         return tuple(range(self.n_routed_experts))
 

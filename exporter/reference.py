@@ -135,17 +135,17 @@ class MoE(nn.Module):
 class LatentCache:
     """Per layer, the normalized KV latent and the rotated rope key: [B, S, kv_lora_rank + rope]."""
 
-    def __init__(self, num_layers: int):
-        self.layers: list[torch.Tensor | None] = [None] * num_layers
+    def __init__(self, num_layers: int = 0):
+        self.layers: dict[int, torch.Tensor] = {}
 
     def update(self, layer: int, new: torch.Tensor) -> torch.Tensor:
-        old = self.layers[layer]
+        old = self.layers.get(layer)
         self.layers[layer] = new if old is None else torch.cat([old, new], dim=1)
         return self.layers[layer]
 
     @property
     def length(self) -> int:
-        return 0 if self.layers[0] is None else self.layers[0].shape[1]
+        return next(iter(self.layers.values())).shape[1] if self.layers else 0
 
 
 class MLA(nn.Module):
@@ -242,14 +242,17 @@ class DeepseekReference(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, S] 1 = real token, S = past + T
         position_ids: torch.Tensor | None = None,  # [B, T]
         cache: LatentCache | None = None,
-    ) -> torch.Tensor:  # logits [B, T, V]
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # logits [B, T, V] (, hidden [B, T, D])
         past = cache.length if cache is not None else 0
         cos, sin, mask = positions_and_mask(self.inv_freq, self.rope_scale, input_ids.shape, past,
                                             attention_mask, position_ids)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
-        return self.lm_head(self.norm(x))
+        hidden = self.norm(x)  # what the MTP module reads (after the final norm, as vLLM and SGLang feed it)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
