@@ -7,4 +7,10 @@ Subpackages:
   dsexport.calibration  expert-routing statistics
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+# The small trained DeepSeek-V3-style model that ships with dsexport (training/train.py):
+# what `dsexport build` uses when no --model is given.
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "deepseek-tiny"

@@ -47,8 +47,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer).")
+@click.option("--model", "model_dir", default=None, type=click.Path(path_type=Path),
+              help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer). "
+                   "Default: the small trained model that ships with dsexport.")
 @click.option("--target", default="x86-cpu", show_default=True, help="Device target (`dsexport targets`).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--precision", default=None, help="Weight precision (default: the target's).")
@@ -56,10 +57,15 @@ def cli() -> None:
 @click.option("--moe-lowering", default=None, help="Override the target's MoE lowering (see docs/lowering.md).")
 @click.option("--moe-shards", default=None, type=click.IntRange(1, 64),
               help="Split each expert in N slices for N threads (default: the target's; docs/lowering.md).")
-def build(model_dir: Path, target: str, out_dir: Path, precision: str | None, overwrite: bool,
+def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | None, overwrite: bool,
           moe_lowering: str | None, moe_shards: int | None) -> None:
     """Export a checkpoint into a bundle for a target."""
+    from dsexport import EMBEDDED_MODEL
     from dsexport.exporter.bundle import BuildConfig, build_bundle
+
+    if model_dir is None:
+        model_dir = EMBEDDED_MODEL
+        click.echo(f"no --model: using the embedded model ({model_dir})", err=True)
 
     config = BuildConfig(model_dir, out_dir, target, precision, overwrite, moe_lowering=moe_lowering,
                          moe_shards=moe_shards)
