@@ -2,8 +2,8 @@
 
 MoE lowering: the fused com.microsoft.MoE op. Measured against the standard-op lowering by
 benchmarks/moe_lowerings.py (see docs/lowering.md): it runs only the routed experts for any
-token count, so one graph serves prefill and decode. Expert shards (lowering.LoweringOptions)
-stay at 1: an interleaved A/B on the 2-core development machine showed no decode gain.
+token count, so one graph serves prefill and decode. Experts are split in 2 shards
+(lowering.LoweringOptions): on the whole model, decode was faster in 8 of 8 interleaved rounds.
 """
 
 from .registry import Target, register
@@ -16,5 +16,5 @@ X86_CPU = register(Target(
     moe_lowering="ort-moe",
     precisions=("fp32",),
     default_precision="fp32",
-    moe_shards=1,
+    moe_shards=2,
 ))
