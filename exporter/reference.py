@@ -114,7 +114,10 @@ class MoE(nn.Module):
         # Loop over the experts that received tokens: exact, and cheap for prefill.
         flat_idx = idx.flatten()
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.w_gate.shape[0]).tolist()
+        load = torch.bincount(flat_idx, minlength=self.w_gate.shape[0])  # tokens per expert [E]
+        if self.training:
+            self.load = load.float()  # read by training for the auxiliary-loss-free bias update
+        counts = load.tolist()
         token_of = order // idx.shape[1]
         start = 0
         for e, n in enumerate(counts):

@@ -30,7 +30,7 @@ from data import DOC_SEPARATOR, write_corpora  # noqa: E402
 from dsexport.exporter.config import parse_config  # noqa: E402
 from dsexport.exporter.hf_format import save_hf_checkpoint  # noqa: E402
 from dsexport.exporter.mtp import MTPModule  # noqa: E402
-from dsexport.exporter.reference import MoE, DeepseekReference, route  # noqa: E402
+from dsexport.exporter.reference import MoE, DeepseekReference  # noqa: E402
 
 VOCAB = 4096
 CONFIG = {
@@ -77,22 +77,8 @@ def encode(tok, path: Path) -> np.ndarray:
 
 
 def expert_loads(model) -> list[tuple[MoE, torch.Tensor]]:
-    return [(m, m.load) for m in model.modules() if isinstance(m, MoE) and getattr(m, "load", None) is not None]
-
-
-def record_loads() -> None:
-    """Wrap MoE.forward so each MoE remembers how many tokens each expert received (for the bias update)."""
-    original = MoE.forward
-
-    def forward(self, x):
-        if self.training and self.bias is not None:
-            with torch.no_grad():
-                flat = x.reshape(-1, x.shape[-1])
-                _, idx = route(flat @ self.router.T, self.bias, self.cfg, self.groups)
-                self.load = torch.bincount(idx.flatten(), minlength=self.router.shape[0]).float()
-        return original(self, x)
-
-    MoE.forward = forward
+    """(MoE layer, tokens each expert received in the last training step) for layers with a bias."""
+    return [(m, m.load) for m in model.modules() if isinstance(m, MoE) and m.bias is not None and hasattr(m, "load")]
 
 
 def init_weights(module: torch.nn.Module, std: float) -> None:
@@ -131,7 +117,6 @@ def main() -> None:
     print(f"train tokens: {sizes}", flush=True)
 
     cfg = parse_config(CONFIG)
-    record_loads()
     model = DeepseekReference(cfg)
     model.mtp = MTPModule(cfg)
     init_weights(model, 0.02)
