@@ -194,7 +194,7 @@ def inspect(bundle: Path, as_json: bool, verify: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def targets(as_json: bool) -> None:
-    """List the device targets."""
+    """List the device targets (`jetson` and `jetson-orin-nano` resolve to jetson-orin-nano-8gb)."""
     import dataclasses
 
     from dsexport.targets import TARGETS
@@ -203,9 +203,55 @@ def targets(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
-    click.echo(format_table(["target", "backend", "precisions", "MoE lowering", "description"],
-                            [[t["name"], t["backend"], ",".join(t["precisions"]), t["moe_lowering"], t["description"]]
-                             for t in items]))
+    rows = []
+    for t in items:
+        d = t["device"]
+        rows.append([t["name"], t["backend"], ",".join(t["precisions"]), t["moe_lowering"],
+                     f"{d['usable_gb']:g}/{d['memory_gb']:g} GB" if d else "host", f"{d['bandwidth_gbs']:g} GB/s" if d else "host",
+                     "yes" if t["buildable"] else "plan only"])
+    click.echo(format_table(["target", "backend", "precisions", "MoE lowering", "usable/total", "bandwidth", "build"], rows))
+
+
+@cli.command()
+@click.option("--model", "model_dir", default=None, type=click.Path(path_type=Path),
+              help="Checkpoint directory or config.json (default: the embedded model).")
+@click.option("--target", required=True, help="Device target (`dsexport targets`).")
+@click.option("--precision", default=None, help="Weight precision (default: the target's).")
+@click.option("--context", default=4096, show_default=True, type=click.IntRange(1), help="Context length to plan for.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan(model_dir: Path | None, target: str, precision: str | None, context: int, as_json: bool) -> None:
+    """Memory-fit plan: what a bundle will need on a target, and whether it fits."""
+    from dsexport import EMBEDDED_MODEL
+    from dsexport.exporter.config import load_config
+    from dsexport.targets import get_target
+    from dsexport.targets.memory_plan import plan_memory, suggestions
+
+    path = model_dir or EMBEDDED_MODEL
+    cfg = load_config(path.parent if path.name == "config.json" else path)
+    tgt = get_target(target)
+    precision = precision or tgt.default_precision
+    if precision not in tgt.precisions:
+        raise UserError(f"precision {precision!r} is not available for {tgt.name}; choose from {', '.join(tgt.precisions)}")
+    p = plan_memory(cfg, tgt, precision, context)
+    advice = suggestions(cfg, tgt, p)
+    if as_json:
+        click.echo(json.dumps({**p.to_json(), "suggestions": advice}, indent=2))
+        return
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    rows = [["weights", gb(p.weights_bytes)], [f"latent KV cache ({context} tokens)", gb(p.kv_cache_bytes)],
+            ["activations and workspace", gb(p.activation_bytes)], ["runtime overhead", gb(p.overhead_bytes)],
+            ["total", gb(p.total_bytes)],
+            ["usable on the device", gb(p.usable_bytes) if p.usable_bytes else "the host's"]]
+    click.echo(format_table(["item", "bytes"], rows, align_right={1}))
+    if p.fits is not None:
+        click.echo(f"{'fits' if p.fits else 'does not fit'}: margin {p.margin_bytes / 1e9:+.2f} GB")
+    for line in advice:
+        click.echo(f"  would fit with: {line}")
+    est = p.decode_estimate()
+    if est:
+        click.echo(f"decode estimate (from bandwidth, not measured): at most {est['roofline_tokens_per_s']:.1f} tok/s; "
+                   f"~{est['at_measured_fraction']:.1f} tok/s at the {est['measured_fraction']} of bandwidth dsexport "
+                   "reaches on x86")
 
 
 class ValidationFailed(Exception):

@@ -91,6 +91,9 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     from dsexport.targets import get_target
 
     target = get_target(build.target)
+    if not target.buildable:
+        raise UserError(f"target {target.name} needs the {target.backend} export, which this dsexport cannot build "
+                        f"yet; `dsexport plan --target {target.name}` shows its memory plan")
     precision = build.precision or target.default_precision
     if precision not in target.precisions:
         raise UserError(f"precision {precision!r} is not available for {target.name}; "

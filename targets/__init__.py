@@ -1,6 +1,6 @@
 """Device targets. Importing this package registers every target module."""
 
-from . import x86_cpu  # noqa: F401  (registers itself)
-from .registry import TARGETS, Target, get_target, register
+from . import jetson, x86_cpu  # noqa: F401  (each registers its profiles)
+from .registry import ALIASES, TARGETS, Device, Target, get_target, register
 
-__all__ = ["TARGETS", "Target", "get_target", "register"]
+__all__ = ["ALIASES", "TARGETS", "Device", "Target", "get_target", "register"]

@@ -175,7 +175,7 @@ def test_wrong_tensor_shape_is_a_one_line_error(artifacts, tmp_path, run_cli):
 def test_unknown_target_lists_the_valid_ones(artifacts, tmp_path, run_cli):
     code, _, err = run_cli("build", "--model", artifacts.checkpoint("v3_noaux_tc"), "--out",
                        tmp_path / "o", "--target", "jetson-nano-9000")
-    assert_clean_error(code, err, 2, "unknown target 'jetson-nano-9000'; available targets: x86-cpu")
+    assert_clean_error(code, err, 2, "unknown target 'jetson-nano-9000'; available targets: jetson-agx-orin-32gb")
 
 
 def test_modified_bundle_file_is_detected(bundle, tmp_path, run_cli):

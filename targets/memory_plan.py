@@ -1,0 +1,100 @@
+"""Will the model fit the target? Weights, latent KV cache, activations, runtime overhead.
+
+A plan is arithmetic on the model configuration and the target's profile, made before any
+work: what the bundle will need, whether it fits in the usable memory and by how much, what
+would make it fit, and a decode speed estimate from bandwidth (an estimate, labelled so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dsexport.exporter.config import ModelConfig, parameter_counts
+
+from .registry import Target
+
+# Bytes per weight, block scales included (int8/int4: one fp16 scale per 32 weights).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0 + 2 / 32, "int4": 0.5 + 2 / 32,
+                    "fp4": 0.5 + 1 / 16}
+RUNTIME_OVERHEAD = {"onnxruntime": 0.2e9, "tensorrt": 0.6e9, "onnxruntime-mobile": 0.1e9}  # libraries, CUDA context
+PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate assumes
+MEASURED_ROOFLINE = 0.55  # fraction of bandwidth dsexport's fp32 decode reaches on x86 (docs/performance.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    target: str
+    precision: str
+    context: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    overhead_bytes: int
+    usable_bytes: int | None
+    decode_bytes_per_token: int
+    bandwidth_gbs: float | None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.usable_bytes is None else self.total_bytes <= self.usable_bytes
+
+    @property
+    def margin_bytes(self) -> int | None:
+        return None if self.usable_bytes is None else self.usable_bytes - self.total_bytes
+
+    def decode_estimate(self) -> dict | None:
+        """Tokens/s bounds from bandwidth: an estimate, not a measurement."""
+        if not self.bandwidth_gbs:
+            return None
+        ceiling = self.bandwidth_gbs * 1e9 / self.decode_bytes_per_token
+        return {"roofline_tokens_per_s": ceiling, "at_measured_fraction": ceiling * MEASURED_ROOFLINE,
+                "measured_fraction": MEASURED_ROOFLINE, "label": "estimate from bandwidth, not measured"}
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes, "fits": self.fits,
+                "margin_bytes": self.margin_bytes, "decode_estimate": self.decode_estimate()}
+
+
+def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, batch: int = 1) -> MemoryPlan:
+    total, active = parameter_counts(cfg)
+    per_weight = BYTES_PER_WEIGHT[precision]
+    cache_dtype = 4 if precision == "fp32" else 2
+    kv = cfg.latent_dim * cfg.num_hidden_layers * context * batch * cache_dtype
+    t = min(PREFILL_CHUNK, context) * batch
+    inter = max(cfg.intermediate_size, cfg.num_experts_per_tok * cfg.moe_intermediate_size * 2)
+    activations = 4 * (t * cfg.vocab_size + cfg.num_attention_heads * t * context + 3 * t * inter
+                       + 8 * t * cfg.hidden_size)
+    device = target.device
+    return MemoryPlan(
+        target=target.name, precision=precision, context=context, weights_bytes=int(total * per_weight),
+        kv_cache_bytes=int(kv), activation_bytes=int(activations),
+        overhead_bytes=int(RUNTIME_OVERHEAD.get(target.backend, 0.2e9)),
+        usable_bytes=int(device.usable_gb * 1e9) if device else None,
+        decode_bytes_per_token=int(active * per_weight), bandwidth_gbs=device.bandwidth_gbs if device else None,
+    )
+
+
+def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> list[str]:
+    """What would make a plan that does not fit, fit."""
+    if plan.fits is not False:
+        return []
+    out = []
+    for precision in target.precisions:
+        p = plan_memory(cfg, target, precision, plan.context)
+        if p.fits and BYTES_PER_WEIGHT[precision] < BYTES_PER_WEIGHT[plan.precision]:
+            out.append(f"--precision {precision} (needs {p.total_bytes / 1e9:.2f} GB)")
+            break
+    short = plan_memory(cfg, target, plan.precision, 512)
+    if short.fits and plan.context > 512:
+        out.append("a shorter --max-context (512 tokens fits)")
+    routed = sum(cfg.num_experts(i) for i in range(cfg.num_hidden_layers)) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    routed_bytes = routed * BYTES_PER_WEIGHT[plan.precision]
+    over = -plan.margin_bytes
+    if routed_bytes > over:
+        out.append(f"pruning at least {over / routed_bytes:.0%} of routed experts (the pruning issue), or expert "
+                   "paging from storage (the paging issue)")
+    return out or ["a device with more memory: no precision, context or pruning available here makes it fit"]
