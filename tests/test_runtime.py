@@ -90,11 +90,11 @@ def test_stop_string_ends_generation_and_is_cut_from_the_text(engine):
 def test_eos_ends_generation(engine):
     """Force the eos id into the stream by making it the only allowed stop; then check the reason."""
     free = engine.generate("The quick brown fox", max_new_tokens=30, ignore_eos=True).output_ids
-    engine.eos_ids = {free[5]}
+    saved, engine.eos_ids = engine.eos_ids, {free[5]}
     try:
         result = engine.generate("The quick brown fox", max_new_tokens=30)
     finally:
-        engine.eos_ids = set(engine.config["eos_token_ids"])
+        engine.eos_ids = saved  # the engine is shared by the module's tests
     assert result.finish_reason == "eos" and result.output_ids == free[: free.index(free[5]) + 1]
 
 
