@@ -68,7 +68,7 @@ def main() -> None:
     inputs = {1: [rng.standard_normal((1, D)).astype(np.float32) for _ in range(64)],
               16: [rng.standard_normal((16, D)).astype(np.float32) for _ in range(4)],
               128: [rng.standard_normal((128, D)).astype(np.float32) for _ in range(2)]}
-    variants = [("ort-moe", 1), ("ort-moe", 2), ("gather", 1)]
+    variants = [("ort-moe", 1), ("ort-moe", 2), ("gather", 1), ("dense", 1)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, shards in variants:

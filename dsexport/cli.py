@@ -57,8 +57,14 @@ def cli() -> None:
 @click.option("--moe-lowering", default=None, help="Override the target's MoE lowering (see docs/lowering.md).")
 @click.option("--moe-shards", default=None, type=click.IntRange(1, 64),
               help="Split each expert in N slices for N threads (default: the target's; docs/lowering.md).")
+@click.option("--max-context", default=None, type=click.IntRange(2),
+              help="Context the bundle is planned for (default: the target's, at most the model's).")
+@click.option("--tensorrt", "tensorrt", default=None,
+              help="TensorRT version the graphs must parse on (TensorRT targets; default: the target's).")
+@click.option("--force", is_flag=True, help="Build even when the memory plan says the target cannot hold it.")
 def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | None, overwrite: bool,
-          moe_lowering: str | None, moe_shards: int | None) -> None:
+          moe_lowering: str | None, moe_shards: int | None, max_context: int | None, tensorrt: str | None,
+          force: bool) -> None:
     """Export a checkpoint into a bundle for a target."""
     from dsexport import EMBEDDED_MODEL
     from dsexport.exporter.bundle import BuildConfig, build_bundle
@@ -66,15 +72,43 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
     if model_dir is None:
         model_dir = EMBEDDED_MODEL
         click.echo(f"no --model: using the embedded model ({model_dir})", err=True)
-
+    target = _resolve_target(target)
     config = BuildConfig(model_dir, out_dir, target, precision, overwrite, moe_lowering=moe_lowering,
-                         moe_shards=moe_shards)
+                         moe_shards=moe_shards, max_context=max_context, tensorrt=tensorrt, force=force)
     result = build_bundle(config, Progress())
     m = result.manifest
     rows = [[name, human_bytes(entry["bytes"])] for name, entry in m["files"].items()]
     click.echo(format_table(["file", "size"], rows, align_right={1}))
     click.echo(f"wrote {out_dir}: target {m['target']['name']}, precision {m['precision']}, "
-               f"MoE lowering {m['export']['moe_lowering']}")
+               f"MoE lowering {m['export']['moe_lowering']}"
+               + (f" (prompts: {m['export']['prefill_moe_lowering']})" if m["export"].get("prefill_moe_lowering") else ""))
+    if "tensorrt" in m:
+        for line in _tensorrt_summary(m):
+            click.echo(line)
+
+
+def _resolve_target(name: str) -> str:
+    from dsexport.targets import resolve_target_name
+
+    resolved, note = resolve_target_name(name)
+    if note:
+        click.echo(note, err=True)
+    return resolved
+
+
+def _tensorrt_summary(manifest: dict) -> list[str]:
+    trt = manifest["tensorrt"]
+    plan = trt["engine_plan"]
+    lines = []
+    for version, graphs in trt["checks"].items():
+        verdict = ", ".join(f"{role} {'ok' if r['ok'] else str(len(r['errors'])) + ' errors'} ({r['nodes']} nodes)"
+                            for role, r in graphs.items())
+        lines.append(f"TensorRT {version} check: {verdict}" + ("  <- build target" if version == trt["checked_against"] else ""))
+    flags = "strongly typed" if plan["strongly_typed"] else ("flags " + "+".join(plan["builder_flags"]) if plan["builder_flags"] else "fp32")
+    lines.append(f"engine plan: {plan['precision']} ({flags}, TF32 {'on' if plan['tf32'] else 'off'}), "
+                 f"context {plan['context']}, prefill chunks of {plan['prefill_tokens']} tokens, workspace "
+                 f"{human_bytes(plan['workspace_bytes'])}; on the device: dsexport engine BUNDLE")
+    return lines
 
 
 def _generation_kwargs(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop) -> dict:
@@ -99,13 +133,16 @@ def _generation_kwargs(max_new_tokens, temperature, top_k, top_p, repetition_pen
               help="How weights are held: mapped, mapped and locked in RAM, or read into memory.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="Run the ONNX graphs with ONNX Runtime, or the engines `dsexport engine` built on this device.")
 def run(bundle: Path, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
         repetition_penalty: float, seed: int | None, stop: tuple[str, ...], threads: int | None,
-        max_context: int | None, weights: str, no_verify: bool, as_json: bool) -> None:
+        max_context: int | None, weights: str, no_verify: bool, as_json: bool, backend: str) -> None:
     """Generate text from a bundle."""
     from dsexport.runtime import Engine
 
-    engine = Engine.load(bundle, threads=threads, max_context=max_context, weights=weights, verify=not no_verify)
+    engine = Engine.load(bundle, threads=threads, max_context=max_context, weights=weights, verify=not no_verify,
+                         backend=backend)
     if chat:
         prompt = engine.apply_chat_template([{"role": "user", "content": prompt}])
     kwargs = _generation_kwargs(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
@@ -148,6 +185,14 @@ def inspect_summary(manifest: dict) -> dict:
         "precision": manifest["precision"],
         "target": manifest["target"]["name"],
         "moe_lowering": manifest["export"]["moe_lowering"],
+        "prefill_moe_lowering": manifest["export"].get("prefill_moe_lowering"),
+        "graphs": {role: g["file"] for role, g in manifest["graphs"].items()},
+        "tensorrt": ({"checked_against": manifest["tensorrt"]["checked_against"],
+                      "checks": {v: {role: r["ok"] for role, r in c.items()} for v, c in manifest["tensorrt"]["checks"].items()},
+                      "engine_plan": {k: manifest["tensorrt"]["engine_plan"][k] for k in
+                                      ("precision", "strongly_typed", "builder_flags", "tf32", "context", "prefill_tokens",
+                                       "workspace_bytes")},
+                      "engines": manifest.get("engines")} if "tensorrt" in manifest else None),
         "parameters": manifest["stats"]["parameters"],
         "active_parameters_per_token": manifest["stats"]["active_parameters_per_token"],
         "cache_bytes_per_token": manifest["stats"]["cache_bytes_per_token"],
@@ -189,6 +234,10 @@ def inspect(bundle: Path, as_json: bool, verify: bool) -> None:
                              for x in s["layers"]], align_right={0, 2, 3}))
     click.echo()
     click.echo(format_table(["file", "size"], [[n, human_bytes(b)] for n, b in s["files"].items()], align_right={1}))
+    if s["tensorrt"]:
+        click.echo()
+        for line in _tensorrt_summary(read_bundle(bundle, verify=False).manifest):
+            click.echo(line)
 
 
 @cli.command()
@@ -228,7 +277,7 @@ def plan(model_dir: Path | None, target: str, precision: str | None, context: in
 
     path = model_dir or EMBEDDED_MODEL
     cfg = load_config(path.parent if path.name == "config.json" else path)
-    tgt = get_target(target)
+    tgt = get_target(_resolve_target(target))
     precision = precision or tgt.default_precision
     if precision not in tgt.precisions:
         raise UserError(f"precision {precision!r} is not available for {tgt.name}; choose from {', '.join(tgt.precisions)}")
@@ -254,6 +303,61 @@ def plan(model_dir: Path | None, target: str, precision: str | None, context: in
                    "reaches on x86")
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--tensorrt", "versions", multiple=True,
+              help="TensorRT version to check against (repeatable; default: every version the bundle's target ships).")
+@click.option("--route", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-tensorrt-ep"]),
+              help="tensorrt: every node in the engine; ort-tensorrt-ep: ONNX Runtime runs non-ONNX ops on CUDA.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def check(bundle: Path, versions: tuple[str, ...], route: str, as_json: bool) -> None:
+    """Static TensorRT compatibility check of a bundle's graphs (no TensorRT needed). Exit 1 if a node fails."""
+    from dsexport.runtime.bundle import read_bundle
+    from dsexport.targets import TARGETS
+    from dsexport.targets.tensorrt_check import check_file
+
+    b = read_bundle(bundle, verify=False)
+    target = TARGETS.get(b.manifest["target"]["name"])
+    if not versions:
+        shipped = target.device.tensorrt if target and target.device else ()
+        default = b.manifest.get("tensorrt", {}).get("checked_against") or (target.tensorrt_default if target else None)
+        versions = tuple(dict.fromkeys([*shipped, *([default] if default else [])])) or ("10.3",)
+    reports = []
+    for role, graph in b.manifest["graphs"].items():
+        path = b.directory / graph["file"]
+        if path.suffix != ".onnx":
+            raise UserError(f"{path}: not an ONNX graph ({path.suffix}); TensorRT parses ONNX")
+        for version in versions:
+            reports.append(check_file(path, version, route))
+    ok = all(r.ok for r in reports)
+    if as_json:
+        click.echo(json.dumps({"bundle": str(bundle), "ok": ok, "reports": [r.to_json() for r in reports]}, indent=2))
+    else:
+        for r in reports:
+            for line in r.lines():
+                click.echo(line)
+        click.echo(("PASSED" if ok else "FAILED") + f": {bundle}")
+    if not ok:
+        raise ValidationFailed()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Rebuild engines that exist.")
+def engine(bundle: Path, force: bool) -> None:
+    """Build the bundle's TensorRT engines on this device (JetPack / TensorRT installed); docs/engine.md."""
+    from dsexport.runtime.bundle import read_bundle
+    from dsexport.targets.tensorrt_engine import build_engines
+
+    b = read_bundle(bundle, verify=True)
+    if "tensorrt" not in b.manifest:
+        raise UserError(f"{bundle}: built for {b.manifest['target']['name']}, which has no TensorRT engine; "
+                        "build with a TensorRT target (dsexport targets)")
+    section = build_engines(b.directory, log=lambda text: click.echo(text, err=True), force=force)
+    click.echo(f"built {', '.join(section['files'].values())} with TensorRT {section['tensorrt_version']} "
+               f"for {section['gpu']} (SM {section['compute_capability']})")
+
+
 class ValidationFailed(Exception):
     """The bundle ran but no longer is the model: exit code 1."""
 
@@ -271,13 +375,15 @@ class ValidationFailed(Exception):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also write JUnit XML here.")
 @click.option("--threads", default=None, type=int)
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="onnxruntime: the bundle's ONNX graphs (any machine); tensorrt: its engines, on the device.")
 def validate(bundle: Path, reference: Path | None, data: Path | None, samples: int, seq_len: int,
              max_logit_diff: float | None, min_top1: float | None, max_ppl_delta: float | None, as_json: bool,
-             junit: Path | None, threads: int | None) -> None:
+             junit: Path | None, threads: int | None, backend: str) -> None:
     """Check that a bundle still is the model. Exit 0 pass, 1 fail, 2 bad input, 3 cannot run here."""
     try:
         report = _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1,
-                                 max_ppl_delta, threads)
+                                 max_ppl_delta, threads, backend)
     except EngineUnavailable:
         raise
     except UserError as e:  # validate's contract: every input problem is exit code 2
@@ -296,7 +402,8 @@ def validate(bundle: Path, reference: Path | None, data: Path | None, samples: i
         raise ValidationFailed()
 
 
-def _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1, max_ppl_delta, threads):
+def _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1, max_ppl_delta, threads,
+                    backend="onnxruntime"):
     import dataclasses
 
     from dsexport.runtime import Engine
@@ -304,10 +411,10 @@ def _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, m
     from dsexport.runtime.validate import Thresholds, validate_golden
 
     manifest = read_bundle(bundle, verify=False).manifest
-    if manifest["target"]["backend"] != "onnxruntime":
-        raise EngineUnavailable(f"the bundle's {manifest['target']['backend']} engine cannot run on this machine")
-    engine = Engine.load(bundle, threads=threads)  # verifies checksums: a modified file is bad input, not a fail
-    limits = Thresholds.for_precision(manifest["precision"])
+    # verifies checksums: a modified file is bad input, not a fail
+    engine = Engine.load(bundle, threads=threads, backend=backend)
+    # ONNX Runtime runs the graphs as exported (fp32); a TensorRT engine runs at the bundle's precision
+    limits = Thresholds.for_precision(manifest["precision"] if backend == "tensorrt" else "fp32")
     overrides = {"max_logit_diff": max_logit_diff, "min_top1": min_top1, "max_ppl_delta": max_ppl_delta}
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     if reference is None:

@@ -26,7 +26,7 @@ from dsexport.runtime.validate import GOLDEN_FILE
 
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, parameter_counts
-from .export import ExportConfig, export_model, graph_contract
+from .export import DATA_FILE, GRAPH_FILE, ExportConfig, export_model, graph_contract
 from .golden import make_golden
 from .lowering import get_lowering
 
@@ -45,6 +45,9 @@ class BuildConfig:
     kept_experts: dict[int, list[int]] | None = None
     moe_lowering: str | None = None  # None: the target's choice; else a MOE_LOWERINGS key
     moe_shards: int | None = None  # None: the target's choice
+    max_context: int | None = None  # context the bundle is planned for (None: the target's default)
+    tensorrt: str | None = None  # TensorRT version the graphs are checked against (None: the target's)
+    force: bool = False  # build even when the memory plan says the target cannot hold it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,51 @@ def _verify_graph(directory: Path, cfg: ModelConfig):
     return engine
 
 
+def _memory_gate(reader: CheckpointReader, build: BuildConfig, target, precision: str, context: int) -> dict:
+    """The memory plan of the targets docs: a build that cannot fit stops, unless forced."""
+    from dsexport.targets.memory_plan import plan_memory, suggestions
+
+    cfg = reader.config.with_kept_experts(build.kept_experts)
+    plan = plan_memory(cfg, target, precision, context)
+    if plan.fits is False and not build.force:
+        advice = "; ".join(suggestions(cfg, target, plan))
+        raise UserError(f"the model does not fit {target.name}: it needs {plan.total_bytes / 1e9:.2f} GB of "
+                        f"{plan.usable_bytes / 1e9:.2f} GB usable at {precision}, {context} tokens of context "
+                        f"(`dsexport plan` itemizes it); would fit with: {advice}; --force builds anyway")
+    return plan.to_json()
+
+
+def _tensorrt_stage(staging: Path, cfg: ModelConfig, target, precision: str, tensorrt: str, context: int,
+                    progress: Progress) -> dict:
+    """Static TensorRT check of the graph against every TensorRT version the target ships
+    (the build fails on the chosen one), and the engine-build plan for `dsexport engine`."""
+    import onnx
+
+    from dsexport.targets.tensorrt_check import check_model, check_profiles
+    from dsexport.targets.tensorrt_plan import engine_plan
+
+    graph_files = {"decoder": GRAPH_FILE}
+    plan = engine_plan(cfg, target, precision, tensorrt, context, GRAPH_FILE)
+    versions = list(dict.fromkeys([*(target.device.tensorrt if target.device else ()), plan["tensorrt"]]))
+    checks: dict[str, dict] = {}
+    progress("tensorrt check", 0, len(graph_files))
+    for n, (role, name) in enumerate(graph_files.items()):
+        model = onnx.load(str(staging / name), load_external_data=False)
+        for version in versions:
+            report = check_model(model, version, "tensorrt", name)
+            checks.setdefault(version, {})[role] = report.to_json()
+            if version == plan["tensorrt"] and not report.ok:
+                raise InternalError("exported graph fails the TensorRT check:\n" + "\n".join(report.lines()))
+        problems = check_profiles(model, plan["graphs"][role]["profiles"], name)
+        if problems:
+            raise InternalError("engine plan does not cover the graph: " + "; ".join(problems))
+        progress("tensorrt check", n + 1, len(graph_files))
+    return {"route": "tensorrt", "checked_against": plan["tensorrt"],
+            "checks": {v: {role: {"ok": r["ok"], "errors": r["errors"], "nodes": r["nodes"]} for role, r in c.items()}
+                       for v, c in checks.items()},
+            "engine_plan": plan}
+
+
 def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, total: None) -> BuildResult:
     from dsexport.targets import get_target
 
@@ -98,7 +146,10 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     if precision not in target.precisions:
         raise UserError(f"precision {precision!r} is not available for {target.name}; "
                         f"choose from {', '.join(target.precisions)}")
-    get_lowering(build.moe_lowering or target.moe_lowering)  # an unknown name fails before any work
+    lowering = get_lowering(build.moe_lowering or target.moe_lowering)  # an unknown name fails before any work
+    prefill_lowering = None if lowering.prefill_ok else (target.prefill_moe_lowering or "dense")
+    if target.backend != "tensorrt" and precision != "fp32":
+        raise UserError(f"precision {precision} for {target.backend} arrives with quantization; available now: fp32")
     out = Path(build.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not build.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -106,14 +157,45 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     progress("loading", 0, 1)
     reader = CheckpointReader(build.model_dir)
     progress("loading", 1, 1)
+    context = min(build.max_context or target.context_default, reader.config.max_position_embeddings)
+    if context < 2:
+        raise UserError(f"max_context must be at least 2, got {context}")
+    memory_plan = _memory_gate(reader, build, target, precision, context)
+    tensorrt = None
+    if target.backend == "tensorrt":
+        from dsexport.targets.tensorrt_plan import engine_plan
+
+        tensorrt = build.tensorrt or target.tensorrt_default
+        # fails on a precision the TensorRT version cannot take, before any work
+        engine_plan(reader.config, target, precision, tensorrt, context, GRAPH_FILE)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        export_cfg = ExportConfig(moe_lowering=build.moe_lowering or target.moe_lowering,
-                                  moe_shards=build.moe_shards or target.moe_shards)
+        export_cfg = ExportConfig(moe_lowering=lowering.name, moe_shards=build.moe_shards or target.moe_shards,
+                                  prefill_moe_lowering=prefill_lowering)
         result = export_model(reader, staging, export_cfg, progress, kept_experts=build.kept_experts)
         cfg = result.config
+        decoder = {"file": GRAPH_FILE, "data": DATA_FILE, "moe_lowering": lowering.name}
+        if prefill_lowering:  # an If in the graph picks it for prompts (docs/tensorrt.md)
+            decoder.update(prompt_moe_lowering=prefill_lowering, max_prompt_tokens=None)
+        tensorrt_section = None
+        if tensorrt is not None:
+            tensorrt_section = _tensorrt_stage(staging, cfg, target, precision, tensorrt, context, progress)
+            if prefill_lowering:
+                decoder["max_prompt_tokens"] = tensorrt_section["engine_plan"]["prefill_tokens"]
+        mobile = None
+        if target.backend == "onnxruntime-mobile":  # phones: ORT format + reduced-op config (docs/mobile.md)
+            from dsexport.targets.mobile import EP_SETTINGS, ORT_OPTIMIZATION_STYLE
+
+            from .ort_mobile import convert_to_ort
+
+            progress("ort format", 0, 1)
+            decoder = {**convert_to_ort(staging, GRAPH_FILE, DATA_FILE, ORT_OPTIMIZATION_STYLE[target.name]),
+                       "moe_lowering": lowering.name}
+            mobile = {"execution_providers": EP_SETTINGS[target.name]}
+            progress("ort format", 1, 1)
+        graphs = {"decoder": {**decoder, **graph_contract(cfg)}}
 
         tokenizer_files = []
         for name in TOKENIZER_FILES:
@@ -133,11 +215,17 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
                        "execution_providers": list(target.execution_providers)},
             "precision": precision,
             "export": dataclasses.asdict(export_cfg),
-            "graphs": {"decoder": {"file": "model.onnx", "data": "model.onnx.data", **graph_contract(cfg)}},
+            "context": context,
+            "graphs": graphs,
+            "memory_plan": memory_plan,
             "tokenizer": {"files": tokenizer_files},
             "golden": {"file": GOLDEN_FILE, "producer": "reference"},
             "stats": model_stats(cfg, result.weight_bytes),
         }
+        if tensorrt_section is not None:
+            manifest["tensorrt"] = tensorrt_section
+        if mobile is not None:
+            manifest["mobile"] = mobile
         # The verify stage loads the bundle through the runtime, so the manifest goes in first
         # (without checksums); the final manifest, with them, is written after verification.
         (staging / MANIFEST_FILE).write_text(json.dumps({**manifest, "files": {}}, indent=2))

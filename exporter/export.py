@@ -37,6 +37,9 @@ DATA_FILE = "model.onnx.data"
 class ExportConfig:
     moe_lowering: str = "ort-moe"
     moe_shards: int = 1  # see lowering.LoweringOptions
+    # Another MoE lowering for prompts (T > 1), chosen in the graph by an If on the token count;
+    # for decode-only lowerings such as `gather` (TensorRT targets). None: one lowering for both.
+    prefill_moe_lowering: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,16 @@ class _DecoderEmitter:
     def __init__(self, g: GraphBuilder, cfg: ModelConfig, export_cfg: ExportConfig):
         self.g, self.cfg = g, cfg
         self.lowering = get_lowering(export_cfg.moe_lowering)
+        self.prefill_lowering = get_lowering(export_cfg.prefill_moe_lowering) if export_cfg.prefill_moe_lowering else None
         self.lowering_options = LoweringOptions(moe_shards=export_cfg.moe_shards)
+
+    def routed(self, x2: str, logits: str, w: ExpertWeights, p: str) -> str:
+        """The routed experts' output [N, D]; with a prefill lowering, an If picks it for prompts."""
+        emit = lambda lowering: lambda: lowering.emit(self.g, x2, logits, w, self.cfg, p, self.lowering_options)  # noqa: E731
+        if self.prefill_lowering is None:
+            return emit(self.lowering)()
+        return self.g.branch(self.is_prompt, emit(self.prefill_lowering), emit(self.lowering), p + "_routed_if",
+                             TensorProto.FLOAT, ["tokens", self.cfg.hidden_size])
 
     def inputs(self) -> None:
         g, cfg = self.g, self.cfg
@@ -101,6 +113,9 @@ class _DecoderEmitter:
 
         past_len = g.op("Shape", [self.past[0]], name="past_len", start=1, end=2)  # [1]
         new_len = g.op("Shape", [self.input_ids], name="new_len", start=1, end=2)  # [1]
+        # a prompt (more than one new token) takes the prefill MoE lowering, if there is one
+        self.is_prompt = g.op("Squeeze", [g.op("Greater", [new_len, g.const([1])], name="prompt_1d"), g.const([0])],
+                              name="is_prompt")  # [] bool
         total = g.op("Add", [past_len, new_len], name="total_len")
         scalar = lambda v, n: g.op("Squeeze", [v, g.const([0])], name=n)  # noqa: E731
         k_pos = g.op("Range", [g.const(0), scalar(total, "total_s"), g.const(1)], name="k_pos")  # [S]
@@ -179,13 +194,12 @@ class _DecoderEmitter:
         w = ExpertWeights(t["mlp.router"], t.get("mlp.bias"), t["mlp.w_gate"], t["mlp.w_up"], t["mlp.w_down"],
                           cfg.expert_groups(i))
         if not cfg.n_shared_experts:
-            return g.op("Reshape", [self.lowering.emit(g, x2, g.linear(x2, w.router, p + ".router"), w, cfg, p,
-                                                       self.lowering_options), g.op("Shape", [x], name=p + "_shape")],
-                        name=p + "_out")
+            return g.op("Reshape", [self.routed(x2, g.linear(x2, w.router, p + ".router"), w, p),
+                                    g.op("Shape", [x], name=p + "_shape")], name=p + "_out")
         # router and shared expert read the same input: one MatMul
         gate, up, down = t["mlp.shared.gate_proj.weight"], t["mlp.shared.up_proj.weight"], t["mlp.shared.down_proj.weight"]
         logits, a, b = g.linear_split(x2, [w.router, gate, up], p + ".router_shared")  # [N, E], [N, Is], [N, Is]
-        y = self.lowering.emit(g, x2, logits, w, cfg, p, self.lowering_options)  # [N, D]
+        y = self.routed(x2, logits, w, p)  # [N, D]
         act = g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a], name=p + "_sig")], name=p + "_silu"), b], name=p + "_act")
         y = g.op("Add", [y, g.linear(act, down, p + ".shared.down_proj")], name=p + "_sum")
         return g.op("Reshape", [y, g.op("Shape", [x], name=p + "_shape")], name=p + "_out")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -32,6 +33,7 @@ class GraphBuilder:
         self.data_path = Path(data_path)
         self._data = open(self.data_path, "wb")
         self.nodes: list[onnx.NodeProto] = []
+        self._weights: dict[str, tuple] = {}
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -46,8 +48,16 @@ class GraphBuilder:
         return base if n == 0 else f"{base}_{n}"
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        """Append a weight to the external-data file; the graph keeps only its location."""
+        """Append a weight to the external-data file; the graph keeps only its location.
+
+        A name already written is not written again (the branches of an If share their weights).
+        """
         array = np.ascontiguousarray(array)
+        if name in self._weights:
+            if self._weights[name] != (array.dtype.str, array.shape):
+                raise ValueError(f"weight {name} written twice with different dtype/shape")
+            return name
+        self._weights[name] = (array.dtype.str, array.shape)
         offset = self._data.tell()
         pad = -offset % ALIGN
         if pad:
@@ -79,6 +89,22 @@ class GraphBuilder:
         outs = [self.fresh(base if outputs == 1 else f"{base}_{i}") for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh("n_" + base), domain=domain, **attrs))
         return outs[0] if outputs == 1 else outs
+
+    def branch(self, cond: str, then_emit: Callable[[], str], else_emit: Callable[[], str], name: str,
+               elem_type: int, shape: list) -> str:
+        """An If node: each emitter's nodes go into its branch subgraph, which reads outer-scope
+        values and weights (written once, shared by both branches) and returns one value."""
+        branches = []
+        for tag, emit in (("then", then_emit), ("else", else_emit)):
+            outer, self.nodes = self.nodes, []
+            try:
+                value = emit()
+            finally:
+                inner, self.nodes = self.nodes, outer
+            out = self.fresh(f"{name}_{tag}")  # TensorRT: the branches' outputs need different names
+            inner.append(helper.make_node("Identity", [value], [out], name=self.fresh(f"n_{name}_{tag}_out")))
+            branches.append(helper.make_graph(inner, f"{name}_{tag}", [], [helper.make_tensor_value_info(out, elem_type, shape)]))
+        return self.op("If", [cond], name=name, then_branch=branches[0], else_branch=branches[1])
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
@@ -117,10 +143,14 @@ class GraphBuilder:
         return self.op("Mul", [y, self.weight(name + ".weight", weight.astype(np.float32))], name=name)
 
     # ---- finish -------------------------------------------------------------------------
+    def close_data(self) -> None:
+        if not self._data.closed:
+            self._data.flush()
+            os.fsync(self._data.fileno())
+            self._data.close()
+
     def save(self, model_path: Path, graph_name: str, metadata: dict[str, str] | None = None) -> None:
-        self._data.flush()
-        os.fsync(self._data.fileno())
-        self._data.close()
+        self.close_data()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(
             graph,

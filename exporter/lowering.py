@@ -9,6 +9,10 @@ Routing is always computed in the graph from the hidden state (never baked in at
            Runs only the routed experts for any number of tokens: fit for prefill and decode.
   gather   Standard ops only (TopK, Gather of stacked experts, batched MatMul): what TensorRT
            parses. Materializes tokens x k expert weights, so it is for decode-sized inputs.
+  dense    Standard ops only: every expert on every token as one batched MatMul over the
+           stacked weights, weighted by the routing weights scattered into [tokens, E] (zero
+           at unrouted experts). Reads each expert once whatever the token count, computes E/k
+           times the routed FLOPs: the prefill graph of TensorRT targets (docs/tensorrt.md).
 """
 
 from __future__ import annotations
@@ -107,11 +111,13 @@ def _emit_group_mask(g: GraphBuilder, choice: str, groups: tuple[int, ...], cfg:
     if cfg.topk_method == "noaux_tc":
         top = g.op("TopK", [grouped, g.const([min(2, len(table[0]))])], name=name + "_top2", outputs=2, axis=-1)[0]
         if padded:  # a group holding one expert scores that expert; an empty group is never kept
-            finite = g.op("Where", [g.op("IsInf", [top], name=name + "_padinf"), g.const(0.0, np.float32), top],
+            # Equal(-inf) rather than IsInf: TensorRT 8.5 cannot parse IsInf (added in 8.6)
+            ninf = g.const(-np.inf, np.float32)
+            finite = g.op("Where", [g.op("Equal", [top, ninf], name=name + "_padinf"), g.const(0.0, np.float32), top],
                           name=name + "_top2f")
             total = g.op("ReduceSum", [finite, g.const([-1])], name=name + "_gsum", keepdims=0)
             best = g.op("ReduceMax", [top], name=name + "_gbest", axes=[-1], keepdims=0)
-            empty = g.op("IsInf", [best], name=name + "_gempty")
+            empty = g.op("Equal", [best, ninf], name=name + "_gempty")
             group_scores = g.op("Where", [empty, g.const(-np.inf, np.float32), total], name=name + "_gscore")
         else:
             group_scores = g.op("ReduceSum", [top, g.const([-1])], name=name + "_gscore", keepdims=0)
@@ -170,27 +176,56 @@ def emit_ort_moe(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: Mo
     return g.op("Mul", [y, total], name=name + "_routed")
 
 
+def _stacked_weights(g: GraphBuilder, w: ExpertWeights, name: str) -> tuple[str, str]:
+    """Stacked expert weights as MatMul operands: gate|up [E, D, 2I] and down [E, I, D]."""
+    w13 = np.concatenate([w.gate, w.up], axis=1).transpose(0, 2, 1)
+    w2 = w.down.transpose(0, 2, 1)
+    return (g.weight(name + ".w13", np.ascontiguousarray(w13, np.float32)),
+            g.weight(name + ".w2", np.ascontiguousarray(w2, np.float32)))
+
+
+def _swiglu(g: GraphBuilder, h: str, inter: int, name: str) -> str:
+    """[.., 2I] (gate | up) -> silu(gate) * up [.., I]."""
+    gate, up = g.op("Split", [h, g.const([inter, inter])], name=name + "_gu", outputs=2, axis=-1)
+    return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=name + "_sig")], name=name + "_silu"), up],
+                name=name + "_act")
+
+
 @register("gather", prefill_ok=False, ops=("Gather", "MatMul", "TopK"),
           description="standard ops: gather the routed experts' stacked weights per token, batched MatMul")
 def emit_gather(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: ModelConfig, name: str,
                 opts: LoweringOptions) -> str:
-    E, inter, D = w.gate.shape
     raw, idx = emit_routing(g, logits, w, cfg, name)
     weights = final_weights(g, raw, cfg, name)
-    w1 = np.concatenate([w.gate, w.up], axis=1).transpose(0, 2, 1)  # [E, D, 2I]
-    w2 = w.down.transpose(0, 2, 1)  # [E, I, D]
-    w1_sel = g.op("Gather", [g.weight(name + ".w13", np.ascontiguousarray(w1, np.float32)), idx],
-                  name=name + "_w13sel", axis=0)  # [N, k, D, 2I]
+    w13, w2 = _stacked_weights(g, w, name)
+    w1_sel = g.op("Gather", [w13, idx], name=name + "_w13sel", axis=0)  # [N, k, D, 2I]
     x4 = g.op("Unsqueeze", [x, g.const([1, 2])], name=name + "_x4")  # [N, 1, 1, D]
-    h = g.op("MatMul", [x4, w1_sel], name=name + "_h13")  # [N, k, 1, 2I]
-    gate, up = g.op("Split", [h, g.const([inter, inter])], name=name + "_gu", outputs=2, axis=-1)
-    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=name + "_sig")], name=name + "_silu"), up],
-               name=name + "_act")
-    w2_sel = g.op("Gather", [g.weight(name + ".w2", np.ascontiguousarray(w2, np.float32)), idx],
-                  name=name + "_w2sel", axis=0)  # [N, k, I, D]
+    act = _swiglu(g, g.op("MatMul", [x4, w1_sel], name=name + "_h13"), w.gate.shape[1], name)  # [N, k, 1, I]
+    w2_sel = g.op("Gather", [w2, idx], name=name + "_w2sel", axis=0)  # [N, k, I, D]
     out = g.op("Squeeze", [g.op("MatMul", [act, w2_sel], name=name + "_down"), g.const([2])], name=name + "_out")
     out = g.op("Mul", [out, g.op("Unsqueeze", [weights, g.const([-1])], name=name + "_w3")], name=name + "_weighted")
     return g.op("ReduceSum", [out, g.const([1])], name=name + "_routed", keepdims=0)  # [N, D]
+
+
+@register("dense", prefill_ok=True, ops=("MatMul", "ScatterElements", "ReduceSum"),
+          description="standard ops: all experts on all tokens, weighted by scattered routing weights (prefill)")
+def emit_dense(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: ModelConfig, name: str,
+               opts: LoweringOptions) -> str:
+    E = w.gate.shape[0]
+    raw, idx = emit_routing(g, logits, w, cfg, name)
+    weights = final_weights(g, raw, cfg, name)  # [N, k]
+    dense_shape = g.op("Concat", [g.op("Shape", [x], name=name + "_xshape", start=0, end=1), g.const([E])],
+                       name=name + "_eshape", axis=0)
+    zeros = g.op("Expand", [g.const(0.0, np.float32), dense_shape], name=name + "_wzero")
+    dense = g.op("ScatterElements", [zeros, idx, weights], name=name + "_wdense", axis=1)  # [N, E]
+    w13, w2 = _stacked_weights(g, w, name)  # the same weights as `gather`'s: an If shares them
+    x3 = g.op("Unsqueeze", [x, g.const([0])], name=name + "_x3")  # [1, N, D]
+    act = _swiglu(g, g.op("MatMul", [x3, w13], name=name + "_h13"), w.gate.shape[1], name)  # [E, N, I]
+    y = g.op("MatMul", [act, w2], name=name + "_down")  # [E, N, D]
+    scale = g.op("Unsqueeze", [g.op("Transpose", [dense], name=name + "_wT", perm=[1, 0]), g.const([-1])],
+                 name=name + "_w3")  # [E, N, 1]
+    out = g.op("Mul", [y, scale], name=name + "_weighted")
+    return g.op("ReduceSum", [out, g.const([0])], name=name + "_routed", keepdims=0)  # [N, D]
 
 
 def get_lowering(name: str) -> MoELowering:

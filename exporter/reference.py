@@ -61,7 +61,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig,
             groups = tuple(e // (E // cfg.n_group) for e in range(E))
         table, _ = group_table(groups, cfg.n_group)
         padded = torch.cat([choice, choice.new_full((N, 1), float("-inf"))], dim=1)
-        grouped = padded[:, torch.tensor(table)]  # [N, G, S], padding at -inf
+        grouped = padded[:, torch.tensor(table, device=choice.device)]  # [N, G, S], padding at -inf
         if cfg.topk_method == "noaux_tc":
             top = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values
             group_scores = torch.where(top.isinf(), 0.0, top).sum(-1)
@@ -70,7 +70,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig,
             group_scores = grouped.max(dim=-1).values  # [N, G]
         group_idx = group_scores.topk(cfg.topk_group, dim=-1).indices  # [N, topk_group]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        expert_mask = group_mask[:, torch.tensor(groups)].bool()  # [N, E]
+        expert_mask = group_mask[:, torch.tensor(groups, device=choice.device)].bool()  # [N, E]
         choice = choice.masked_fill(~expert_mask, float("-inf"))
     idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [N, k]
     weights = scores.gather(1, idx)
@@ -128,7 +128,7 @@ class MoE(nn.Module):
             start += n
             h = x[tokens]
             h = F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)
-            h = (h @ self.w_down[e].T) * weights.flatten()[rows, None]
+            h = (h @ self.w_down[e].T) * weights.flatten()[rows, None].to(h.dtype)  # routing is fp32
             out.index_add_(0, tokens, h)
         if self.shared is not None:
             out = out + self.shared(x)
@@ -218,12 +218,13 @@ def positions_and_mask(inv_freq: torch.Tensor, rope_scale: float, shape: tuple[i
     """Rope cos/sin [B, T, dr/2] and the causal + padding mask [B, 1, T, S] for T new tokens."""
     B, T = shape
     S = past + T
+    device = inv_freq.device  # the model's device (CPU or CUDA)
     if attention_mask is None:
-        attention_mask = torch.ones(B, S, dtype=torch.long)
+        attention_mask = torch.ones(B, S, dtype=torch.long, device=device)
     if position_ids is None:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
     freqs = position_ids[..., None].float() * inv_freq  # [B, T, dr/2]
-    causal = torch.arange(S)[None, :] <= torch.arange(past, S)[:, None]  # [T, S]
+    causal = torch.arange(S, device=device)[None, :] <= torch.arange(past, S, device=device)[:, None]  # [T, S]
     mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
     return freqs.cos() * rope_scale, freqs.sin() * rope_scale, mask
 

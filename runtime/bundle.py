@@ -16,8 +16,8 @@ from dsexport.errors import BundleError
 
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "dsexport-bundle"
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 _HASH_CHUNK = 16 << 20
 
 

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from dsexport.errors import BundleError, ContextLengthError, UserError
+from dsexport.errors import BundleError, ContextLengthError, EngineUnavailable, UserError
 
 from .bundle import read_bundle
 from .memory import lock_mapped_file
@@ -74,27 +74,91 @@ def _safe_end(text: str, stops: tuple[str, ...]) -> int:
     return len(text) - hold
 
 
+class OrtBackend:
+    """An ONNX Runtime session over the bundle's decoder graph (.onnx with external data, or .ort).
+    The cache is a list of OrtValues handed from step to step without a copy through numpy."""
+
+    def __init__(self, session: ort.InferenceSession, num_layers: int, latent_dim: int):
+        self.session = session
+        self.num_layers, self.latent_dim = num_layers, latent_dim
+        self._outputs = ["logits"] + [f"present_latent.{i}" for i in range(num_layers)]
+
+    @classmethod
+    def load(cls, directory: Path, manifest: dict, threads: int | None, weights: str) -> "OrtBackend":
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            if threads < 1:
+                raise UserError(f"threads must be at least 1, got {threads}")
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        graph = manifest["graphs"]["decoder"]
+        model_path = directory / graph["file"]
+        data_path = directory / graph["data"] if graph.get("data") else None
+        for needed in (model_path, data_path):
+            if needed is not None and not needed.is_file():
+                raise BundleError(f"{needed}: missing from the bundle")
+        buffer = None
+        if weights == "memory" and data_path is not None:
+            buffer = np.fromfile(data_path, dtype=np.uint8)
+            options.add_external_initializers_from_files_in_memory([data_path.name], [buffer], [buffer.size])
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own types for unreadable graphs or external data
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        del buffer  # ONNX Runtime copied what it keeps
+        if weights == "mlock" and data_path is not None:
+            lock_mapped_file(data_path)
+        num_layers = int(manifest["model"]["num_hidden_layers"])
+        latent_dim = int(manifest["model"]["kv_lora_rank"]) + int(manifest["model"]["qk_rope_head_dim"])
+        return cls(session, num_layers, latent_dim)
+
+    def empty_cache(self, batch: int) -> list[ort.OrtValue]:
+        zeros = np.zeros((batch, 0, self.latent_dim), np.float32)
+        return [ort.OrtValue.ortvalue_from_numpy(zeros) for _ in range(self.num_layers)]
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                cache: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        feed = {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(input_ids, np.int64)),
+            "position_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(position_ids, np.int64)),
+            "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(attention_mask, np.int64)),
+        }
+        for i, value in enumerate(cache):
+            feed[f"past_latent.{i}"] = value
+        out = self.session.run_with_ort_values(self._outputs, feed)
+        return out[0].numpy(), list(out[1:])
+
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
 class Engine:
-    def __init__(self, directory: Path, manifest: dict, session: ort.InferenceSession,
-                 tokenizer: BundleTokenizer | None, max_context: int):
+    def __init__(self, directory: Path, manifest: dict, backend, tokenizer: BundleTokenizer | None, max_context: int):
         self.directory = directory
         self.manifest = manifest
         self.config = manifest["model"]
-        self.session = session
+        self.backend = backend
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.num_layers = int(self.config["num_hidden_layers"])
         self.latent_dim = int(self.config["kv_lora_rank"]) + int(self.config["qk_rope_head_dim"])
+        # prompts longer than this run as several steps (bounds the prompt MoE lowering's activations)
+        self.prefill_chunk = int(manifest["graphs"]["decoder"].get("max_prompt_tokens") or 0) or None
         self.eos_ids = set(self.config.get("eos_token_ids") or [])
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
         self.pad_id = next(iter(sorted(self.eos_ids)), 0)
-        self._outputs = ["logits"] + [f"present_latent.{i}" for i in range(self.num_layers)]
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The decoder graph's ONNX Runtime session (onnxruntime backend only)."""
+        return self.backend.session
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None, max_context: int | None = None,
-             weights: str = "mmap", verify: bool = True) -> "Engine":
+             weights: str = "mmap", verify: bool = True, backend: str = "onnxruntime") -> "Engine":
         """Open a bundle.
 
         threads: ONNX Runtime intra-op threads (default: one per core).
@@ -104,42 +168,32 @@ class Engine:
           RAM (as llama.cpp --mlock; needs a memory-lock limit that large); "memory" reads the file
           into ordinary memory (as llama.cpp --no-mmap; briefly twice the weights while loading).
         verify: check every file against the manifest's sha256 before loading.
+        backend: "onnxruntime" (the bundle's ONNX graphs) or "tensorrt" (the engines that
+          `dsexport engine` built on this device; runtime/tensorrt_backend.py).
         """
         bundle = read_bundle(path, verify=verify)
         directory = bundle.directory
         if weights not in WEIGHT_MODES:
             raise UserError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            if threads < 1:
-                raise UserError(f"threads must be at least 1, got {threads}")
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        graph = bundle.manifest["graphs"]["decoder"]
-        model_path = directory / graph["file"]
-        data_path = directory / graph["data"]
-        for needed in (model_path, data_path):
-            if not needed.is_file():
-                raise BundleError(f"{needed}: missing from the bundle")
-        buffer = None
-        if weights == "memory":
-            buffer = np.fromfile(data_path, dtype=np.uint8)
-            options.add_external_initializers_from_files_in_memory([data_path.name], [buffer], [buffer.size])
-        try:
-            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own types for unreadable graphs or external data
-            raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
-        del buffer  # ONNX Runtime copied what it keeps
-        if weights == "mlock":
-            lock_mapped_file(data_path)
+        if backend == "onnxruntime":
+            runner = OrtBackend.load(directory, bundle.manifest, threads, weights)
+        elif backend == "tensorrt":
+            try:
+                from .tensorrt_backend import TensorRTBackend
+
+                runner = TensorRTBackend.load(bundle)
+            except ImportError as e:  # no TensorRT / CUDA bindings on this machine
+                raise EngineUnavailable(f"the tensorrt backend cannot run on this machine ({e}); "
+                                        "it needs the device's TensorRT and `dsexport engine` first") from None
+        else:
+            raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         tokenizer = BundleTokenizer(directory) if (directory / "tokenizer.json").is_file() else None
         limit = int(bundle.model["max_position_embeddings"])
         if max_context is not None:
             if max_context < 2:
                 raise UserError(f"max_context must be at least 2, got {max_context}")
             limit = min(limit, int(max_context))
-        return cls(directory, bundle.manifest, session, tokenizer, limit)
+        return cls(directory, bundle.manifest, runner, tokenizer, limit)
 
     # ---- text ---------------------------------------------------------------------------
     def _require_tokenizer(self) -> BundleTokenizer:
@@ -170,22 +224,25 @@ class Engine:
         return ids
 
     # ---- one forward step ---------------------------------------------------------------
-    def empty_cache(self, batch: int) -> list[ort.OrtValue]:
-        zeros = np.zeros((batch, 0, self.latent_dim), np.float32)
-        return [ort.OrtValue.ortvalue_from_numpy(zeros) for _ in range(self.num_layers)]
+    def empty_cache(self, batch: int) -> list:
+        return self.backend.empty_cache(batch)
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                cache: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+                cache: list) -> tuple[np.ndarray, list]:
         """Run the decoder once: logits [B, T, V] and the grown cache."""
-        feed = {
-            "input_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(input_ids, np.int64)),
-            "position_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(position_ids, np.int64)),
-            "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(attention_mask, np.int64)),
-        }
-        for i, value in enumerate(cache):
-            feed[f"past_latent.{i}"] = value
-        out = self.session.run_with_ort_values(self._outputs, feed)
-        return out[0].numpy(), list(out[1:])
+        return self.backend.forward(input_ids, position_ids, attention_mask, cache)
+
+    def prefill(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                cache: list) -> tuple[np.ndarray, list]:
+        """forward() over a prompt, in chunks of the bundle's prefill limit where it has one;
+        logits of the last chunk only."""
+        T, P = input_ids.shape[1], attention_mask.shape[1] - input_ids.shape[1]
+        step = self.prefill_chunk or T
+        for start in range(0, T, step):
+            end = min(T, start + step)
+            logits, cache = self.forward(input_ids[:, start:end], position_ids[:, start:end],
+                                         attention_mask[:, :P + end], cache)
+        return logits, cache
 
     # ---- generation ---------------------------------------------------------------------
     def _run(self, prompts: list[list[int]], gen: GenerationConfig, timings: dict) -> Iterator[TokenEvent]:
@@ -209,7 +266,7 @@ class Engine:
         done = [False] * B
 
         start = time.perf_counter()
-        logits, cache = self.forward(ids, positions, mask, self.empty_cache(B))
+        logits, cache = self.prefill(ids, positions, mask, self.empty_cache(B))
         timings["prefill_s"] = time.perf_counter() - start
         timings["prefill_tokens"] = int(mask.sum())
         next_pos = positions[:, -1] + 1

@@ -16,6 +16,9 @@ from .registry import Target
 # Bytes per weight, block scales included (int8/int4: one fp16 scale per 32 weights).
 BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0 + 2 / 32, "int4": 0.5 + 2 / 32,
                     "fp4": 0.5 + 1 / 16}
+# ORT format (phones) is one flatbuffer with every weight embedded: 32-bit offsets cap it
+# (exporter/ort_mobile.py; onnxruntime 1.32 cannot put weights outside it).
+FORMAT_LIMIT_BYTES = {"onnxruntime-mobile": 2**31 - 1}
 RUNTIME_OVERHEAD = {"onnxruntime": 0.2e9, "tensorrt": 0.6e9, "onnxruntime-mobile": 0.1e9}  # libraries, CUDA context
 PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate assumes
 MEASURED_ROOFLINE = 0.55  # fraction of bandwidth dsexport's fp32 decode reaches on x86 (docs/performance.md)
@@ -33,6 +36,7 @@ class MemoryPlan:
     usable_bytes: int | None
     decode_bytes_per_token: int
     bandwidth_gbs: float | None
+    format_limit_bytes: int | None = None  # the model file's own size cap, where the format has one
 
     @property
     def total_bytes(self) -> int:
@@ -40,6 +44,8 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool | None:
+        if self.format_limit_bytes is not None and self.weights_bytes > self.format_limit_bytes:
+            return False
         return None if self.usable_bytes is None else self.total_bytes <= self.usable_bytes
 
     @property
@@ -68,6 +74,12 @@ def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, 
     inter = max(cfg.intermediate_size, cfg.num_experts_per_tok * cfg.moe_intermediate_size * 2)
     activations = 4 * (t * cfg.vocab_size + cfg.num_attention_heads * t * context + 3 * t * inter
                        + 8 * t * cfg.hidden_size)
+    if target.prefill_moe_lowering == "dense":  # every expert on every prompt token of a chunk
+        from .tensorrt_plan import prefill_tokens
+
+        chunk = min(prefill_tokens(cfg, target, precision), context) * batch
+        experts = max((cfg.num_experts(i) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), default=0)
+        activations += experts * chunk * (2 * cfg.moe_intermediate_size + cfg.hidden_size) * (4 if precision == "fp32" else 2)
     device = target.device
     return MemoryPlan(
         target=target.name, precision=precision, context=context, weights_bytes=int(total * per_weight),
@@ -75,6 +87,7 @@ def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, 
         overhead_bytes=int(RUNTIME_OVERHEAD.get(target.backend, 0.2e9)),
         usable_bytes=int(device.usable_gb * 1e9) if device else None,
         decode_bytes_per_token=int(active * per_weight), bandwidth_gbs=device.bandwidth_gbs if device else None,
+        format_limit_bytes=FORMAT_LIMIT_BYTES.get(target.backend),
     )
 
 
@@ -83,6 +96,9 @@ def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> list[str]
     if plan.fits is not False:
         return []
     out = []
+    if plan.format_limit_bytes is not None and plan.weights_bytes > plan.format_limit_bytes:
+        out.append(f"weights under the {target.backend} model-file cap of {plan.format_limit_bytes / 2**30:.0f} GiB "
+                   f"(now {plan.weights_bytes / 2**30:.2f} GiB): a lower precision or pruning")
     for precision in target.precisions:
         p = plan_memory(cfg, target, precision, plan.context)
         if p.fits and BYTES_PER_WEIGHT[precision] < BYTES_PER_WEIGHT[plan.precision]:
@@ -93,8 +109,8 @@ def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> list[str]
         out.append("a shorter --max-context (512 tokens fits)")
     routed = sum(cfg.num_experts(i) for i in range(cfg.num_hidden_layers)) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
     routed_bytes = routed * BYTES_PER_WEIGHT[plan.precision]
-    over = -plan.margin_bytes
-    if routed_bytes > over:
+    over = max(-plan.margin_bytes, plan.weights_bytes - (plan.format_limit_bytes or plan.weights_bytes))
+    if 0 < over < routed_bytes:
         out.append(f"pruning at least {over / routed_bytes:.0%} of routed experts (the pruning issue), or expert "
                    "paging from storage (the paging issue)")
     return out or ["a device with more memory: no precision, context or pruning available here makes it fit"]

@@ -7,6 +7,7 @@ choice is made at export time and recorded in the bundle.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from dsexport.errors import UserError
 
@@ -27,7 +28,7 @@ class Device:
 class Target:
     name: str
     description: str
-    backend: str  # "onnxruntime" (buildable today) or "tensorrt" / "onnxruntime-mobile" (planned)
+    backend: str  # "onnxruntime", "tensorrt" or "onnxruntime-mobile"
     execution_providers: tuple[str, ...]
     moe_lowering: str  # a key of dsexport.exporter.lowering.MOE_LOWERINGS
     precisions: tuple[str, ...]
@@ -35,6 +36,9 @@ class Target:
     moe_shards: int = 1  # lowering.LoweringOptions.moe_shards: about the threads the device runs
     device: Device | None = None  # None: the machine it runs on (no fixed memory budget)
     buildable: bool = True  # False: profile and memory plan only, the backend's export is not written yet
+    prefill_moe_lowering: str | None = None  # a second graph for prompts when moe_lowering is decode-only
+    tensorrt_default: str | None = None  # the TensorRT version build checks against unless told
+    context_default: int = 4096  # context the build plans for (memory plan, TensorRT profiles)
 
 
 TARGETS: dict[str, Target] = {}
@@ -46,10 +50,23 @@ def register(target: Target) -> Target:
 
 
 ALIASES: dict[str, str] = {}
+# Names resolved by looking at the machine (e.g. `jetson`: the board it runs on, else a default).
+# Each resolver returns (target name, why that one).
+RESOLVERS: dict[str, Callable[[], tuple[str, str]]] = {}
+
+
+def resolve_target_name(name: str) -> tuple[str, str | None]:
+    """(profile name, a note saying how an alias was resolved, or None)."""
+    if name in RESOLVERS:
+        resolved, why = RESOLVERS[name]()
+        return resolved, f"--target {name} resolved to {resolved} ({why})"
+    if name in ALIASES:
+        return ALIASES[name], f"--target {name} resolved to {ALIASES[name]}"
+    return name, None
 
 
 def get_target(name: str) -> Target:
-    name = ALIASES.get(name, name)
+    name = resolve_target_name(name)[0]
     if name not in TARGETS:
         raise UserError(f"unknown target {name!r}; available targets: {', '.join(sorted(TARGETS))}")
     return TARGETS[name]

@@ -39,6 +39,15 @@ class Artifacts:
             build_bundle(BuildConfig(self.checkpoint(variant, seed), path, moe_lowering=lowering))
         return path
 
+    def export_target(self, variant: str, seed: int = 0, target: str = "jetson-orin-nano-8gb") -> Path:
+        """A bundle of the checkpoint built for another target (e.g. a TensorRT one)."""
+        from dsexport.exporter.bundle import BuildConfig, build_bundle
+
+        path = self.root / f"export_{variant}_{seed}_{target}"
+        if not (path / "manifest.json").is_file():
+            build_bundle(BuildConfig(self.checkpoint(variant, seed), path, target=target))
+        return path
+
     def hf_model(self, variant: str, seed: int = 0):
         """transformers' own DeepseekV2/V3ForCausalLM loaded from the checkpoint: the oracle."""
         key = (variant, seed)

@@ -38,7 +38,7 @@ def test_build_writes_a_complete_verified_bundle(bundle):
     from dsexport.runtime.bundle import read_bundle, sha256_file
 
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["format"] == "dsexport-bundle" and manifest["schema_version"] == 1
+    assert manifest["format"] == "dsexport-bundle" and manifest["schema_version"] == 2
     assert manifest["target"]["name"] == "x86-cpu" and manifest["precision"] == "fp32"
     assert {"dsexport", "onnx", "onnxruntime", "torch", "numpy", "tokenizers", "python"} <= set(manifest["producer"])
     files = {p.name for p in bundle.iterdir()} - {"manifest.json"}
@@ -175,7 +175,8 @@ def test_wrong_tensor_shape_is_a_one_line_error(artifacts, tmp_path, run_cli):
 def test_unknown_target_lists_the_valid_ones(artifacts, tmp_path, run_cli):
     code, _, err = run_cli("build", "--model", artifacts.checkpoint("v3_noaux_tc"), "--out",
                        tmp_path / "o", "--target", "jetson-nano-9000")
-    assert_clean_error(code, err, 2, "unknown target 'jetson-nano-9000'; available targets: jetson-agx-orin-32gb")
+    assert_clean_error(code, err, 2, "unknown target 'jetson-nano-9000'; available targets: android-arm64, arm64-cpu")
+    assert "jetson-orin-nano-8gb" in err and "x86-cpu" in err
 
 
 def test_modified_bundle_file_is_detected(bundle, tmp_path, run_cli):

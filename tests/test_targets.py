@@ -62,7 +62,59 @@ def test_plan_cli_json(run_cli, tmp_path):
     assert code == 0 and plan["fits"] is False and plan["suggestions"] and plan["precision"] == "fp16"
 
 
-def test_targets_without_an_export_yet_refuse_to_build_and_point_to_the_plan(run_cli, tmp_path):
-    code, _, err = run_cli("build", "--target", "jetson", "--out", tmp_path / "b")
-    assert code == 2 and "dsexport plan --target jetson-orin-nano-8gb" in err
+def test_a_build_that_cannot_fit_stops_with_the_plan_unless_forced(run_cli, tmp_path, monkeypatch):
+    from dsexport.targets.registry import Device, Target
+
+    board = Target("test-board-64mb", "a board too small for the embedded model", "onnxruntime",
+                   ("CPUExecutionProvider",), "ort-moe", ("fp32",), "fp32", device=Device(0.064, 0.032, 10.0))
+    monkeypatch.setitem(TARGETS, board.name, board)
+    code, _, err = run_cli("build", "--target", board.name, "--out", tmp_path / "b")
+    assert code == 2 and "does not fit test-board-64mb" in err and "--force" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+    code, _, err = run_cli("build", "--target", board.name, "--out", tmp_path / "b", "--force")
+    assert code == 0 and (tmp_path / "b" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["memory_plan"]["fits"] is False
+
+
+def test_jetson_alias_says_which_board_it_resolved_to(run_cli, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(V2_LITE))
+    code, _, err = run_cli("plan", "--model", tmp_path, "--target", "jetson")
+    assert code == 0 and "--target jetson resolved to jetson-orin-nano-8gb" in err
+
+
+@pytest.mark.parametrize("model, mem_gib, expected", [
+    ("NVIDIA Jetson Orin Nano Developer Kit\x00", 7.4, "jetson-orin-nano-8gb"),
+    ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", 7.4, "jetson-orin-nano-8gb"),
+    ("NVIDIA Jetson Orin Nano 4GB", 3.4, "jetson-orin-nano-4gb"),
+    ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", 15.3, "jetson-orin-nx-16gb"),
+    ("NVIDIA Jetson Orin NX 8GB", 7.3, "jetson-orin-nx-8gb"),
+    ("Jetson AGX Orin Developer Kit", 30.6, "jetson-agx-orin-32gb"),
+    ("Jetson AGX Orin Developer Kit", 61.4, "jetson-agx-orin-64gb"),
+    ("NVIDIA Jetson AGX Thor Developer Kit", 122.8, "jetson-thor"),
+    ("Raspberry Pi 5 Model B Rev 1.0", 7.9, None),
+])
+def test_jetson_board_detection(model, mem_gib, expected):
+    from dsexport.targets.jetson import detect_board
+
+    assert detect_board(model, int(mem_gib * 2**30)) == expected
+
+
+def test_every_issue_profile_exists():
+    names = {"x86-cpu", "arm64-cpu", "cuda-gpu", "jetson-orin-nano-4gb", "jetson-orin-nano-8gb", "jetson-orin-nx-8gb",
+             "jetson-orin-nx-16gb", "jetson-agx-orin-32gb", "jetson-agx-orin-64gb", "jetson-thor"}
+    assert names <= set(TARGETS)
+    for name in names:
+        t = TARGETS[name]
+        if t.backend == "tensorrt":
+            assert t.moe_lowering == "gather" and t.prefill_moe_lowering == "dense" and t.tensorrt_default
+
+
+def test_phone_plans_know_the_ort_format_cap():
+    cfg = parse_config(V2_LITE)
+    phone = get_target("android-arm64")
+    for precision in ("fp32", "int4"):  # V2-Lite's int4 weights (8.8 GB) are still over the 2 GiB flatbuffer
+        plan = plan_memory(cfg, phone, precision, 4096)
+        assert plan.fits is False and plan.format_limit_bytes == 2**31 - 1
+        assert any("model-file cap" in s for s in suggestions(cfg, phone, plan))
+    small = parse_config({**V2_LITE, "num_hidden_layers": 2, "n_routed_experts": 8, "vocab_size": 32000})
+    assert plan_memory(small, phone, "fp32", 4096).fits

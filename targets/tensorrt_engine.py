@@ -1,0 +1,326 @@
+"""Build a bundle's TensorRT engines on the device itself (`dsexport engine BUNDLE`).
+
+Engines are tied to the GPU and the TensorRT release, so they cannot be built on the export
+machine: the bundle carries ONNX graphs and an engine plan (`manifest["tensorrt"]["engine_plan"]`,
+written at export time), and this module turns the plan into `engines/*.plan` on the device,
+then records them in the manifest with their checksums (docs/engine.md).
+
+API differences handled (TensorRT 8.5.3, 10.3 and 11.4 Python bindings read for this; NVIDIA's
+TensorRT 8.x->10.x and 10.x->11.x migration guides; onnx-tensorrt release/8.5-GA and 10.1-GA):
+- EXPLICIT_BATCH: required by 8.x for ONNX, deprecated and ignored by 10.x, gone in 11.
+- STRONGLY_TYPED: a network creation flag since 10.0 (9.x previews); always on in 11.
+- BuilderFlag FP16/INT8/OBEY_PRECISION_CONSTRAINTS: gone in 11 (precision must be in the graph).
+- Workspace: `set_memory_pool_limit(MemoryPoolType.WORKSPACE, n)` since 8.4; `max_workspace_size` before.
+- Parser errors: `node_name()`/`node_operator()` since 10.0; 8.5 has `node()` (an index) and `desc()`.
+- TF32 is on by default for fp32 layers on Ampere and later (Orin too): the plan says whether to clear it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fnmatch
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from dsexport.errors import BundleError, InternalError, UserError
+from dsexport.runtime.bundle import MANIFEST_FILE, Bundle, read_bundle, sha256_file, verify_files
+from dsexport.runtime.tensorrt_backend import device_info, engine_mismatch, import_tensorrt
+
+__all__ = ["build_engines", "engine_mismatch", "engine_plan", "check_profiles", "builder_flags", "fp32_layer",
+           "record_engines"]
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4")  # weak-typing flags TensorRT 11 removed
+WEAK_TYPING_FLAGS = PRECISION_FLAGS + ("OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")
+_UNIQUE_SUFFIX = re.compile(r"_\d+$")  # onnx-tensorrt names extra layers of one node NAME_1, NAME_2, ...
+
+
+def _relative(value, where: str) -> str:
+    path = Path(str(value))
+    if not str(value) or path.is_absolute() or ".." in path.parts:
+        raise BundleError(f"{where}: {value!r} is not a path inside the bundle")
+    return path.as_posix()
+
+
+def engine_plan(manifest: dict, directory: Path) -> dict:
+    """The manifest's engine plan, checked for the fields this module relies on."""
+    plan = (manifest.get("tensorrt") or {}).get("engine_plan")
+    if not isinstance(plan, dict):
+        raise BundleError(f"{directory}: the manifest has no tensorrt.engine_plan; the bundle was not exported for a "
+                          "TensorRT target (dsexport build --target jetson-...)")
+    where = "tensorrt.engine_plan"
+    if plan.get("precision") not in PRECISIONS:
+        raise BundleError(f"{where}.precision: {plan.get('precision')!r} is not one of {', '.join(PRECISIONS)}")
+    graphs = plan.get("graphs")
+    if not isinstance(graphs, dict) or "decoder" not in graphs:
+        raise BundleError(f"{where}.graphs: no decoder graph")
+    for name, graph in graphs.items():
+        for key in ("file", "engine", "profiles"):
+            if not graph.get(key):
+                raise BundleError(f"{where}.graphs.{name}: no {key!r}")
+        _relative(graph["file"], f"{where}.graphs.{name}.file")
+        _relative(graph["engine"], f"{where}.graphs.{name}.engine")
+    if plan.get("timing_cache"):
+        _relative(plan["timing_cache"], f"{where}.timing_cache")
+    return plan
+
+
+def check_profiles(graph: str, inputs: dict[str, list[int]], profiles: list[dict]) -> None:
+    """Every profile gives a valid range for every dynamic network input (-1 dims), and names only inputs."""
+    for k, profile in enumerate(profiles):
+        where = f"optimization profile {k} of the {graph} graph"
+        for name in profile:
+            if name not in inputs:
+                raise BundleError(f"{where} names {name!r}, which is not an input of the graph")
+        for name, dims in inputs.items():
+            if -1 not in dims:
+                continue
+            rng = profile.get(name)
+            if rng is None:
+                raise BundleError(f"{where} has no shape range for the dynamic input {name} {dims}")
+            lo, opt, hi = (list(rng.get(key, [])) for key in ("min", "opt", "max"))
+            if not len(lo) == len(opt) == len(hi) == len(dims):
+                raise BundleError(f"{where}: {name} has rank {len(dims)}, its range is {lo} / {opt} / {hi}")
+            for d, a, b, c in zip(dims, lo, opt, hi):
+                if not 0 <= a <= b <= c or (d != -1 and not a == b == c == d):
+                    raise BundleError(f"{where}: range {lo} / {opt} / {hi} of {name} does not fit its shape {dims}")
+
+
+def builder_flags(plan: dict, available: set[str], trt_version: str) -> list[str]:
+    """The BuilderFlag names to set; a clear error where this TensorRT lacks one the plan needs."""
+    flags = list(plan.get("builder_flags") or [])
+    precision = [f for f in flags if f in PRECISION_FLAGS]
+    if plan.get("strongly_typed") and precision:
+        raise BundleError(f"tensorrt.engine_plan: a strongly typed plan cannot ask for {', '.join(precision)} "
+                          "(the graph carries the precision)")
+    missing = [f for f in flags if f not in available]
+    weak = [f for f in missing if f in WEAK_TYPING_FLAGS]
+    if weak:
+        raise UserError(f"TensorRT {trt_version} has no BuilderFlag.{weak[0]} (TensorRT 11 builds only strongly "
+                        f"typed networks): the graph must carry the {plan['precision']} precision itself (casts, "
+                        "Q/DQ); export the bundle with a strongly typed plan for this TensorRT")
+    if missing:
+        raise UserError(f"TensorRT {trt_version} has no BuilderFlag.{missing[0]}, which the engine plan asks for")
+    return flags
+
+
+def fp32_layer(name: str, patterns: list[str]) -> str | None:
+    """The first fnmatch pattern that names this layer (the ONNX node's name, or it with onnx-tensorrt's _N suffix)."""
+    for candidate in dict.fromkeys((name, _UNIQUE_SUFFIX.sub("", name))):
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(candidate, pattern):
+                return pattern
+    return None
+
+
+def _write_temp(path: Path, data) -> Path:
+    """Write bytes (or any buffer, e.g. TensorRT's IHostMemory) to a hidden temp file beside path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _atomic_write(path: Path, data) -> None:
+    os.replace(_write_temp(path, data), path)
+
+
+def record_engines(manifest: dict, directory: Path, engines: dict[str, str], written: list[str],
+                   trt_version: str, gpu: str, compute_capability: str, precision: str) -> dict:
+    """The manifest with its `engines` section and the checksums of the files just written."""
+    out = {**manifest, "files": dict(manifest.get("files", {}))}
+    out["engines"] = {
+        "tensorrt_version": trt_version, "gpu": gpu, "compute_capability": compute_capability,
+        "built_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "precision": precision, "files": dict(engines),
+    }
+    for rel in written:
+        out["files"][rel] = {"bytes": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
+    return out
+
+
+def _logger(trt, log: Callable[[str], None]):
+    class Logger(trt.ILogger):  # warnings go to log; errors are also kept for the one-line message
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):  # TensorRT's severities: 0 internal error, 1 error, 2 warning, ...
+            if int(severity) <= 1:
+                self.errors.append(" ".join(str(msg).split()))
+            if int(severity) <= 2:
+                log(f"TensorRT: {msg}")
+
+    return Logger()
+
+
+def _parser_errors(parser) -> str:
+    parts = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        node = e.node_name() if hasattr(e, "node_name") else ""  # 10.0+
+        op = e.node_operator() if hasattr(e, "node_operator") else ""
+        where = f"node {node or e.node()}" + (f" ({op})" if op else "")
+        parts.append(f"{where}: {' '.join(str(e.desc()).split())}")
+    return "; ".join(parts[:3]) + (f"; and {len(parts) - 3} more" if len(parts) > 3 else "") or "no parser message"
+
+
+def _pin_fp32(trt, network, patterns: list[str], log) -> None:
+    """Keep the layers named by the plan's patterns in FP32 (weakly typed reduced-precision builds)."""
+    floats = {getattr(trt, t) for t in ("float32", "float16", "bfloat16") if hasattr(trt, t)}
+    hits = dict.fromkeys(patterns, 0)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        pattern = fp32_layer(layer.name, patterns)
+        outputs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in floats]
+        if pattern is None or not outputs:
+            continue
+        layer.precision = trt.float32
+        for j in outputs:
+            layer.set_output_type(j, trt.float32)
+        hits[pattern] += 1
+    log(f"  kept in FP32: {sum(hits.values())} layers ({', '.join(f'{p} {n}' for p, n in hits.items())})")
+
+
+@dataclasses.dataclass
+class _Build:
+    trt: object
+    builder: object
+    logger: object
+    plan: dict
+    flags: list[str]
+    cache_bytes: bytes
+    log: Callable[[str], None]
+
+
+def _build_graph(b: _Build, name: str, graph: dict, directory: Path):
+    trt, plan, log = b.trt, b.plan, b.log
+    creation = trt.NetworkDefinitionCreationFlag
+    flags = 0
+    if hasattr(creation, "EXPLICIT_BATCH"):  # 8.x: ONNX needs it; 10.x: ignored
+        flags |= 1 << int(creation.EXPLICIT_BATCH)
+    if plan.get("strongly_typed"):
+        if not hasattr(creation, "STRONGLY_TYPED"):
+            raise UserError(f"TensorRT {trt.__version__} cannot build strongly typed networks (TensorRT 10 or later "
+                            "can); use a bundle exported for this TensorRT")
+        flags |= 1 << int(creation.STRONGLY_TYPED)
+    network = b.builder.create_network(flags)
+    parser = trt.OnnxParser(network, b.logger)
+    path = directory / graph["file"]
+    if not path.is_file():
+        raise BundleError(f"{path}: missing from the bundle")
+    # parse_from_file, not parse(bytes): external data (model.onnx.data) resolves beside the model file
+    if not parser.parse_from_file(str(path)):
+        raise BundleError(f"{path.name}: TensorRT {trt.__version__}'s ONNX parser rejected the graph: "
+                          f"{_parser_errors(parser)}")
+    inputs = {network.get_input(i).name: [int(d) for d in network.get_input(i).shape]
+              for i in range(network.num_inputs)}
+    check_profiles(name, inputs, graph["profiles"])
+
+    config = b.builder.create_builder_config()
+    if hasattr(config, "set_memory_pool_limit"):  # 8.4+
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan["workspace_bytes"]))
+    else:
+        config.max_workspace_size = int(plan["workspace_bytes"])
+    for flag in b.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if hasattr(trt.BuilderFlag, "TF32"):
+        (config.set_flag if plan.get("tf32") else config.clear_flag)(trt.BuilderFlag.TF32)
+    patterns = list(plan.get("fp32_layers") or [])
+    if patterns and plan["precision"] != "fp32" and not plan.get("strongly_typed"):
+        if not hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"):
+            raise UserError(f"TensorRT {trt.__version__} has no per-layer precision (TensorRT 11 builds only strongly "
+                            "typed networks): the graph must carry its FP32 layers itself")
+        _pin_fp32(trt, network, patterns, log)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    for profile in graph["profiles"]:
+        p = b.builder.create_optimization_profile()
+        for tensor, rng in profile.items():
+            p.set_shape(tensor, rng["min"], rng["opt"], rng["max"])
+        config.add_optimization_profile(p)
+    try:
+        cache = config.create_timing_cache(b.cache_bytes)
+        usable = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+    except (RuntimeError, TypeError, ValueError):  # an unreadable cache file
+        usable = False
+    if not usable:
+        log("  the timing cache is from another GPU or TensorRT release, or unreadable: starting a new one")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    b.logger.errors.clear()
+    serialized = b.builder.build_serialized_network(network, config)
+    if serialized is None:
+        last = b.logger.errors[-1] if b.logger.errors else "no error message"
+        raise InternalError(f"TensorRT {trt.__version__} could not build the {name} engine: {last}")
+    b.cache_bytes = bytes(config.get_timing_cache().serialize())
+    return serialized
+
+
+def build_engines(bundle_dir: Path, log: Callable[[str], None] = print, force: bool = False) -> dict:
+    """Build every engine of the bundle's plan on this GPU; returns the manifest's new `engines` section."""
+    bundle = read_bundle(bundle_dir, verify=False)
+    directory, manifest = bundle.directory, bundle.manifest
+    plan = engine_plan(manifest, directory)
+    targets = {name: _relative(g["engine"], name) for name, g in plan["graphs"].items()}
+    cache_rel = _relative(plan["timing_cache"], "timing_cache") if plan.get("timing_cache") else None
+    existing = [rel for rel in targets.values() if (directory / rel).exists()]
+    built = manifest.get("engines")
+    if built and not force:
+        raise UserError(f"{directory}: engines already built (TensorRT {built.get('tensorrt_version')} on "
+                        f"{built.get('gpu')}, {built.get('built_utc')}); pass --force to rebuild them")
+    if existing and not force:
+        raise UserError(f"{directory}: {', '.join(existing)} exist but the manifest lists no engines (an unfinished "
+                        "build?); pass --force to rebuild them")
+
+    trt = import_tensorrt("`dsexport engine`")
+    flags = builder_flags(plan, {n for n in dir(trt.BuilderFlag) if n.isupper()}, trt.__version__)
+    gpu, cc = device_info()
+    checked = str(plan.get("tensorrt", "")).split(".")
+    if trt.__version__.split(".")[:len(checked)] != checked:
+        log(f"warning: the graphs were checked against TensorRT {plan.get('tensorrt')}; this is {trt.__version__}")
+    # The graphs and their weights must be the ones exported (engines from an earlier build are replaced).
+    outputs = set(targets.values()) | ({cache_rel} if cache_rel else set())
+    verify_files(Bundle(directory, {**manifest, "files": {k: v for k, v in manifest.get("files", {}).items()
+                                                          if k not in outputs}}))
+
+    logger = _logger(trt, log)
+    state = _Build(trt, trt.Builder(logger), logger, plan, flags, b"", log)
+    if cache_rel and (directory / cache_rel).is_file():
+        state.cache_bytes = (directory / cache_rel).read_bytes()
+    log(f"building on {gpu} (compute capability {cc}) with TensorRT {trt.__version__}, precision {plan['precision']}")
+    # Every engine goes to a temp file first and all are renamed into place only once all are built,
+    # so a failed (re)build leaves the previous engines and manifest as they were.
+    pending: dict[str, Path] = {}
+    try:
+        for name, graph in plan["graphs"].items():
+            start = time.perf_counter()
+            log(f"{name}: {graph['file']} -> {targets[name]} ({len(graph['profiles'])} optimization profile(s))")
+            serialized = _build_graph(state, name, graph, directory)
+            pending[targets[name]] = _write_temp(directory / targets[name], serialized)
+            del serialized  # the host copy of an engine is as large as its weights
+            log(f"  {pending[targets[name]].stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s")
+        if cache_rel:
+            pending[cache_rel] = _write_temp(directory / cache_rel, state.cache_bytes)
+        for rel in list(pending):
+            os.replace(pending.pop(rel), directory / rel)
+    finally:
+        for tmp in pending.values():
+            tmp.unlink(missing_ok=True)
+    written = list(targets.values()) + ([cache_rel] if cache_rel else [])
+    updated = record_engines(manifest, directory, targets, written, trt.__version__, gpu, cc, plan["precision"])
+    _atomic_write(directory / MANIFEST_FILE, (json.dumps(updated, indent=2) + "\n").encode())
+    return updated["engines"]
