@@ -147,6 +147,10 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
         raise UserError(f"precision {precision!r} is not available for {target.name}; "
                         f"choose from {', '.join(target.precisions)}")
     lowering = get_lowering(build.moe_lowering or target.moe_lowering)  # an unknown name fails before any work
+    from .graph import OPSET
+
+    if target.onnx_opset != OPSET:
+        raise InternalError(f"target {target.name} takes opset {target.onnx_opset}; the exporter writes {OPSET}")
     prefill_lowering = None if lowering.prefill_ok else (target.prefill_moe_lowering or "dense")
     if target.backend != "tensorrt" and precision != "fp32":
         raise UserError(f"precision {precision} for {target.backend} arrives with quantization; available now: fp32")

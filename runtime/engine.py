@@ -74,6 +74,24 @@ def _safe_end(text: str, stops: tuple[str, ...]) -> int:
     return len(text) - hold
 
 
+def choose_providers(manifest: dict, available: list[str], directory: Path) -> list:
+    """ONNX Runtime execution providers for a bundle: the target's, where this onnxruntime has
+    them (onnxruntime-gpu: TensorRT then CUDA for TensorRT targets), then the CPU. The TensorRT
+    EP caches its engines in the bundle's engines/ort-trt directory and runs at the bundle's
+    precision; the graph is the same standard-op graph `dsexport engine` builds from."""
+    chosen: list = []
+    for name in manifest["target"].get("execution_providers", []):
+        if name not in available or name == "CPUExecutionProvider":
+            continue
+        if name == "TensorrtExecutionProvider":
+            chosen.append((name, {"trt_engine_cache_enable": "True",
+                                  "trt_engine_cache_path": str(directory / "engines" / "ort-trt"),
+                                  "trt_fp16_enable": "True" if manifest.get("precision") == "fp16" else "False"}))
+        else:
+            chosen.append(name)
+    return chosen + ["CPUExecutionProvider"]
+
+
 class OrtBackend:
     """An ONNX Runtime session over the bundle's decoder graph (.onnx with external data, or .ort).
     The cache is a list of OrtValues handed from step to step without a copy through numpy."""
@@ -103,7 +121,8 @@ class OrtBackend:
             buffer = np.fromfile(data_path, dtype=np.uint8)
             options.add_external_initializers_from_files_in_memory([data_path.name], [buffer], [buffer.size])
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            providers = choose_providers(manifest, ort.get_available_providers(), directory)
+            session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as e:  # ORT raises its own types for unreadable graphs or external data
             raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
         del buffer  # ONNX Runtime copied what it keeps

@@ -39,6 +39,8 @@ class Target:
     prefill_moe_lowering: str | None = None  # a second graph for prompts when moe_lowering is decode-only
     tensorrt_default: str | None = None  # the TensorRT version build checks against unless told
     context_default: int = 4096  # context the build plans for (memory plan, TensorRT profiles)
+    onnx_opset: int = 17  # the graphs' opset (TensorRT 8.5 parses up to 17)
+    attention_lowering: str = "mla-latent"  # MLA on the latent cache, W_UK/W_UV absorbed, standard ops
 
 
 TARGETS: dict[str, Target] = {}

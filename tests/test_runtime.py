@@ -133,3 +133,14 @@ def test_token_ids_outside_the_vocabulary_are_rejected(engine):
 def test_loading_a_directory_without_manifest_fails_clearly(tmp_path):
     with pytest.raises(BundleError, match="no manifest.json"):
         Engine.load(tmp_path)
+
+
+def test_execution_providers_follow_the_target_where_this_onnxruntime_has_them(tmp_path):
+    from dsexport.runtime.engine import choose_providers
+
+    trt = {"target": {"execution_providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}, "precision": "fp16"}
+    assert choose_providers(trt, ["CPUExecutionProvider"], tmp_path) == ["CPUExecutionProvider"]  # this machine
+    gpu = choose_providers(trt, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], tmp_path)
+    assert [p if isinstance(p, str) else p[0] for p in gpu] == \
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert gpu[0][1]["trt_fp16_enable"] == "True" and gpu[0][1]["trt_engine_cache_path"].startswith(str(tmp_path))
