@@ -1,5 +1,7 @@
-"""Expert-routing calibration: which experts real text uses (see the calibration issue).
+"""Expert-routing calibration and pruning (docs/pruning.md).
 
-Runs text through dsexport.exporter.reference.DeepseekReference and records, per MoE layer and
-expert, selection frequency, routed weight mass and output-norm contribution.
+  data.py     calibration text: plain text, JSONL "text", chat JSONL "messages"
+  profile.py  per layer and expert: selections, routed weight mass, REAP contribution
+  heatmap.py  layers x experts PNG maps
+  pruning.py  which experts to remove: criterion, scope, routing kept well defined
 """

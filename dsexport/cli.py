@@ -46,6 +46,48 @@ def cli() -> None:
     """Compile DeepSeek-V2/V3 Mixture-of-Experts checkpoints into ONNX Runtime bundles."""
 
 
+def _prune_options(fn):
+    for option in reversed([
+        click.option("--prune", type=float, default=None,
+                     help="Remove this fraction of routed experts (0..1), chosen from --calib (docs/pruning.md)."),
+        click.option("--calib", type=click.Path(path_type=Path), default=None,
+                     help="A calibration profile directory (`dsexport calibrate`), or a text/JSONL file to calibrate on now."),
+        click.option("--prune-by", default="output-mass", show_default=True,
+                     type=click.Choice(["frequency", "contribution", "output-mass"]),
+                     help="What keeps an expert (docs/pruning.md): output-mass when deployment text is like the "
+                          "calibration text, contribution (REAP) when it may not be."),
+        click.option("--prune-scope", default="global", show_default=True, type=click.Choice(["per-layer", "global"]),
+                     help="global: one budget over all MoE layers (scores divided by their layer mean); per-layer: each layer loses the fraction."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _pruning_plan(model_dir: Path, prune: float | None, calib: Path | None, prune_by: str, prune_scope: str,
+                  bytes_per_weight: float = 4.0):
+    """(PruningPlan, Profile) from the flags, or None without --prune."""
+    if prune is None:
+        if calib is not None:
+            raise UserError("--calib is given without --prune FRACTION")
+        return None
+    if calib is None:
+        raise UserError("--prune needs --calib: a calibration profile (`dsexport calibrate`) or a data file")
+    from dsexport.calibration.profile import PROFILE_FILE, calibrate, load_profile
+    from dsexport.calibration.pruning import PruneConfig, check_profile_matches, plan_pruning
+    from dsexport.exporter.checkpoint import CheckpointReader
+    from dsexport.runtime.bundle import sha256_file
+
+    prune_cfg = PruneConfig(prune, prune_by, prune_scope)
+    reader = CheckpointReader(model_dir)
+    if calib.is_dir() or calib.name == PROFILE_FILE:
+        profile = load_profile(calib)
+    else:
+        click.echo(f"calibrating on {calib} (64 sequences of 256 tokens; `dsexport calibrate` sets more)", err=True)
+        profile = calibrate(model_dir, [calib], samples=64, seq_len=256, progress=Progress())
+    check_profile_matches(profile, reader.config, sha256_file(reader.dir / "config.json"))
+    return plan_pruning(reader.config, profile, prune_cfg, bytes_per_weight), profile
+
+
 @cli.command()
 @click.option("--model", "model_dir", default=None, type=click.Path(path_type=Path),
               help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer). "
@@ -62,9 +104,10 @@ def cli() -> None:
 @click.option("--tensorrt", "tensorrt", default=None,
               help="TensorRT version the graphs must parse on (TensorRT targets; default: the target's).")
 @click.option("--force", is_flag=True, help="Build even when the memory plan says the target cannot hold it.")
+@_prune_options
 def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | None, overwrite: bool,
           moe_lowering: str | None, moe_shards: int | None, max_context: int | None, tensorrt: str | None,
-          force: bool) -> None:
+          force: bool, prune: float | None, calib: Path | None, prune_by: str, prune_scope: str) -> None:
     """Export a checkpoint into a bundle for a target."""
     from dsexport import EMBEDDED_MODEL
     from dsexport.exporter.bundle import BuildConfig, build_bundle
@@ -73,8 +116,14 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
         model_dir = EMBEDDED_MODEL
         click.echo(f"no --model: using the embedded model ({model_dir})", err=True)
     target = _resolve_target(target)
+    pruning = _pruning_plan(model_dir, prune, calib, prune_by, prune_scope)
     config = BuildConfig(model_dir, out_dir, target, precision, overwrite, moe_lowering=moe_lowering,
-                         moe_shards=moe_shards, max_context=max_context, tensorrt=tensorrt, force=force)
+                         moe_shards=moe_shards, max_context=max_context, tensorrt=tensorrt, force=force,
+                         kept_experts=pruning[0].kept if pruning else None,
+                         pruning=pruning[0].to_json(pruning[1]) if pruning else None)
+    if pruning:
+        click.echo(f"pruning {pruning[0].to_json()['removed_experts']} of {pruning[0].to_json()['routed_experts']} "
+                   f"routed experts by {prune_by} ({prune_scope})", err=True)
     result = build_bundle(config, Progress())
     m = result.manifest
     rows = [[name, human_bytes(entry["bytes"])] for name, entry in m["files"].items()]
@@ -193,6 +242,10 @@ def inspect_summary(manifest: dict) -> dict:
                                       ("precision", "strongly_typed", "builder_flags", "tf32", "context", "prefill_tokens",
                                        "workspace_bytes")},
                       "engines": manifest.get("engines")} if "tensorrt" in manifest else None),
+        "pruning": ({k: manifest["pruning"][k] for k in ("fraction", "criterion", "scope", "removed_experts",
+                                                          "routed_experts", "bytes_saved")}
+                    | {"calibration_data": [d["path"] for d in manifest["pruning"].get("calibration", {}).get("data", [])]}
+                    if "pruning" in manifest else None),
         "parameters": manifest["stats"]["parameters"],
         "active_parameters_per_token": manifest["stats"]["active_parameters_per_token"],
         "cache_bytes_per_token": manifest["stats"]["cache_bytes_per_token"],
@@ -234,6 +287,11 @@ def inspect(bundle: Path, as_json: bool, verify: bool) -> None:
                              for x in s["layers"]], align_right={0, 2, 3}))
     click.echo()
     click.echo(format_table(["file", "size"], [[n, human_bytes(b)] for n, b in s["files"].items()], align_right={1}))
+    if s["pruning"]:
+        p = s["pruning"]
+        click.echo(f"\npruned {p['removed_experts']} of {p['routed_experts']} routed experts by {p['criterion']} "
+                   f"({p['scope']}, fraction {p['fraction']}), {human_bytes(p['bytes_saved'])} saved; calibrated on "
+                   f"{', '.join(p['calibration_data']) or 'unknown data'}; removed ids per layer in the manifest")
     if s["tensorrt"]:
         click.echo()
         for line in _tensorrt_summary(read_bundle(bundle, verify=False).manifest):
@@ -263,17 +321,64 @@ def targets(as_json: bool) -> None:
 
 @cli.command()
 @click.option("--model", "model_dir", default=None, type=click.Path(path_type=Path),
+              help="Checkpoint directory (default: the embedded model).")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Text, JSONL with \"text\", or chat JSONL with \"messages\" (repeatable).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Profile directory to write.")
+@click.option("--samples", default=128, show_default=True, type=click.IntRange(1), help="Sequences to run.")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2), help="Tokens per sequence (at most).")
+@click.option("--min-tokens", default=8, show_default=True, type=click.IntRange(1),
+              help="An expert routed fewer tokens is reported as not covered.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile's summary as JSON.")
+def calibrate(model_dir: Path | None, data: tuple[Path, ...], out_dir: Path, samples: int, seq_len: int,
+              min_tokens: int, as_json: bool) -> None:
+    """Record which experts calibration text routes to, per layer: profile.json and heatmaps."""
+    import numpy as np
+
+    from dsexport import EMBEDDED_MODEL
+    from dsexport.calibration.heatmap import write_heatmap
+    from dsexport.calibration.profile import SUMMARY_HEADERS, calibrate as run_calibration
+
+    model_dir = model_dir or EMBEDDED_MODEL
+    profile = run_calibration(model_dir, list(data), samples, seq_len, min_tokens, Progress())
+    path = profile.save(out_dir)
+    experts = profile.model["n_routed_experts"]
+    for name, values in (("frequency", lambda lp: np.asarray(lp.selected, float) / max(profile.tokens, 1)),
+                         ("contribution", lambda lp: np.asarray(lp.contribution, float))):
+        grid = np.full((len(profile.layers), experts), np.nan)
+        for r, lp in enumerate(profile.layers):
+            grid[r, lp.expert_ids] = values(lp)
+        write_heatmap(out_dir / f"{name}.png", grid)
+    uncovered = sum(len(lp.not_covered(min_tokens)) for lp in profile.layers)
+    total = sum(len(lp.expert_ids) for lp in profile.layers)
+    if as_json:
+        click.echo(json.dumps({"profile": str(path), "tokens": profile.tokens, "sequences": profile.samples,
+                               "seconds": profile.seconds, "not_covered": uncovered, "experts": total,
+                               "layers": [dict(zip(SUMMARY_HEADERS, row)) for row in profile.summary_rows()]}, indent=2))
+        return
+    click.echo(format_table(SUMMARY_HEADERS, profile.summary_rows(), align_right=set(range(len(SUMMARY_HEADERS)))))
+    click.echo(f"{profile.samples} sequences, {profile.tokens} tokens in {profile.seconds:.1f} s; coverage: "
+               f"{total - uncovered}/{total} experts routed at least {min_tokens} tokens"
+               + (f" ({uncovered} not covered: too few tokens to judge; more --samples would)" if uncovered else ""))
+    click.echo(f"wrote {path}, {out_dir / 'frequency.png'}, {out_dir / 'contribution.png'}")
+
+
+@cli.command()
+@click.option("--model", "model_dir", default=None, type=click.Path(path_type=Path),
               help="Checkpoint directory or config.json (default: the embedded model).")
 @click.option("--target", required=True, help="Device target (`dsexport targets`).")
 @click.option("--precision", default=None, help="Weight precision (default: the target's).")
 @click.option("--context", default=4096, show_default=True, type=click.IntRange(1), help="Context length to plan for.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan(model_dir: Path | None, target: str, precision: str | None, context: int, as_json: bool) -> None:
-    """Memory-fit plan: what a bundle will need on a target, and whether it fits."""
+@_prune_options
+def plan(model_dir: Path | None, target: str, precision: str | None, context: int, as_json: bool,
+         prune: float | None, calib: Path | None, prune_by: str, prune_scope: str) -> None:
+    """Memory-fit plan: what a bundle will need on a target, and whether it fits (with --prune:
+    the experts removed and the bytes saved per layer, before anything is written)."""
     from dsexport import EMBEDDED_MODEL
     from dsexport.exporter.config import load_config
     from dsexport.targets import get_target
-    from dsexport.targets.memory_plan import plan_memory, suggestions
+    from dsexport.targets.memory_plan import BYTES_PER_WEIGHT, plan_memory, suggestions
 
     path = model_dir or EMBEDDED_MODEL
     cfg = load_config(path.parent if path.name == "config.json" else path)
@@ -281,11 +386,26 @@ def plan(model_dir: Path | None, target: str, precision: str | None, context: in
     precision = precision or tgt.default_precision
     if precision not in tgt.precisions:
         raise UserError(f"precision {precision!r} is not available for {tgt.name}; choose from {', '.join(tgt.precisions)}")
+    pruning = _pruning_plan(path.parent if path.name == "config.json" else path, prune, calib, prune_by,
+                            prune_scope, BYTES_PER_WEIGHT[precision])
+    if pruning:
+        cfg = cfg.with_kept_experts(pruning[0].kept)
     p = plan_memory(cfg, tgt, precision, context)
     advice = suggestions(cfg, tgt, p)
     if as_json:
-        click.echo(json.dumps({**p.to_json(), "suggestions": advice}, indent=2))
+        click.echo(json.dumps({**p.to_json(), "suggestions": advice,
+                               "pruning": pruning[0].to_json() if pruning else None}, indent=2))
         return
+    if pruning:
+        pp = pruning[0]
+        click.echo(format_table(["layer", "experts kept", "removed", "removed ids", "bytes saved"],
+                                [[layer, len(pp.kept[layer]), len(pp.removed[layer]),
+                                  ",".join(map(str, pp.removed[layer])) or "-",
+                                  human_bytes(len(pp.removed[layer]) * pp.bytes_per_expert)] for layer in pp.kept],
+                                align_right={0, 1, 2, 4}))
+        click.echo(f"pruning by {prune_by} ({prune_scope}) saves {human_bytes(pp.bytes_saved)} at {precision}"
+                   + (f"; {pp.skipped} removals refused to keep routing well defined" if pp.skipped else ""))
+        click.echo()
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     rows = [["weights", gb(p.weights_bytes)], [f"latent KV cache ({context} tokens)", gb(p.kv_cache_bytes)],
             ["activations and workspace", gb(p.activation_bytes)], ["runtime overhead", gb(p.overhead_bytes)],

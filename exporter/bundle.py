@@ -43,6 +43,7 @@ class BuildConfig:
     precision: str | None = None  # None: the target's default
     overwrite: bool = False
     kept_experts: dict[int, list[int]] | None = None
+    pruning: dict | None = None  # how kept_experts was chosen (calibration.pruning.PruningPlan.to_json), for the manifest
     moe_lowering: str | None = None  # None: the target's choice; else a MOE_LOWERINGS key
     moe_shards: int | None = None  # None: the target's choice
     max_context: int | None = None  # context the bundle is planned for (None: the target's default)
@@ -230,6 +231,8 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
             manifest["tensorrt"] = tensorrt_section
         if mobile is not None:
             manifest["mobile"] = mobile
+        if build.pruning is not None:
+            manifest["pruning"] = build.pruning
         # The verify stage loads the bundle through the runtime, so the manifest goes in first
         # (without checksums); the final manifest, with them, is written after verification.
         (staging / MANIFEST_FILE).write_text(json.dumps({**manifest, "files": {}}, indent=2))

@@ -112,6 +112,19 @@ class ModelConfig:
         size = self.n_routed_experts // self.n_group
         return tuple(e // size for e in self.expert_ids(layer))
 
+    def routable(self, ids) -> bool:
+        """Whether top-k stays well defined with only these original expert ids: at least k of them,
+        and under group-limited routing, the topk_group smallest non-empty groups (the worst choice
+        the router can make) still hold k experts together."""
+        k = self.num_experts_per_tok
+        if len(ids) < k:
+            return False
+        if not self.grouped_routing:
+            return True
+        size = self.n_routed_experts // self.n_group
+        counts = sorted(c for c in (sum(1 for e in ids if e // size == g) for g in range(self.n_group)) if c)
+        return sum(counts[: self.topk_group]) >= k
+
     @property
     def grouped_routing(self) -> bool:
         return self.n_group > 1 and self.topk_group < self.n_group
@@ -129,6 +142,10 @@ class ModelConfig:
                                     f"{self.num_experts_per_tok} distinct ones")
                 if not all(0 <= e < self.n_routed_experts for e in ids):
                     raise UserError(f"layer {layer}: expert ids must lie in 0..{self.n_routed_experts - 1}")
+                if not self.routable(ids):
+                    raise UserError(f"layer {layer}: keeping experts {list(ids)} leaves some choice of "
+                                    f"{self.topk_group} routing groups with fewer than top-k = "
+                                    f"{self.num_experts_per_tok} experts")
             per_layer.append(ids)
         return dataclasses.replace(self, kept_experts=tuple(per_layer))
 

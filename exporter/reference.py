@@ -105,6 +105,9 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(num_experts, inter, D))  # [E, I, D]
         self.w_down = nn.Parameter(torch.empty(num_experts, D, inter))  # [E, D, I]
         self.shared = MLP(D, inter * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        # Calibration hook: recorder(expert slot, routing weights [n], expert output norms [n])
+        # for the n tokens routed to that expert in this call (dsexport.calibration).
+        self.recorder = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -128,8 +131,11 @@ class MoE(nn.Module):
             start += n
             h = x[tokens]
             h = F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)
-            h = (h @ self.w_down[e].T) * weights.flatten()[rows, None].to(h.dtype)  # routing is fp32
-            out.index_add_(0, tokens, h)
+            h = h @ self.w_down[e].T  # [n, D] the expert's output
+            w = weights.flatten()[rows]  # [n]
+            if self.recorder is not None:
+                self.recorder(e, w, h.float().norm(dim=-1))
+            out.index_add_(0, tokens, h * w[:, None].to(h.dtype))  # routing is fp32
         if self.shared is not None:
             out = out + self.shared(x)
         return out.view(shape)
