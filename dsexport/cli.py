@@ -104,10 +104,16 @@ def _pruning_plan(model_dir: Path, prune: float | None, calib: Path | None, prun
 @click.option("--tensorrt", "tensorrt", default=None,
               help="TensorRT version the graphs must parse on (TensorRT targets; default: the target's).")
 @click.option("--force", is_flag=True, help="Build even when the memory plan says the target cannot hold it.")
+@click.option("--block-size", default=32, show_default=True, type=click.Choice(["32", "64", "128"]),
+              help="Quantization block: weights per scale (int8/int4).")
+@click.option("--quantize", "quantize", multiple=True, metavar="PART=BITS",
+              help="Per part bits over the precision's preset: PART in attention, shared_experts, routed_experts, "
+                   "dense_mlp, lm_head; BITS 4, 8 or none (fp32). Repeatable; docs/quantization.md.")
 @_prune_options
 def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | None, overwrite: bool,
           moe_lowering: str | None, moe_shards: int | None, max_context: int | None, tensorrt: str | None,
-          force: bool, prune: float | None, calib: Path | None, prune_by: str, prune_scope: str) -> None:
+          force: bool, block_size: str, quantize: tuple[str, ...], prune: float | None, calib: Path | None,
+          prune_by: str, prune_scope: str) -> None:
     """Export a checkpoint into a bundle for a target."""
     from dsexport import EMBEDDED_MODEL
     from dsexport.exporter.bundle import BuildConfig, build_bundle
@@ -120,7 +126,8 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
     config = BuildConfig(model_dir, out_dir, target, precision, overwrite, moe_lowering=moe_lowering,
                          moe_shards=moe_shards, max_context=max_context, tensorrt=tensorrt, force=force,
                          kept_experts=pruning[0].kept if pruning else None,
-                         pruning=pruning[0].to_json(pruning[1]) if pruning else None)
+                         pruning=pruning[0].to_json(pruning[1]) if pruning else None,
+                         block_size=int(block_size), quantize=_parse_quantize(quantize))
     if pruning:
         click.echo(f"pruning {pruning[0].to_json()['removed_experts']} of {pruning[0].to_json()['routed_experts']} "
                    f"routed experts by {prune_by} ({prune_scope})", err=True)
@@ -128,12 +135,26 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
     m = result.manifest
     rows = [[name, human_bytes(entry["bytes"])] for name, entry in m["files"].items()]
     click.echo(format_table(["file", "size"], rows, align_right={1}))
+    if "quantization" in m:
+        q = m["quantization"]
+        click.echo("quantized: " + ", ".join(f"{part} int{b}" for part, b in q["bits"].items())
+                   + f", blocks of {q['block_size']}; router, norms, embeddings fp32")
     click.echo(f"wrote {out_dir}: target {m['target']['name']}, precision {m['precision']}, "
                f"MoE lowering {m['export']['moe_lowering']}"
                + (f" (prompts: {m['export']['prefill_moe_lowering']})" if m["export"].get("prefill_moe_lowering") else ""))
     if "tensorrt" in m:
         for line in _tensorrt_summary(m):
             click.echo(line)
+
+
+def _parse_quantize(items: tuple[str, ...]) -> dict[str, int | None] | None:
+    out: dict[str, int | None] = {}
+    for item in items:
+        part, _, bits = item.partition("=")
+        if bits not in ("4", "8", "none"):
+            raise UserError(f"--quantize {item!r}: expected PART=4, PART=8 or PART=none")
+        out[part.strip().replace("-", "_")] = None if bits == "none" else int(bits)
+    return out or None
 
 
 def _resolve_target(name: str) -> str:

@@ -49,6 +49,8 @@ class BuildConfig:
     max_context: int | None = None  # context the bundle is planned for (None: the target's default)
     tensorrt: str | None = None  # TensorRT version the graphs are checked against (None: the target's)
     force: bool = False  # build even when the memory plan says the target cannot hold it
+    block_size: int = 32  # quantization block (int8/int4)
+    quantize: dict[str, int | None] | None = None  # per-part bits overriding the precision's preset (exporter/quantize.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +155,18 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     if target.onnx_opset != OPSET:
         raise InternalError(f"target {target.name} takes opset {target.onnx_opset}; the exporter writes {OPSET}")
     prefill_lowering = None if lowering.prefill_ok else (target.prefill_moe_lowering or "dense")
-    if target.backend != "tensorrt" and precision != "fp32":
-        raise UserError(f"precision {precision} for {target.backend} arrives with quantization; available now: fp32")
+    from .quantize import PRESETS, QuantConfig
+
+    quant = QuantConfig()
+    if target.backend != "tensorrt":
+        if precision not in PRESETS:
+            raise UserError(f"precision {precision} is not available for {target.backend}; choose from "
+                            f"{', '.join(PRESETS)}")
+        quant = QuantConfig.preset(precision, build.block_size, build.quantize)
+        if quant.active and lowering.name != "ort-moe" and "routed_experts" in quant.bits:
+            raise UserError(f"quantized routed experts need the ort-moe lowering (QMoE), not {lowering.name}")
+    elif build.quantize:
+        raise UserError("--quantize for TensorRT targets arrives with Q/DQ weights in the graph; not yet")
     out = Path(build.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not build.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -166,6 +178,7 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     if context < 2:
         raise UserError(f"max_context must be at least 2, got {context}")
     memory_plan = _memory_gate(reader, build, target, precision, context)
+    quant = quant.for_model(reader.config.hidden_size, reader.config.moe_intermediate_size)
     tensorrt = None
     if target.backend == "tensorrt":
         from dsexport.targets.tensorrt_plan import engine_plan
@@ -178,7 +191,7 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         export_cfg = ExportConfig(moe_lowering=lowering.name, moe_shards=build.moe_shards or target.moe_shards,
-                                  prefill_moe_lowering=prefill_lowering)
+                                  prefill_moe_lowering=prefill_lowering, quant=quant)
         result = export_model(reader, staging, export_cfg, progress, kept_experts=build.kept_experts)
         cfg = result.config
         decoder = {"file": GRAPH_FILE, "data": DATA_FILE, "moe_lowering": lowering.name}
@@ -219,14 +232,16 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
             "target": {"name": target.name, "backend": target.backend,
                        "execution_providers": list(target.execution_providers)},
             "precision": precision,
-            "export": dataclasses.asdict(export_cfg),
+            "export": {k: v for k, v in dataclasses.asdict(export_cfg).items() if k != "quant"},
             "context": context,
             "graphs": graphs,
             "memory_plan": memory_plan,
             "tokenizer": {"files": tokenizer_files},
             "golden": {"file": GOLDEN_FILE, "producer": "reference"},
-            "stats": model_stats(cfg, result.weight_bytes),
+            "stats": model_stats(cfg, result.weight_bytes, result.weight_bytes / parameter_counts(cfg)[0]),
         }
+        if quant.active:
+            manifest["quantization"] = quant.to_json()
         if tensorrt_section is not None:
             manifest["tensorrt"] = tensorrt_section
         if mobile is not None:
@@ -240,7 +255,7 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
         engine = _verify_graph(staging, cfg)
         progress("verifying", 1, 2)
         # golden outputs from the reference, and the build's own parity check (exporter/golden.py)
-        (staging / GOLDEN_FILE).write_text(json.dumps(make_golden(reader, engine)))
+        (staging / GOLDEN_FILE).write_text(json.dumps(make_golden(reader, engine, quant if quant.active else None)))
         del engine
         progress("verifying", 2, 2)
         files = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST_FILE)

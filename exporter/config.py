@@ -365,3 +365,38 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
         total += shared + E * expert
         active += shared + cfg.num_experts_per_tok * expert
     return total, active
+
+
+def weight_bytes(cfg: ModelConfig, bits: dict[str, int], block_size: int = 32,
+                 scale_bytes: int = 4, expert_block_size: int | None = None) -> tuple[int, int]:
+    """(bytes of all weights, bytes a decoded token reads) when the parts in `bits` (see
+    exporter/quantize.py: PARTS) are block-quantized and everything else is fp32: embeddings,
+    router, norms, the absorbed kv_b_proj."""
+    D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+    dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+
+    def size(part: str, n: int) -> float:
+        b = bits.get(part)
+        block = expert_block_size or block_size if part == "routed_experts" else block_size
+        return 4.0 * n if b is None else n * (b / 8 + scale_bytes / block)
+
+    q = D * H * (dn + dr) if cfg.q_lora_rank is None else D * cfg.q_lora_rank + cfg.q_lora_rank * H * (dn + dr)
+    attention = size("attention", q + D * (r + dr) + H * dv * D) + 4.0 * (r * H * (dn + dv) + 2 * D + r
+                                                                         + (cfg.q_lora_rank or 0))
+    head = size("lm_head", V * D)
+    tied_fp32 = cfg.tie_word_embeddings and "lm_head" not in bits
+    total = 4.0 * V * D + (0 if tied_fp32 else head) + 4 * D
+    active = (4.0 * V * D if tied_fp32 else head) + 4 * D
+    for layer in range(cfg.num_hidden_layers):
+        total += attention
+        active += attention
+        if not cfg.is_moe_layer(layer):
+            dense = size("dense_mlp", 3 * D * cfg.intermediate_size)
+            total += dense
+            active += dense
+            continue
+        E, expert = cfg.num_experts(layer), 3 * D * cfg.moe_intermediate_size
+        shared = size("shared_experts", cfg.n_shared_experts * expert) + 4.0 * (E * D + (E if cfg.uses_correction_bias else 0))
+        total += shared + size("routed_experts", E * expert)
+        active += shared + size("routed_experts", cfg.num_experts_per_tok * expert)
+    return int(total), int(active)

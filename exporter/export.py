@@ -26,6 +26,7 @@ from .checkpoint import CheckpointReader
 from .config import ModelConfig
 from .graph import GraphBuilder
 from .lowering import ExpertWeights, LoweringOptions, get_lowering
+from .quantize import QuantConfig
 from .reference import LATENT_NORM_EPS, layer_tensors
 from .rope import rope_frequencies
 
@@ -40,6 +41,7 @@ class ExportConfig:
     # Another MoE lowering for prompts (T > 1), chosen in the graph by an If on the token count;
     # for decode-only lowerings such as `gather` (TensorRT targets). None: one lowering for both.
     prefill_moe_lowering: str | None = None
+    quant: QuantConfig = QuantConfig()  # block-wise int8/int4 weights per part (exporter/quantize.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,33 @@ class _DecoderEmitter:
         self.g, self.cfg = g, cfg
         self.lowering = get_lowering(export_cfg.moe_lowering)
         self.prefill_lowering = get_lowering(export_cfg.prefill_moe_lowering) if export_cfg.prefill_moe_lowering else None
-        self.lowering_options = LoweringOptions(moe_shards=export_cfg.moe_shards)
+        self.quant = export_cfg.quant
+        self.lowering_options = LoweringOptions(moe_shards=export_cfg.moe_shards,
+                                                expert_bits=self.quant.bits.get("routed_experts"),
+                                                block_size=self.quant.block_for("routed_experts"))
+
+    def linear(self, x: str, w: np.ndarray, name: str, part: str, bias: np.ndarray | None = None,
+               scale: float = 1.0) -> str:
+        """x @ W^T at the part's precision; `scale` is a constant folded into the weights."""
+        bits = self.quant.bits.get(part)
+        if bits is None:
+            return self.g.linear(x, w * np.float32(scale) if scale != 1.0 else w, name, bias)
+        return self.g.linear_nbits(x, w, name, bits, self.quant.block_size, bias, scale)
+
+    def linear_split(self, x: str, weights: list[np.ndarray], name: str, part: str,
+                     biases: list | None = None, scales: list[float] | None = None) -> list[str]:
+        """Projections of one input as one MatMul (or MatMulNBits), then Split."""
+        scales = scales or [1.0] * len(weights)
+        if self.quant.bits.get(part) is None:
+            return self.g.linear_split(x, [w * np.float32(s) if s != 1.0 else w for w, s in zip(weights, scales)],
+                                       name, biases)
+        sizes = [w.shape[0] for w in weights]
+        bias = None
+        if biases and any(b is not None for b in biases):
+            bias = np.concatenate([b if b is not None else np.zeros(n, np.float32) for b, n in zip(biases, sizes)])
+        row_scale = np.concatenate([np.full(n, s, np.float32) for n, s in zip(sizes, scales)])
+        y = self.linear(x, np.concatenate(weights, axis=0), name, part, bias, row_scale)
+        return self.g.op("Split", [y, self.g.const(sizes)], name=name + "_split", outputs=len(sizes), axis=-1)
 
     def routed(self, x2: str, logits: str, w: ExpertWeights, p: str) -> str:
         """The routed experts' output [N, D]; with a prefill lowering, an If picks it for prompts."""
@@ -142,13 +170,13 @@ class _DecoderEmitter:
         # softmax_scale is folded into the query weights: scores come out scaled.
         w_kva, b_kva = t["self_attn.kv_a_proj_with_mqa.weight"], t.get("self_attn.kv_a_proj_with_mqa.bias")
         if cfg.q_lora_rank is None:
-            w_q = t["self_attn.q_proj.weight"] * np.float32(cfg.softmax_scale)  # [H*(dn+dr), D]
-            q, kv = g.linear_split(x, [w_q, w_kva], p + ".q_kv_a", [None, b_kva])
+            q, kv = self.linear_split(x, [t["self_attn.q_proj.weight"], w_kva], p + ".q_kv_a", "attention",
+                                      [None, b_kva], [cfg.softmax_scale, 1.0])  # q: [H*(dn+dr), D]
         else:
-            qa, kv = g.linear_split(x, [t["self_attn.q_a_proj.weight"], w_kva], p + ".q_a_kv_a",
-                                    [t.get("self_attn.q_a_proj.bias"), b_kva])
+            qa, kv = self.linear_split(x, [t["self_attn.q_a_proj.weight"], w_kva], p + ".q_a_kv_a", "attention",
+                                       [t.get("self_attn.q_a_proj.bias"), b_kva])
             qa = g.rms_norm(qa, t["self_attn.q_a_layernorm.weight"], LATENT_NORM_EPS, p + ".q_a_layernorm")
-            q = g.linear(qa, t["self_attn.q_b_proj.weight"] * np.float32(cfg.softmax_scale), p + ".q_b_proj")
+            q = self.linear(qa, t["self_attn.q_b_proj.weight"], p + ".q_b_proj", "attention", scale=cfg.softmax_scale)
         w_kv_b = t["self_attn.kv_b_proj.weight"].reshape(H, dn + dv, r)
         w_uk = np.ascontiguousarray(w_kv_b[:, :dn])  # [H, dn, r]
         w_uv_t = np.ascontiguousarray(w_kv_b[:, dn:].transpose(0, 2, 1))  # [H, r, dv]
@@ -177,15 +205,13 @@ class _DecoderEmitter:
         ctx = g.op("MatMul", [ctx, g.weight(p + ".w_uv_t", w_uv_t)], name=p + "_ctx")  # [B, H, T, dv]
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], name=p + "_ctx_t", perm=[0, 2, 1, 3]), g.const([0, 0, H * dv])],
                    name=p + "_ctx_flat")  # [B, T, H*dv]
-        return g.linear(ctx, t["self_attn.o_proj.weight"], p + ".o_proj", t.get("self_attn.o_proj.bias"))
+        return self.linear(ctx, t["self_attn.o_proj.weight"], p + ".o_proj", "attention", t.get("self_attn.o_proj.bias"))
 
     def mlp(self, x: str, gate: np.ndarray, up: np.ndarray, down: np.ndarray, name: str) -> str:
         g = self.g
-        inter = gate.shape[0]
-        h = g.linear(x, np.concatenate([gate, up], axis=0), name + ".gate_up")  # [.., 2I]
-        a, b = g.op("Split", [h, g.const([inter, inter])], name=name + "_gu", outputs=2, axis=-1)
+        a, b = self.linear_split(x, [gate, up], name + ".gate_up", "dense_mlp")  # [.., I] each
         act = g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a], name=name + "_sig")], name=name + "_silu"), b], name=name + "_act")
-        return g.linear(act, down, name + ".down_proj")
+        return self.linear(act, down, name + ".down_proj", "dense_mlp")
 
     def moe(self, x: str, t: dict[str, np.ndarray], i: int) -> str:
         g, cfg = self.g, self.cfg
@@ -196,12 +222,15 @@ class _DecoderEmitter:
         if not cfg.n_shared_experts:
             return g.op("Reshape", [self.routed(x2, g.linear(x2, w.router, p + ".router"), w, p),
                                     g.op("Shape", [x], name=p + "_shape")], name=p + "_out")
-        # router and shared expert read the same input: one MatMul
         gate, up, down = t["mlp.shared.gate_proj.weight"], t["mlp.shared.up_proj.weight"], t["mlp.shared.down_proj.weight"]
-        logits, a, b = g.linear_split(x2, [w.router, gate, up], p + ".router_shared")  # [N, E], [N, Is], [N, Is]
+        if self.quant.bits.get("shared_experts") is None:  # router and shared expert read the same input: one MatMul
+            logits, a, b = g.linear_split(x2, [w.router, gate, up], p + ".router_shared")  # [N, E], [N, Is], [N, Is]
+        else:  # the router stays fp32
+            logits = g.linear(x2, w.router, p + ".router")
+            a, b = self.linear_split(x2, [gate, up], p + ".shared.gate_up", "shared_experts")
         y = self.routed(x2, logits, w, p)  # [N, D]
         act = g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a], name=p + "_sig")], name=p + "_silu"), b], name=p + "_act")
-        y = g.op("Add", [y, g.linear(act, down, p + ".shared.down_proj")], name=p + "_sum")
+        y = g.op("Add", [y, self.linear(act, down, p + ".shared.down_proj", "shared_experts")], name=p + "_sum")
         return g.op("Reshape", [y, g.op("Shape", [x], name=p + "_shape")], name=p + "_out")
 
     def layer(self, x: str, t: dict[str, np.ndarray], i: int) -> str:
@@ -233,11 +262,12 @@ class _DecoderEmitter:
         progress("export", cfg.num_hidden_layers, cfg.num_hidden_layers)
         x = g.rms_norm(x, reader.get("model.norm.weight", (D,)).numpy(), cfg.rms_norm_eps, "norm")
         x2 = g.op("Reshape", [x, g.const([-1, D])], name="final_2d")
-        if cfg.tie_word_embeddings or "lm_head.weight" not in reader:
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in reader
+        if tied and self.quant.bits.get("lm_head") is None:
             # Gemm(transB=1) reads the [V, D] embedding as stored: tied weights stay one copy
             logits = g.op("Gemm", [x2, embed_name], name="lm_head", transB=1)  # [N, V]
-        else:
-            logits = g.linear(x2, reader.get("lm_head.weight", (V, D)).numpy(), "lm_head")  # [N, V]
+        else:  # a quantized head is its own (smaller) copy even when tied to the fp32 embedding table
+            logits = self.linear(x2, reader.lm_head().numpy(), "lm_head", "lm_head")  # [N, V]
         out_shape = g.op("Concat", [g.op("Shape", [self.input_ids], name="bt"), g.const([V])], name="logits_shape", axis=0)
         g.output(g.op("Reshape", [logits, out_shape], name="logits3"), "logits", TensorProto.FLOAT, ["batch", "seq", V])
         for i, present in enumerate(self.present):

@@ -36,11 +36,12 @@ def golden_prompts(engine, vocab_size: int) -> list[list[int]]:
     return [rng.integers(0, vocab_size, size=n).tolist() for n in (8, 3, 5, 6)]
 
 
-def make_golden(reader: CheckpointReader, engine) -> dict:
+def make_golden(reader: CheckpointReader, engine, quant=None) -> dict:
+    """quant: the bundle's QuantConfig; the reference then runs the same dequantized weights."""
     cfg = reader.config
     prompts = golden_prompts(engine, cfg.vocab_size)
     outputs = [engine.generate(p, max_new_tokens=NEW_TOKENS, ignore_eos=True).output_ids for p in prompts]
-    reference = streamed_logits(reader, [p + o for p, o in zip(prompts, outputs)])
+    reference = streamed_logits(reader, [p + o for p, o in zip(prompts, outputs)], quant)
     cases = []
     for prompt, output, logits in zip(prompts, outputs, reference):
         logits = logits[len(prompt) - 1:-1].numpy()  # [new, V]: the positions that predict `output`

@@ -43,6 +43,8 @@ class LoweringOptions:
     # range of expert slots, so with one shard per thread every thread holds a slice of every
     # routed expert: the decode work is balanced whatever experts the router picks.
     moe_shards: int = 1
+    expert_bits: int | None = None  # ort-moe: QMoE with block-wise int8/int4 experts (exporter/quantize.py)
+    block_size: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,8 @@ def emit_ort_moe(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: Mo
                  opts: LoweringOptions) -> str:
     E, inter, D = w.gate.shape
     S = opts.moe_shards if inter % opts.moe_shards == 0 else 1
+    if opts.expert_bits and (inter // S) % opts.block_size:
+        S = 1  # quantization blocks run along fc2's K (= inter / S): shards must not cut a block
     raw, idx = emit_routing(g, logits, w, cfg, name)
     # Router input: log(score) at the chosen slots, -inf elsewhere; the op's softmax then
     # yields score / (S * sum(scores)) at each of the S shards of each chosen expert. That is
@@ -162,14 +166,21 @@ def emit_ort_moe(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: Mo
     fc1 = np.stack([gate, up], axis=3).reshape(S * E, 2 * part, D)  # rows g0,u0,g1,u1,... (swiglu_fusion=1)
     down = w.down.reshape(E, D, S, part).transpose(2, 0, 1, 3).reshape(S * E, D, part)  # [S*E, D, I/S]
     # routed_scaling_factor (and the shard count) folded into the down projection
-    fc2 = down * np.float32(cfg.routed_scaling_factor * S)
-    y = g.op(
-        "MoE",
-        [x, router_in, g.weight(name + ".fc1", fc1.astype(np.float32)), "", g.weight(name + ".fc2", fc2.astype(np.float32))],
-        name=name + "_moe", domain=MS_DOMAIN,
-        k=S * cfg.num_experts_per_tok, activation_type="swiglu", swiglu_fusion=1,
-        activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0,
-    )
+    fold = np.float32(cfg.routed_scaling_factor * S)
+    attrs = dict(name=name + "_moe", domain=MS_DOMAIN, k=S * cfg.num_experts_per_tok, activation_type="swiglu",
+                 swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0)
+    if opts.expert_bits:
+        from .quantize import pack, quantize_rows
+
+        bits, block = opts.expert_bits, opts.block_size
+        q1, d1 = quantize_rows(fc1, bits, block)  # [S*E, 2I/S, Dp], [S*E, 2I/S, Dp/block]
+        q2, d2 = quantize_rows(down, bits, block)  # the fold scales the block scales, not the weights
+        y = g.op("QMoE", [x, router_in, g.weight(name + ".fc1q", pack(q1, bits)), g.weight(name + ".fc1s", d1), "",
+                          g.weight(name + ".fc2q", pack(q2, bits)), g.weight(name + ".fc2s", (d2 * fold).astype(np.float32))],
+                 expert_weight_bits=bits, block_size=block, **attrs)
+    else:
+        y = g.op("MoE", [x, router_in, g.weight(name + ".fc1", fc1.astype(np.float32)), "",
+                         g.weight(name + ".fc2", (down * fold).astype(np.float32))], **attrs)
     if cfg.norm_topk_prob:
         return y
     total = g.op("ReduceSum", [raw, g.const([-1])], name=name + "_total", keepdims=1)  # [N, 1]

@@ -108,6 +108,13 @@ class MoE(nn.Module):
         # Calibration hook: recorder(expert slot, routing weights [n], expert output norms [n])
         # for the n tokens routed to that expert in this call (dsexport.calibration).
         self.recorder = None
+        # int8 experts: ONNX Runtime's QMoE kernel quantizes the expert inputs and the SwiGLU
+        # output to int8, symmetric, per block of this many values; the reference does the same
+        # so that a quantized bundle can be checked exactly (exporter/quantize.py).
+        self.activation_quant_block: int | None = None
+
+    def _act_quant(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.activation_quant_block is None else quantize_activations(h, self.activation_quant_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -129,8 +136,8 @@ class MoE(nn.Module):
             rows = order[start : start + n]
             tokens = token_of[start : start + n]
             start += n
-            h = x[tokens]
-            h = F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)
+            h = self._act_quant(x[tokens])
+            h = self._act_quant(F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T))
             h = h @ self.w_down[e].T  # [n, D] the expert's output
             w = weights.flatten()[rows]  # [n]
             if self.recorder is not None:
@@ -139,6 +146,15 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         return out.view(shape)
+
+
+def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Symmetric int8 per block of the last dim (round half to even, as ONNX Runtime's MLAS)."""
+    shape = x.shape
+    b = x.reshape(*shape[:-1], shape[-1] // block, block)
+    scale = b.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)  # MLAS multiplies by 1/scale
+    return (torch.round(b * inverse) * scale).reshape(shape)
 
 
 class LatentCache:
@@ -266,26 +282,32 @@ class DeepseekReference(nn.Module):
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, reader: CheckpointReader) -> "DeepseekReference":
+    def from_checkpoint(cls, reader: CheckpointReader, quant=None) -> "DeepseekReference":
+        """quant: a dsexport.exporter.quantize.QuantConfig: the model with the dequantized weights
+        a quantized bundle computes with (exporter/quantize.py: fake_quantize)."""
         cfg = reader.config
         with torch.device("meta"):
             model = cls(cfg)
         inv_freq, model.rope_scale = rope_frequencies(cfg)
         model.inv_freq = inv_freq
-        state = {name: tensor for name, tensor in iter_reference_tensors(reader)}
+        state = {name: tensor for name, tensor in iter_reference_tensors(reader, quant)}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise RuntimeError(f"reference weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for layer in model.layers:
+            _set_activation_quant(layer, quant)
         return model.eval()
 
 
 @torch.no_grad()
-def streamed_logits(reader: CheckpointReader, sequences: list[list[int]]) -> list[torch.Tensor]:
+def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=None) -> list[torch.Tensor]:
     """Full-sequence reference logits [T, V] per sequence, holding one decoder layer at a time.
 
     What a build uses to record golden outputs: memory stays at one layer plus activations,
-    whatever the model's size.
+    whatever the model's size. quant: the bundle's QuantConfig (the dequantized model).
     """
+    from .quantize import fake_quantize
+
     cfg = reader.config
     inv_freq, rope_scale = rope_frequencies(cfg)
     embed = reader.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
@@ -295,25 +317,36 @@ def streamed_logits(reader: CheckpointReader, sequences: list[list[int]]) -> lis
     for i in range(cfg.num_hidden_layers):
         with torch.device("meta"):
             layer = DecoderLayer(cfg, i)
-        layer.load_state_dict(dict(layer_tensors(reader, i)), strict=True, assign=True)
+        layer.load_state_dict({n: fake_quantize(n, t, quant) for n, t in layer_tensors(reader, i)}, strict=True,
+                              assign=True)
+        _set_activation_quant(layer, quant)
         states = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(states, rope)]
         del layer
     norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     norm.weight = nn.Parameter(reader.get("model.norm.weight", (cfg.hidden_size,)))
-    head = reader.lm_head()
+    head = fake_quantize("lm_head.weight", reader.lm_head(), quant)
     return [norm(x)[0] @ head.T for x in states]
 
 
-def iter_reference_tensors(reader: CheckpointReader):
-    """(reference parameter name, float32 tensor) pairs, one layer at a time."""
+def _set_activation_quant(layer: "DecoderLayer", quant) -> None:
+    """int8 experts: the activation quantization ONNX Runtime's QMoE applies (MoE.activation_quant_block)."""
+    if quant is not None and quant.bits.get("routed_experts") == 8 and isinstance(layer.mlp, MoE):
+        layer.mlp.activation_quant_block = quant.block_for("routed_experts")
+
+
+def iter_reference_tensors(reader: CheckpointReader, quant=None):
+    """(reference parameter name, float32 tensor) pairs, one layer at a time (dequantized
+    weights where `quant` quantizes them)."""
+    from .quantize import fake_quantize
+
     cfg = reader.config
     D, V = cfg.hidden_size, cfg.vocab_size
     yield "embed_tokens.weight", reader.get("model.embed_tokens.weight", (V, D))
     for i in range(cfg.num_hidden_layers):
         for name, t in layer_tensors(reader, i):
-            yield f"layers.{i}.{name}", t
+            yield f"layers.{i}.{name}", fake_quantize(name, t, quant)
     yield "norm.weight", reader.get("model.norm.weight", (D,))
-    yield "lm_head.weight", reader.lm_head()
+    yield "lm_head.weight", fake_quantize("lm_head.weight", reader.lm_head(), quant)
 
 
 def layer_tensors(reader: CheckpointReader, i: int):

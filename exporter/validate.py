@@ -90,7 +90,12 @@ def reference_model_for(engine, checkpoint: Path) -> DeepseekReference:
     if dataclasses.replace(ckpt_cfg, kept_experts=None) != dataclasses.replace(bundle_cfg, kept_experts=None):
         raise UserError(f"--reference {checkpoint}: its config.json describes a different model than the bundle's")
     reader.config = bundle_cfg
-    return DeepseekReference.from_checkpoint(reader)
+    quant = engine.manifest.get("quantization")
+    if quant:  # the bundle's weights as it computes with them: validate checks the lowering
+        from .quantize import QuantConfig
+
+        quant = QuantConfig.from_json(quant)
+    return DeepseekReference.from_checkpoint(reader, quant)
 
 
 def validate_against_reference(engine, checkpoint: Path, data: Path | None, thresholds: Thresholds,

@@ -12,7 +12,7 @@ ARM64_CPU = register(Target(
     backend="onnxruntime",
     execution_providers=("CPUExecutionProvider",),
     moe_lowering="ort-moe",
-    precisions=("fp32",),
+    precisions=("fp32", "int8", "int4"),
     default_precision="fp32",
     moe_shards=2,
 ))

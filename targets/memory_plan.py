@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsexport.exporter.config import ModelConfig, parameter_counts
+from dsexport.exporter.config import ModelConfig, parameter_counts, weight_bytes
 
 from .registry import Target
 
@@ -66,8 +66,13 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, batch: int = 1) -> MemoryPlan:
+    from dsexport.exporter.quantize import PRESETS
+
     total, active = parameter_counts(cfg)
     per_weight = BYTES_PER_WEIGHT[precision]
+    weights, decode_bytes = int(total * per_weight), int(active * per_weight)
+    if precision in ("int8", "int4"):  # what the quantizer writes: parts at their bits, the rest fp32
+        weights, decode_bytes = weight_bytes(cfg, PRESETS[precision], 32, 2 if target.backend == "tensorrt" else 4)
     cache_dtype = 4 if precision == "fp32" else 2
     kv = cfg.latent_dim * cfg.num_hidden_layers * context * batch * cache_dtype
     t = min(PREFILL_CHUNK, context) * batch
@@ -82,11 +87,11 @@ def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, 
         activations += experts * chunk * (2 * cfg.moe_intermediate_size + cfg.hidden_size) * (4 if precision == "fp32" else 2)
     device = target.device
     return MemoryPlan(
-        target=target.name, precision=precision, context=context, weights_bytes=int(total * per_weight),
+        target=target.name, precision=precision, context=context, weights_bytes=weights,
         kv_cache_bytes=int(kv), activation_bytes=int(activations),
         overhead_bytes=int(RUNTIME_OVERHEAD.get(target.backend, 0.2e9)),
         usable_bytes=int(device.usable_gb * 1e9) if device else None,
-        decode_bytes_per_token=int(active * per_weight), bandwidth_gbs=device.bandwidth_gbs if device else None,
+        decode_bytes_per_token=decode_bytes, bandwidth_gbs=device.bandwidth_gbs if device else None,
         format_limit_bytes=FORMAT_LIMIT_BYTES.get(target.backend),
     )
 

@@ -250,7 +250,7 @@ def test_mobile_profiles():
         target = TARGETS[name]
         assert target.backend == "onnxruntime-mobile" and target.moe_lowering == "ort-moe"
         assert target.execution_providers == (ep, "CPUExecutionProvider")
-        assert target.precisions == ("fp32",) and target.device is not None
+        assert target.precisions == ("fp32", "int8", "int4") and target.device is not None
         settings = mobile.EP_SETTINGS[name]
         assert [p["name"] for p in settings["providers"]][-1] == "CPU"
         assert all(isinstance(v, str) for p in settings["providers"] for v in p["options"].values())

@@ -1,0 +1,145 @@
+"""Block-wise weight quantization: int8 / int4, symmetric, one fp32 scale per block of K.
+
+A weight [.., N, K] (torch layout: out x in) is cut along K into blocks of `block_size`; each
+block gets d = (its signed absmax) / -2^(bits-1) and q = clamp(round(w / d) + 2^(bits-1),
+0, 2^bits - 1), so the largest-magnitude weight lands exactly on -2^(bits-1) (all 2^bits levels
+used, as llama.cpp's q4_0/q8_0 do). Dequantized: (q - 2^(bits-1)) * d. That is ONNX Runtime's
+MatMulNBits and QMoE convention with the default zero point (checked in tests/test_quantize.py),
+so the graph computes with exactly the weights `dequantize` returns; the reference model takes
+the same dequantized weights (`fake_quantize`) to check the lowering.
+
+Which parts are quantized (QuantConfig.bits): attention projections, shared experts, routed
+experts, dense MLPs, the output head; the router (and the correction bias), norms, the absorbed
+W_UK/W_UV (3-D batched MatMuls) and the embedding table stay fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from dsexport.errors import UserError
+
+PARTS = ("attention", "shared_experts", "routed_experts", "dense_mlp", "lm_head")
+BLOCK_SIZES = (32, 64, 128)
+PRESETS = {
+    "fp32": {},
+    "int8": {p: 8 for p in PARTS},
+    # the output head at 8 bits, as llama.cpp's q4_0 keeps its output tensor at higher precision
+    "int4": {"attention": 4, "shared_experts": 4, "routed_experts": 4, "dense_mlp": 4, "lm_head": 8},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    bits: dict[str, int] = dataclasses.field(default_factory=dict)  # part -> 4 | 8; absent: fp32
+    block_size: int = 32
+    # Routed experts' block, when it must differ: ONNX Runtime's QMoE takes no padding, so its
+    # block must divide hidden_size and moe_intermediate_size (`for_model` picks it).
+    expert_block_size: int | None = None
+
+    def __post_init__(self):
+        if self.block_size not in BLOCK_SIZES:
+            raise UserError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+        for part, b in self.bits.items():
+            if part not in PARTS or b not in (4, 8):
+                raise UserError(f"quantization: {part}={b}; parts are {', '.join(PARTS)}, bits 4 or 8")
+
+    @classmethod
+    def preset(cls, precision: str, block_size: int = 32, overrides: dict[str, int | None] | None = None) -> "QuantConfig":
+        if precision not in PRESETS:
+            raise UserError(f"precision {precision!r}: quantized presets are {', '.join(PRESETS)}")
+        bits = dict(PRESETS[precision])
+        for part, b in (overrides or {}).items():
+            if b is None:
+                bits.pop(part, None)
+            else:
+                bits[part] = b
+        return cls(bits, block_size)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.bits)
+
+    def block_for(self, part: str) -> int:
+        return self.expert_block_size or self.block_size if part == "routed_experts" else self.block_size
+
+    def for_model(self, hidden: int, moe_intermediate: int) -> "QuantConfig":
+        """This config with the routed experts' block set to the largest of block_size, 64, 32
+        that divides both dimensions (the fused QMoE op cannot pad)."""
+        if "routed_experts" not in self.bits:
+            return self
+        for block in sorted({b for b in BLOCK_SIZES if b <= self.block_size}, reverse=True):
+            if hidden % block == 0 and moe_intermediate % block == 0:
+                return dataclasses.replace(self, expert_block_size=block)
+        raise UserError(f"quantized routed experts need hidden_size ({hidden}) and moe_intermediate_size "
+                        f"({moe_intermediate}) to be multiples of 32; use --quantize routed_experts=none")
+
+    def to_json(self) -> dict:
+        return {"bits": dict(self.bits), "block_size": self.block_size,
+                "expert_block_size": self.block_for("routed_experts"), "symmetric": True,
+                "scale_dtype": "float32", "method": "round-to-nearest"}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "QuantConfig":
+        return cls(dict(data["bits"]), data["block_size"], data.get("expert_block_size"))
+
+
+def part_of(reference_name: str) -> str | None:
+    """The part a reference-layout weight belongs to (None: kept fp32)."""
+    if reference_name == "lm_head.weight":
+        return "lm_head"
+    if ".self_attn." in f".{reference_name}" and reference_name.endswith(".weight") and "layernorm" not in reference_name \
+            and "kv_b_proj" not in reference_name:
+        return "attention"
+    if reference_name.startswith("mlp.shared."):
+        return "shared_experts" if "proj" in reference_name else None
+    if reference_name in ("mlp.w_gate", "mlp.w_up", "mlp.w_down"):
+        return "routed_experts"
+    if reference_name.startswith("mlp.") and reference_name.endswith("proj.weight"):
+        return "dense_mlp"
+    return None
+
+
+def quantize_rows(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """w [.., N, K] float -> (q uint8 [.., N, Kp] in 0..2^bits-1, scales float32 [.., N, Kp/block]); K padded
+    with zeros to Kp, a multiple of block."""
+    w = np.asarray(w, np.float32)
+    K = w.shape[-1]
+    pad = -K % block
+    if pad:
+        w = np.concatenate([w, np.zeros(w.shape[:-1] + (pad,), np.float32)], axis=-1)
+    blocks = w.reshape(w.shape[:-1] + (w.shape[-1] // block, block))
+    half = 1 << (bits - 1)
+    idx = np.abs(blocks).argmax(-1)[..., None]
+    d = (np.take_along_axis(blocks, idx, -1)[..., 0] / -half).astype(np.float32)
+    safe = np.where(d == 0, np.float32(1), d)
+    q = np.clip(np.rint(blocks / safe[..., None]) + half, 0, 2 * half - 1).astype(np.uint8)
+    return q.reshape(w.shape), d
+
+
+def dequantize_rows(q: np.ndarray, scales: np.ndarray, bits: int, block: int, K: int) -> np.ndarray:
+    half = 1 << (bits - 1)
+    blocks = q.reshape(q.shape[:-1] + (q.shape[-1] // block, block)).astype(np.float32) - half
+    return (blocks * scales[..., None]).reshape(q.shape)[..., :K]
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values -> bytes: 8-bit as is; 4-bit two per byte, the even index in the low nibble."""
+    if bits == 8:
+        return q
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def fake_quantize(name: str, tensor: torch.Tensor, quant: QuantConfig | None) -> torch.Tensor:
+    """The weights the quantized graph computes with, for the reference model."""
+    part = part_of(name) if quant is not None else None
+    bits = quant.bits.get(part) if part else None
+    if bits is None:
+        return tensor
+    block = quant.block_for(part)
+    w = tensor.detach().float().numpy()
+    q, d = quantize_rows(w, bits, block)
+    return torch.from_numpy(dequantize_rows(q, d, bits, block, w.shape[-1]))

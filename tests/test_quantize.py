@@ -1,0 +1,112 @@
+"""Block-wise int8/int4 weights: the quantizer's convention is ONNX Runtime's, and a quantized
+bundle computes exactly what the reference computes with the same dequantized weights.
+
+Tolerance: 1e-4 on logits when the routed experts are int4 (MatMulNBits and 4-bit QMoE compute
+in fp32 with the dequantized weights; observed <= 1e-5). int8 experts: ONNX Runtime 1.32's CPU
+QMoE kernel quantizes its activations (expert inputs and SwiGLU outputs) to int8 per block of
+32; the reference emulates that (MoE.activation_quant_block) and matches to <= 5e-6 on most
+inputs, but on some token batches the kernel's rounding differs (observed up to 0.02 on logits,
+vs 0.04 without the emulation): the int8 tolerance is 0.05, with greedy tokens equal wherever
+the top-2 gap exceeds 0.1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from dsexport.errors import UserError
+from dsexport.exporter.bundle import BuildConfig, build_bundle
+from dsexport.exporter.checkpoint import CheckpointReader
+from dsexport.exporter.config import parameter_counts, weight_bytes
+from dsexport.exporter.quantize import QuantConfig, dequantize_rows, pack, quantize_rows
+from dsexport.exporter.reference import DeepseekReference
+from dsexport.runtime import Engine
+
+from conftest import VARIANTS
+
+
+def _run(nodes, inputs, feeds, initializers):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape))
+                                           for n, v in feeds.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [32, 128])
+def test_matmulnbits_computes_with_the_dequantized_weights(bits, block):
+    rng = np.random.default_rng(bits + block)
+    K, N = 200, 48  # K not a multiple of the block: padded
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    q, d = quantize_rows(w, bits, block)
+    deq = dequantize_rows(q, d, bits, block, K)
+    step = np.repeat(np.abs(d), block, axis=1)[:, :K]  # each weight's block step
+    err = np.abs(deq - w)
+    # round to nearest (half a step), except the top level on the side opposite the block's
+    # largest magnitude, which the range -2^(b-1)..2^(b-1)-1 clips by up to one step (as q4_0/q8_0)
+    assert (err <= step + 1e-6).all() and (err <= step / 2 + 1e-6).mean() > 0.97
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "B", "s"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                            block_size=block, accuracy_level=0)
+    y = _run([node], ["x"], {"x": x}, {"B": pack(q, bits).reshape(N, d.shape[1], -1), "s": d.reshape(-1)})
+    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("precision, block", [("int8", 32), ("int4", 32), ("int4", 64)])
+def test_quantized_bundle_equals_the_dequantized_reference(artifacts, tmp_path, variant, precision, block):
+    ckpt = artifacts.checkpoint(variant)
+    out = tmp_path / "b"
+    build_bundle(BuildConfig(ckpt, out, precision=precision, block_size=block))
+    engine = Engine.load(out, threads=2)
+    reader = CheckpointReader(ckpt)
+    cfg = reader.config
+    quant = QuantConfig.preset(precision, block).for_model(cfg.hidden_size, cfg.moe_intermediate_size)
+    assert engine.manifest["quantization"] == quant.to_json()
+    reference = DeepseekReference.from_checkpoint(reader, quant)
+    prompt = np.random.default_rng(5).integers(3, cfg.vocab_size, size=12).tolist()
+    output = engine.generate(prompt, max_new_tokens=24, ignore_eos=True).output_ids
+    tokens = prompt + output
+    with torch.no_grad():
+        ref = reference(torch.tensor([tokens]))[0].numpy()
+    logits, _ = engine.forward(np.array([tokens]), np.arange(len(tokens))[None], np.ones((1, len(tokens)), np.int64),
+                               engine.empty_cache(1))
+    tolerance, tie = (1e-4, 0.0) if precision == "int4" else (0.05, 0.1)
+    assert np.abs(logits[0] - ref).max() <= tolerance
+    steps = ref[len(prompt) - 1:-1]
+    top2 = np.sort(steps, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > tie
+    assert (steps.argmax(-1) == np.array(output))[clear].all()  # greedy, token for token
+    if block == 32:  # the bundle is the size the memory plan counts (graph-internal constants aside;
+        # at larger blocks these tiny models' 96-wide rows are padded, which real models' are not)
+        planned, _ = weight_bytes(cfg, quant.bits, block, expert_block_size=quant.block_for("routed_experts"))
+        assert abs(engine.manifest["stats"]["weight_bytes"] - planned) / planned < 0.02
+
+
+def test_quantized_sizes_and_flags(artifacts, run_cli, tmp_path):
+    ckpt = artifacts.checkpoint("v3_noaux_tc")
+    cfg = CheckpointReader(ckpt).config
+    total, _ = parameter_counts(cfg)
+    fp32, int8, int4 = (weight_bytes(cfg, QuantConfig.preset(p).bits)[0] for p in ("fp32", "int8", "int4"))
+    assert fp32 == pytest.approx(4 * total, rel=1e-6) and int4 < int8 < fp32
+    code, out, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "b", "--precision", "int4",
+                             "--quantize", "attention=8", "--quantize", "lm_head=none", "--block-size", "64")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["quantization"]["bits"] == {"attention": 8, "shared_experts": 4, "routed_experts": 4, "dense_mlp": 4}
+    assert manifest["quantization"]["block_size"] == 64 and manifest["precision"] == "int4"
+    code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "c", "--precision", "int4", "--quantize", "attn=3")
+    assert code == 2 and "PART=4" in err
+    with pytest.raises(UserError, match="parts are"):
+        QuantConfig({"router": 4})
+    code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "d", "--target", "jetson-orin-nano-8gb",
+                           "--precision", "int4")
+    assert code == 2 and "Q/DQ" in err and not (tmp_path / "d").exists()
