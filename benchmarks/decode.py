@@ -38,13 +38,14 @@ def run_child(code: str, env: dict | None = None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def build(checkpoint: Path, bundle: Path) -> dict:
+def build(checkpoint: Path, bundle: Path, precision: str = "fp32") -> dict:
     return run_child(f"""
         import json, time
         from pathlib import Path
         from dsexport.exporter.bundle import BuildConfig, build_bundle
         t0 = time.perf_counter()
-        build_bundle(BuildConfig(Path({str(checkpoint)!r}), Path({str(bundle)!r}), overwrite=True))
+        build_bundle(BuildConfig(Path({str(checkpoint)!r}), Path({str(bundle)!r}), precision={precision!r},
+                                 overwrite=True))
         print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss": {HWM}}}))
     """)
 
@@ -107,6 +108,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--skip-build", action="store_true", help="reuse an existing bundle")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
+                    help="bundle precision; int8/int4 are compared with llama.cpp q8_0/q4_0 (--llamacpp)")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="also build and run llama.cpp on the same checkpoint (benchmarks/llamacpp.py)")
     args = ap.parse_args()
 
     ckpt_bytes = sum(p.stat().st_size for p in args.checkpoint.glob("*.safetensors"))
@@ -114,7 +119,7 @@ def main() -> None:
     print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads}-thread copy of 1 GiB, read + write, best of 5)")
 
     if not args.skip_build:
-        b = build(args.checkpoint, args.bundle)
+        b = build(args.checkpoint, args.bundle, args.precision)
         print(f"build: {b['seconds']:.1f} s, peak RSS {b['peak_rss'] / 1e9:.2f} GB = "
               f"{b['peak_rss'] / ckpt_bytes:.2f}x the checkpoint ({ckpt_bytes / 1e9:.2f} GB on disk)")
     manifest = json.loads((args.bundle / "manifest.json").read_text())
@@ -138,6 +143,13 @@ def main() -> None:
               f"peak RSS {hf['peak_rss'] / 1e9:.2f} GB")
         print(f"ratio dsexport / transformers decode: {ours['decode_tokens_per_s'] / hf['decode_tokens_per_s']:.2f}x; "
               f"greedy tokens equal: {same}/{len(hf['output_ids'])}")
+    if args.llamacpp:
+        from llamacpp import run_llamacpp
+
+        quant = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}[args.precision]
+        lc = run_llamacpp(args.checkpoint, quants=(quant,), threads=args.threads, prompt=args.prompt_tokens,
+                          gen=args.new_tokens, reps=args.runs)
+        print(f"llama.cpp: {json.dumps(lc)}")
 
 
 if __name__ == "__main__":

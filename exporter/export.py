@@ -88,7 +88,8 @@ class _DecoderEmitter:
         bits = self.quant.bits.get(part)
         if bits is None:
             return self.g.linear(x, w * np.float32(scale) if scale != 1.0 else w, name, bias)
-        return self.g.linear_nbits(x, w, name, bits, self.quant.block_size, bias, scale)
+        return self.g.linear_nbits(x, w, name, bits, self.quant.block_size, bias, scale,
+                                   accuracy_level=4 if self.quant.activations == "int8" else 0)
 
     def linear_split(self, x: str, weights: list[np.ndarray], name: str, part: str,
                      biases: list | None = None, scales: list[float] | None = None) -> list[str]:

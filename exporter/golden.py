@@ -27,6 +27,17 @@ GOLDEN_PROMPTS = (
 NEW_TOKENS = 16
 TOP_K = 8
 BUILD_LOGIT_TOL = 1e-3  # the fp32 validate default; see docs/validate.md
+# Kernels that quantize activations to int8 (MatMulNBits accuracy_level 4, 8-bit QMoE): the
+# reference emulates them, to ~1e-6 at almost every position, but a rare rounding that differs
+# moves later logits by up to ~0.5 on the random test models (docs/quantization.md); the tests
+# check the typical position tightly instead (tests/test_quantize.py).
+ACTIVATION_QUANT_LOGIT_TOL = 0.5
+
+
+def logit_tolerance(quant) -> float:
+    if quant is None or (quant.activations == "fp32" and quant.bits.get("routed_experts") != 8):
+        return BUILD_LOGIT_TOL
+    return ACTIVATION_QUANT_LOGIT_TOL
 
 
 def golden_prompts(engine, vocab_size: int) -> list[list[int]]:
@@ -48,7 +59,7 @@ def make_golden(reader: CheckpointReader, engine, quant=None) -> dict:
         order = np.argsort(-logits, axis=1, kind="stable")[:, :TOP_K]
         top = np.take_along_axis(logits, order, axis=1)
         for step, token in enumerate(output):
-            if order[step, 0] != token and top[step, 0] - top[step, 1] > 2 * BUILD_LOGIT_TOL:
+            if order[step, 0] != token and top[step, 0] - top[step, 1] > 2 * logit_tolerance(quant):
                 raise InternalError(f"exported graph disagrees with the reference model: greedy token {step} of "
                                     f"golden prompt {prompts.index(prompt)} is {token}, the reference's is "
                                     f"{order[step, 0]} by a margin of {top[step, 0] - top[step, 1]:.3g}")

@@ -123,7 +123,8 @@ class GraphBuilder:
         return y
 
     def linear_nbits(self, x: str, w_out_in: np.ndarray, name: str, bits: int, block: int,
-                     bias: np.ndarray | None = None, row_scale: np.ndarray | float = 1.0) -> str:
+                     bias: np.ndarray | None = None, row_scale: np.ndarray | float = 1.0,
+                     accuracy_level: int = 0) -> str:
         """x @ dequant(Q(W))^T (+ b) with ONNX Runtime's MatMulNBits (block-wise, exact against
         exporter/quantize.dequantize_rows). row_scale multiplies output rows after quantizing
         (a folded constant scales the block scales, so the quantized values stay those of W)."""
@@ -134,7 +135,7 @@ class GraphBuilder:
         d = (d * np.asarray(row_scale, np.float32).reshape(-1, 1)).astype(np.float32)
         packed = pack(q, bits).reshape(N, d.shape[1], -1)  # [N, blocks, bytes per block]
         y = self.op("MatMulNBits", [x, self.weight(name + ".qweight", packed), self.weight(name + ".scales", d.reshape(-1))],
-                    name=name, domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
+                    name=name, domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=block, accuracy_level=accuracy_level)
         if bias is not None:
             y = self.op("Add", [y, self.weight(name + ".bias", bias.astype(np.float32))], name=name + "_bias")
         return y

@@ -39,8 +39,16 @@ class QuantConfig:
     # Routed experts' block, when it must differ: ONNX Runtime's QMoE takes no padding, so its
     # block must divide hidden_size and moe_intermediate_size (`for_model` picks it).
     expert_block_size: int | None = None
+    # Activations of the quantized projections (MatMulNBits): "int8" quantizes them per block,
+    # symmetric (accuracy_level 4: ONNX Runtime's fast int8 kernels, as llama.cpp quantizes its
+    # activations to q8); "fp32" keeps them (accuracy_level 0: exact, but ONNX Runtime 1.32's
+    # 8-bit path then dequantizes every call and is ~50x slower). int8 experts (QMoE) always
+    # quantize their activations in ONNX Runtime 1.32.
+    activations: str = "int8"
 
     def __post_init__(self):
+        if self.activations not in ("int8", "fp32"):
+            raise UserError(f"activations must be int8 or fp32, got {self.activations!r}")
         if self.block_size not in BLOCK_SIZES:
             raise UserError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         for part, b in self.bits.items():
@@ -48,7 +56,8 @@ class QuantConfig:
                 raise UserError(f"quantization: {part}={b}; parts are {', '.join(PARTS)}, bits 4 or 8")
 
     @classmethod
-    def preset(cls, precision: str, block_size: int = 32, overrides: dict[str, int | None] | None = None) -> "QuantConfig":
+    def preset(cls, precision: str, block_size: int = 32, overrides: dict[str, int | None] | None = None,
+               activations: str = "int8") -> "QuantConfig":
         if precision not in PRESETS:
             raise UserError(f"precision {precision!r}: quantized presets are {', '.join(PRESETS)}")
         bits = dict(PRESETS[precision])
@@ -57,7 +66,7 @@ class QuantConfig:
                 bits.pop(part, None)
             else:
                 bits[part] = b
-        return cls(bits, block_size)
+        return cls(bits, block_size, activations=activations)
 
     @property
     def active(self) -> bool:
@@ -80,11 +89,11 @@ class QuantConfig:
     def to_json(self) -> dict:
         return {"bits": dict(self.bits), "block_size": self.block_size,
                 "expert_block_size": self.block_for("routed_experts"), "symmetric": True,
-                "scale_dtype": "float32", "method": "round-to-nearest"}
+                "scale_dtype": "float32", "method": "round-to-nearest", "activations": self.activations}
 
     @classmethod
     def from_json(cls, data: dict) -> "QuantConfig":
-        return cls(dict(data["bits"]), data["block_size"], data.get("expert_block_size"))
+        return cls(dict(data["bits"]), data["block_size"], data.get("expert_block_size"), data.get("activations", "fp32"))
 
 
 def part_of(reference_name: str) -> str | None:

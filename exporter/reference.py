@@ -151,10 +151,13 @@ class MoE(nn.Module):
 def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     """Symmetric int8 per block of the last dim (round half to even, as ONNX Runtime's MLAS)."""
     shape = x.shape
-    b = x.reshape(*shape[:-1], shape[-1] // block, block)
+    pad = -shape[-1] % block  # a last partial block is quantized on its own (zeros do not change its max)
+    if pad:
+        x = F.pad(x, (0, pad))
+    b = x.reshape(*shape[:-1], x.shape[-1] // block, block)
     scale = b.abs().amax(-1, keepdim=True) / 127
     inverse = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)  # MLAS multiplies by 1/scale
-    return (torch.round(b * inverse) * scale).reshape(shape)
+    return (torch.round(b * inverse) * scale).reshape(x.shape)[..., : shape[-1]]
 
 
 class LatentCache:
@@ -296,6 +299,8 @@ class DeepseekReference(nn.Module):
             raise RuntimeError(f"reference weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for layer in model.layers:
             _set_activation_quant(layer, quant)
+        if quant is not None and quant.activations == "int8" and quant.bits.get("lm_head"):
+            _quantize_inputs(model.lm_head, quant.block_size)
         return model.eval()
 
 
@@ -325,13 +330,39 @@ def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=
     norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     norm.weight = nn.Parameter(reader.get("model.norm.weight", (cfg.hidden_size,)))
     head = fake_quantize("lm_head.weight", reader.lm_head(), quant)
-    return [norm(x)[0] @ head.T for x in states]
+    act_block = quant.block_size if quant is not None and quant.activations == "int8" and quant.bits.get("lm_head") else None
+    return [(quantize_activations(norm(x)[0], act_block) if act_block else norm(x)[0]) @ head.T for x in states]
 
 
 def _set_activation_quant(layer: "DecoderLayer", quant) -> None:
-    """int8 experts: the activation quantization ONNX Runtime's QMoE applies (MoE.activation_quant_block)."""
-    if quant is not None and quant.bits.get("routed_experts") == 8 and isinstance(layer.mlp, MoE):
+    """The activation quantization the quantized bundle's kernels apply: int8 experts (QMoE,
+    MoE.activation_quant_block) and, with quant.activations == "int8", the inputs of every
+    quantized projection (MatMulNBits accuracy_level 4), per block of K."""
+    if quant is None:
+        return
+    if quant.bits.get("routed_experts") == 8 and isinstance(layer.mlp, MoE):
         layer.mlp.activation_quant_block = quant.block_for("routed_experts")
+    if quant.activations == "int8":
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear) and quant.bits.get(_linear_part(name)):
+                _quantize_inputs(module, quant.block_size)
+
+
+def _linear_part(module_name: str) -> str | None:
+    if module_name.startswith("self_attn.") and "kv_b_proj" not in module_name:
+        return "attention"
+    if module_name.startswith("mlp.shared."):
+        return "shared_experts"
+    if module_name.startswith("mlp."):
+        return "dense_mlp"
+    return None
+
+
+def _quantize_inputs(module: nn.Module, block: int) -> None:
+    def hook(mod, args):
+        return (quantize_activations(args[0], block),)
+
+    module.register_forward_pre_hook(hook)
 
 
 def iter_reference_tensors(reader: CheckpointReader, quant=None):
