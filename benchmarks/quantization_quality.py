@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,7 @@ from dsexport.exporter.reference import DeepseekReference
 from dsexport.runtime.tokenizer import BundleTokenizer
 
 DOMAINS = ("english", "code")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @torch.no_grad()
@@ -48,6 +51,45 @@ def test_windows(seq_len: int = 256) -> dict[str, torch.Tensor]:
     return out
 
 
+def bundle_bytes(cfg, quant) -> int:
+    """Weight bytes with per-expert widths (weight_bytes counts routed experts at one width)."""
+    if quant is None:
+        return weight_bytes(cfg, {})[0]
+    total, _ = weight_bytes(cfg, quant.bits, quant.block_size, expert_block_size=quant.block_for("routed_experts"))
+    per = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    base_bits = quant.bits.get("routed_experts")
+    for layer, widths in quant.expert_bits.items():
+        for bits in widths.values():
+            total += int(per * (bits - base_bits) / 8)
+    return total
+
+
+def mixed_configs(reader) -> list:
+    """Per-expert widths from a calibration on the model's training text (both corpora):
+    int4 with the top quarter of experts at int8; and at uniform int4's bytes, the lowest-scoring
+    12.5% pruned and the bytes saved spent on int8 for the top experts."""
+    import dataclasses as dc
+    import tempfile
+
+    from pruning_quality import train_corpora
+
+    from dsexport.calibration.profile import calibrate
+    from dsexport.calibration.pruning import PruneConfig, plan_expert_bits, plan_pruning
+
+    with tempfile.TemporaryDirectory() as work:
+        corpora = train_corpora(Path(work))
+        profile = calibrate(EMBEDDED_MODEL, [corpora["english"], corpora["code"]], 256, 256)
+    cfg = reader.config
+    int4 = QuantConfig.preset("int4", 32).for_model(cfg.hidden_size, cfg.moe_intermediate_size)
+    top = dc.replace(int4, expert_bits=plan_expert_bits(cfg, profile, 8, 0.25))
+    pruned = plan_pruning(cfg, profile, PruneConfig(0.125, "output-mass", "global"))
+    # an int8 expert costs (1 + 4/32) / (0.5 + 4/32) = 1.8 int4 experts: each pruned one pays for 1/0.8 upgrades
+    same_bytes = dc.replace(int4, expert_bits=plan_expert_bits(cfg, profile, 8, 0.125 / 0.8 * 0.875 / 0.875,
+                                                                 kept=pruned.kept))
+    return [("int4, top 25% experts int8", top),
+            ("int4, 12.5% pruned, top experts int8 (= int4 bytes)", same_bytes, pruned.kept)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
@@ -57,13 +99,20 @@ def main() -> None:
     configs = [("fp32", None)] + [(f"{p} block {b}", QuantConfig.preset(p, b)) for p in ("int8", "int4")
                                   for b in (32, 64, 128)]
     configs.append(("int4 block 32, lm_head int4", QuantConfig.preset("int4", 32, {"lm_head": 4})))
+    configs += mixed_configs(reader)
     rows, base = [], {}
-    for label, quant in configs:
-        model = DeepseekReference.from_checkpoint(reader, quant)
+    for label, quant, *kept in configs:
+        kept = kept[0] if kept else None
+        base_cfg = reader.config
+        reader.config = base_cfg.with_kept_experts(kept)
+        try:
+            model = DeepseekReference.from_checkpoint(reader, quant)
+            total = bundle_bytes(reader.config, quant)
+        finally:
+            reader.config = base_cfg
         ppl = {d: perplexity(model, w) for d, w in windows.items()}
         if quant is None:
             base = ppl
-        total, _ = weight_bytes(reader.config, quant.bits if quant else {}, quant.block_size if quant else 32)
         row = {"config": label, "weight_bytes": total, **{f"ppl_{d}": p for d, p in ppl.items()},
                **{f"delta_{d}": p / base[d] - 1 for d, p in ppl.items()}}
         rows.append(row)

@@ -132,3 +132,24 @@ def plan_pruning(cfg: ModelConfig, profile: Profile, prune: PruneConfig, bytes_p
     per_expert = int((3 * cfg.hidden_size * cfg.moe_intermediate_size + cfg.hidden_size) * bytes_per_weight
                      + (4 if cfg.uses_correction_bias else 0))
     return PruningPlan(prune, kept, {k: sorted(v) for k, v in removed.items()}, per_expert, skipped)
+
+
+def plan_expert_bits(cfg: ModelConfig, profile: Profile, bits: int, fraction: float,
+                     criterion: str = DEFAULT_CRITERION, kept: dict[int, list[int]] | None = None) -> dict[int, dict[int, int]]:
+    """{layer: {expert id: bits}} for the `fraction` of routed experts (of those kept) that score
+    highest, over all MoE layers (scores divided by their layer's mean, as the global scope)."""
+    if not 0 < fraction <= 1 or bits not in (4, 8):
+        raise UserError(f"--expert-bits takes BITS:FRACTION with BITS 4 or 8 and FRACTION in (0, 1], got {bits}:{fraction}")
+    check_profile_matches(profile, cfg)
+    scores = expert_scores(profile, criterion)
+    ranked = []
+    for lp in profile.layers:
+        s = scores[lp.layer]
+        norm = s / s.mean() if s.mean() > 0 else s
+        ranked += [(float(v), lp.layer, e) for v, e in zip(norm, lp.expert_ids)
+                   if kept is None or e in kept.get(lp.layer, lp.expert_ids)]
+    ranked.sort(reverse=True)
+    out: dict[int, dict[int, int]] = {}
+    for _, layer, e in ranked[: int(round(fraction * len(ranked)))]:
+        out.setdefault(layer, {})[e] = bits
+    return out

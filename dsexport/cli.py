@@ -109,11 +109,14 @@ def _pruning_plan(model_dir: Path, prune: float | None, calib: Path | None, prun
 @click.option("--quantize", "quantize", multiple=True, metavar="PART=BITS",
               help="Per part bits over the precision's preset: PART in attention, shared_experts, routed_experts, "
                    "dense_mlp, lm_head; BITS 4, 8 or none (fp32). Repeatable; docs/quantization.md.")
+@click.option("--expert-bits", default=None, metavar="BITS:FRACTION",
+              help="Give the FRACTION of routed experts that matter most (by --prune-by, from --calib) BITS bits, "
+                   "e.g. 8:0.25 on an int4 build (docs/quantization.md).")
 @_prune_options
 def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | None, overwrite: bool,
           moe_lowering: str | None, moe_shards: int | None, max_context: int | None, tensorrt: str | None,
-          force: bool, block_size: str, quantize: tuple[str, ...], prune: float | None, calib: Path | None,
-          prune_by: str, prune_scope: str) -> None:
+          force: bool, block_size: str, quantize: tuple[str, ...], expert_bits: str | None, prune: float | None,
+          calib: Path | None, prune_by: str, prune_scope: str) -> None:
     """Export a checkpoint into a bundle for a target."""
     from dsexport import EMBEDDED_MODEL
     from dsexport.exporter.bundle import BuildConfig, build_bundle
@@ -122,12 +125,13 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
         model_dir = EMBEDDED_MODEL
         click.echo(f"no --model: using the embedded model ({model_dir})", err=True)
     target = _resolve_target(target)
-    pruning = _pruning_plan(model_dir, prune, calib, prune_by, prune_scope)
+    pruning = _pruning_plan(model_dir, prune, calib if prune is not None else None, prune_by, prune_scope)
+    widths = _expert_bits(model_dir, expert_bits, calib, prune_by, pruning)
     config = BuildConfig(model_dir, out_dir, target, precision, overwrite, moe_lowering=moe_lowering,
                          moe_shards=moe_shards, max_context=max_context, tensorrt=tensorrt, force=force,
                          kept_experts=pruning[0].kept if pruning else None,
                          pruning=pruning[0].to_json(pruning[1]) if pruning else None,
-                         block_size=int(block_size), quantize=_parse_quantize(quantize))
+                         block_size=int(block_size), quantize=_parse_quantize(quantize), expert_bits=widths)
     if pruning:
         click.echo(f"pruning {pruning[0].to_json()['removed_experts']} of {pruning[0].to_json()['routed_experts']} "
                    f"routed experts by {prune_by} ({prune_scope})", err=True)
@@ -145,6 +149,26 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
     if "tensorrt" in m:
         for line in _tensorrt_summary(m):
             click.echo(line)
+
+
+def _expert_bits(model_dir: Path, spec: str | None, calib: Path | None, criterion: str, pruning):
+    """--expert-bits BITS:FRACTION -> {layer: {expert id: bits}} from the calibration profile."""
+    if spec is None:
+        return None
+    try:
+        bits, fraction = spec.split(":")
+        bits, fraction = int(bits), float(fraction)
+    except ValueError:
+        raise UserError(f"--expert-bits {spec!r}: expected BITS:FRACTION, e.g. 8:0.25") from None
+    if calib is None:
+        raise UserError("--expert-bits needs --calib: a calibration profile (`dsexport calibrate`)")
+    from dsexport.calibration.profile import load_profile
+    from dsexport.calibration.pruning import plan_expert_bits
+    from dsexport.exporter.checkpoint import CheckpointReader
+
+    profile = pruning[1] if pruning else load_profile(calib)
+    return plan_expert_bits(CheckpointReader(model_dir).config, profile, bits, fraction, criterion,
+                            pruning[0].kept if pruning else None)
 
 
 def _parse_quantize(items: tuple[str, ...]) -> dict[str, int | None] | None:

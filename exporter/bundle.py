@@ -51,6 +51,7 @@ class BuildConfig:
     force: bool = False  # build even when the memory plan says the target cannot hold it
     block_size: int = 32  # quantization block (int8/int4)
     quantize: dict[str, int | None] | None = None  # per-part bits overriding the precision's preset (exporter/quantize.py)
+    expert_bits: dict[int, dict[int, int]] | None = None  # per-expert widths over routed_experts' (calibration)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +164,10 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
             raise UserError(f"precision {precision} is not available for {target.backend}; choose from "
                             f"{', '.join(PRESETS)}")
         quant = QuantConfig.preset(precision, build.block_size, build.quantize)
+        if build.expert_bits:
+            if "routed_experts" not in quant.bits:
+                raise UserError("--expert-bits needs quantized routed experts (--precision int4|int8)")
+            quant = dataclasses.replace(quant, expert_bits=build.expert_bits)
         if quant.active and lowering.name != "ort-moe" and "routed_experts" in quant.bits:
             raise UserError(f"quantized routed experts need the ort-moe lowering (QMoE), not {lowering.name}")
     elif build.quantize:

@@ -106,9 +106,13 @@ class _DecoderEmitter:
         y = self.linear(x, np.concatenate(weights, axis=0), name, part, bias, row_scale)
         return self.g.op("Split", [y, self.g.const(sizes)], name=name + "_split", outputs=len(sizes), axis=-1)
 
-    def routed(self, x2: str, logits: str, w: ExpertWeights, p: str) -> str:
+    def routed(self, x2: str, logits: str, w: ExpertWeights, p: str, layer: int) -> str:
         """The routed experts' output [N, D]; with a prefill lowering, an If picks it for prompts."""
-        emit = lambda lowering: lambda: lowering.emit(self.g, x2, logits, w, self.cfg, p, self.lowering_options)  # noqa: E731
+        opts = self.lowering_options
+        if self.quant.expert_bits.get(layer):
+            opts = dataclasses.replace(opts, slot_bits=tuple(self.quant.bits_for_expert(layer, e)
+                                                             for e in self.cfg.expert_ids(layer)))
+        emit = lambda lowering: lambda: lowering.emit(self.g, x2, logits, w, self.cfg, p, opts)  # noqa: E731
         if self.prefill_lowering is None:
             return emit(self.lowering)()
         return self.g.branch(self.is_prompt, emit(self.prefill_lowering), emit(self.lowering), p + "_routed_if",
@@ -221,7 +225,7 @@ class _DecoderEmitter:
         w = ExpertWeights(t["mlp.router"], t.get("mlp.bias"), t["mlp.w_gate"], t["mlp.w_up"], t["mlp.w_down"],
                           cfg.expert_groups(i))
         if not cfg.n_shared_experts:
-            return g.op("Reshape", [self.routed(x2, g.linear(x2, w.router, p + ".router"), w, p),
+            return g.op("Reshape", [self.routed(x2, g.linear(x2, w.router, p + ".router"), w, p, i),
                                     g.op("Shape", [x], name=p + "_shape")], name=p + "_out")
         gate, up, down = t["mlp.shared.gate_proj.weight"], t["mlp.shared.up_proj.weight"], t["mlp.shared.down_proj.weight"]
         if self.quant.bits.get("shared_experts") is None:  # router and shared expert read the same input: one MatMul
@@ -229,7 +233,7 @@ class _DecoderEmitter:
         else:  # the router stays fp32
             logits = g.linear(x2, w.router, p + ".router")
             a, b = self.linear_split(x2, [gate, up], p + ".shared.gate_up", "shared_experts")
-        y = self.routed(x2, logits, w, p)  # [N, D]
+        y = self.routed(x2, logits, w, p, i)  # [N, D]
         act = g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a], name=p + "_sig")], name=p + "_silu"), b], name=p + "_act")
         y = g.op("Add", [y, self.linear(act, down, p + ".shared.down_proj", "shared_experts")], name=p + "_sum")
         return g.op("Reshape", [y, g.op("Shape", [x], name=p + "_shape")], name=p + "_out")

@@ -45,6 +45,7 @@ class LoweringOptions:
     moe_shards: int = 1
     expert_bits: int | None = None  # ort-moe: QMoE with block-wise int8/int4 experts (exporter/quantize.py)
     block_size: int = 32
+    slot_bits: tuple[int, ...] | None = None  # per-expert widths when they differ (one QMoE per width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,8 @@ def _emit_group_mask(g: GraphBuilder, choice: str, groups: tuple[int, ...], cfg:
 def emit_ort_moe(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: ModelConfig, name: str,
                  opts: LoweringOptions) -> str:
     E, inter, D = w.gate.shape
+    if opts.slot_bits and len(set(opts.slot_bits)) > 1:
+        return _emit_mixed_width(g, x, logits, w, cfg, name, opts)
     S = opts.moe_shards if inter % opts.moe_shards == 0 else 1
     if opts.expert_bits and (inter // S) % opts.block_size:
         S = 1  # quantization blocks run along fc2's K (= inter / S): shards must not cut a block
@@ -200,6 +203,51 @@ def _swiglu(g: GraphBuilder, h: str, inter: int, name: str) -> str:
     gate, up = g.op("Split", [h, g.const([inter, inter])], name=name + "_gu", outputs=2, axis=-1)
     return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=name + "_sig")], name=name + "_silu"), up],
                 name=name + "_act")
+
+
+def _emit_mixed_width(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: ModelConfig, name: str,
+                      opts: LoweringOptions) -> str:
+    """Experts of different bit widths: one QMoE per width over its experts. Each op gets log(score)
+    at the chosen experts of its width and -1e30 elsewhere (not -inf: an op none of whose experts
+    was chosen must not produce NaN); it returns sum_i (s_i / S_g) f_i over its chosen experts,
+    so the layer output is sum_g S_g y_g (divided by the sum of all chosen scores under
+    norm_topk_prob). Costs: each op runs top-k experts whether or not they were chosen."""
+    from .quantize import pack, quantize_rows
+
+    E, inter, D = w.gate.shape
+    raw, idx = emit_routing(g, logits, w, cfg, name)  # [N, k]
+    logw = g.op("Log", [raw], name=name + "_logw")
+    fc1 = np.stack([w.gate, w.up], axis=2).reshape(E, 2 * inter, D)  # interleaved gate/up rows
+    fold = np.float32(cfg.routed_scaling_factor)
+    y = None
+    for bits in sorted(set(opts.slot_bits)):
+        slots = [s for s, b in enumerate(opts.slot_bits) if b == bits]
+        n, tag = len(slots), f"{name}_w{bits}"
+        local = np.full(E, n, np.int64)  # other widths' experts go to a dummy column n, sliced off
+        local[slots] = np.arange(n)
+        lidx = g.op("Gather", [g.const(local), idx], name=tag + "_lidx", axis=0)  # [N, k]
+        mine = g.op("Less", [lidx, g.const(n)], name=tag + "_mine")
+        lw = g.op("Where", [mine, logw, g.const(-1e30, np.float32)], name=tag + "_lw")
+        shape = g.op("Concat", [g.op("Shape", [x], name=tag + "_xshape", start=0, end=1), g.const([n + 1])],
+                     name=tag + "_shape", axis=0)
+        dense = g.op("Expand", [g.const(-1e30, np.float32), shape], name=tag + "_bg")
+        router_in = g.op("Slice", [g.op("ScatterElements", [dense, lidx, lw], name=tag + "_scatter", axis=1),
+                                   g.const([0]), g.const([n]), g.const([1])], name=tag + "_router_in")  # [N, n]
+        share = g.op("ReduceSum", [g.op("Where", [mine, raw, g.const(0.0, np.float32)], name=tag + "_rawm"),
+                                   g.const([-1])], name=tag + "_share", keepdims=1)  # [N, 1]
+        attrs = dict(k=min(cfg.num_experts_per_tok, n), activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                     activation_beta=0.0, normalize_routing_weights=0)
+        q1, d1 = quantize_rows(fc1[slots], bits, opts.block_size)
+        q2, d2 = quantize_rows(w.down[slots], bits, opts.block_size)
+        part = g.op("QMoE", [x, router_in, g.weight(tag + ".fc1q", pack(q1, bits)), g.weight(tag + ".fc1s", d1), "",
+                             g.weight(tag + ".fc2q", pack(q2, bits)), g.weight(tag + ".fc2s", (d2 * fold).astype(np.float32))],
+                    name=tag + "_moe", domain=MS_DOMAIN, expert_weight_bits=bits, block_size=opts.block_size, **attrs)
+        part = g.op("Mul", [part, share], name=tag + "_scaled")
+        y = part if y is None else g.op("Add", [y, part], name=tag + "_sum")
+    if cfg.norm_topk_prob:
+        total = g.op("ReduceSum", [raw, g.const([-1])], name=name + "_total", keepdims=1)
+        y = g.op("Div", [y, g.op("Add", [total, g.const(1e-20, np.float32)], name=name + "_total_eps")], name=name + "_routed")
+    return y
 
 
 @register("gather", prefill_ok=False, ops=("Gather", "MatMul", "TopK"),

@@ -45,6 +45,9 @@ class QuantConfig:
     # 8-bit path then dequantizes every call and is ~50x slower). int8 experts (QMoE) always
     # quantize their activations in ONNX Runtime 1.32.
     activations: str = "int8"
+    # Per-expert widths overriding routed_experts: {layer: {original expert id: 4 | 8}}
+    # (calibration.pruning.plan_expert_bits picks them; docs/quantization.md).
+    expert_bits: dict[int, dict[int, int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.activations not in ("int8", "fp32"):
@@ -72,6 +75,9 @@ class QuantConfig:
     def active(self) -> bool:
         return bool(self.bits)
 
+    def bits_for_expert(self, layer: int, expert_id: int) -> int | None:
+        return self.expert_bits.get(layer, {}).get(expert_id, self.bits.get("routed_experts"))
+
     def block_for(self, part: str) -> int:
         return self.expert_block_size or self.block_size if part == "routed_experts" else self.block_size
 
@@ -89,11 +95,14 @@ class QuantConfig:
     def to_json(self) -> dict:
         return {"bits": dict(self.bits), "block_size": self.block_size,
                 "expert_block_size": self.block_for("routed_experts"), "symmetric": True,
-                "scale_dtype": "float32", "method": "round-to-nearest", "activations": self.activations}
+                "scale_dtype": "float32", "method": "round-to-nearest", "activations": self.activations,
+                "expert_bits": {str(layer): {str(e): b for e, b in sorted(m.items())}
+                                for layer, m in sorted(self.expert_bits.items())}}
 
     @classmethod
     def from_json(cls, data: dict) -> "QuantConfig":
-        return cls(dict(data["bits"]), data["block_size"], data.get("expert_block_size"), data.get("activations", "fp32"))
+        return cls(dict(data["bits"]), data["block_size"], data.get("expert_block_size"), data.get("activations", "fp32"),
+                   {int(layer): {int(e): b for e, b in m.items()} for layer, m in data.get("expert_bits", {}).items()})
 
 
 def part_of(reference_name: str) -> str | None:
@@ -142,9 +151,15 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-def fake_quantize(name: str, tensor: torch.Tensor, quant: QuantConfig | None) -> torch.Tensor:
-    """The weights the quantized graph computes with, for the reference model."""
+def fake_quantize(name: str, tensor: torch.Tensor, quant: QuantConfig | None, layer: int | None = None,
+                  expert_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """The weights the quantized graph computes with, for the reference model (routed experts:
+    each at its own width when quant.expert_bits says so; pass the layer and its expert ids)."""
     part = part_of(name) if quant is not None else None
+    if part == "routed_experts" and layer is not None and quant.expert_bits.get(layer):
+        return torch.stack([fake_quantize(name, tensor[slot], dataclasses.replace(
+            quant, bits={**quant.bits, "routed_experts": quant.bits_for_expert(layer, e)}, expert_bits={}))
+            if quant.bits_for_expert(layer, e) else tensor[slot] for slot, e in enumerate(expert_ids)])
     bits = quant.bits.get(part) if part else None
     if bits is None:
         return tensor

@@ -98,6 +98,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         num_experts = cfg.num_experts(layer)
         self.groups = cfg.expert_groups(layer)
+        self.expert_ids = cfg.expert_ids(layer)
         D, inter = cfg.hidden_size, cfg.moe_intermediate_size
         self.router = nn.Parameter(torch.empty(num_experts, D))  # [E, D]
         self.bias = nn.Parameter(torch.zeros(num_experts)) if cfg.uses_correction_bias else None  # [E]
@@ -112,9 +113,13 @@ class MoE(nn.Module):
         # output to int8, symmetric, per block of this many values; the reference does the same
         # so that a quantized bundle can be checked exactly (exporter/quantize.py).
         self.activation_quant_block: int | None = None
+        self.activation_quant_slots: set[int] | None = None  # None: every expert
 
-    def _act_quant(self, h: torch.Tensor) -> torch.Tensor:
-        return h if self.activation_quant_block is None else quantize_activations(h, self.activation_quant_block)
+    def _act_quant(self, h: torch.Tensor, slot: int) -> torch.Tensor:
+        if self.activation_quant_block is None or (self.activation_quant_slots is not None
+                                                   and slot not in self.activation_quant_slots):
+            return h
+        return quantize_activations(h, self.activation_quant_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -136,8 +141,8 @@ class MoE(nn.Module):
             rows = order[start : start + n]
             tokens = token_of[start : start + n]
             start += n
-            h = self._act_quant(x[tokens])
-            h = self._act_quant(F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T))
+            h = self._act_quant(x[tokens], e)
+            h = self._act_quant(F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T), e)
             h = h @ self.w_down[e].T  # [n, D] the expert's output
             w = weights.flatten()[rows]  # [n]
             if self.recorder is not None:
@@ -322,8 +327,8 @@ def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=
     for i in range(cfg.num_hidden_layers):
         with torch.device("meta"):
             layer = DecoderLayer(cfg, i)
-        layer.load_state_dict({n: fake_quantize(n, t, quant) for n, t in layer_tensors(reader, i)}, strict=True,
-                              assign=True)
+        layer.load_state_dict({n: fake_quantize(n, t, quant, i, cfg.expert_ids(i)) for n, t in layer_tensors(reader, i)},
+                              strict=True, assign=True)
         _set_activation_quant(layer, quant)
         states = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(states, rope)]
         del layer
@@ -340,8 +345,12 @@ def _set_activation_quant(layer: "DecoderLayer", quant) -> None:
     quantized projection (MatMulNBits accuracy_level 4), per block of K."""
     if quant is None:
         return
-    if quant.bits.get("routed_experts") == 8 and isinstance(layer.mlp, MoE):
-        layer.mlp.activation_quant_block = quant.block_for("routed_experts")
+    if isinstance(layer.mlp, MoE):
+        ids = layer.mlp.expert_ids
+        slots = {s for s, e in enumerate(ids) if quant.bits_for_expert(layer.layer, e) == 8}
+        if slots:
+            layer.mlp.activation_quant_block = quant.block_for("routed_experts")
+            layer.mlp.activation_quant_slots = slots
     if quant.activations == "int8":
         for name, module in layer.named_modules():
             if isinstance(module, nn.Linear) and quant.bits.get(_linear_part(name)):
@@ -375,7 +384,7 @@ def iter_reference_tensors(reader: CheckpointReader, quant=None):
     yield "embed_tokens.weight", reader.get("model.embed_tokens.weight", (V, D))
     for i in range(cfg.num_hidden_layers):
         for name, t in layer_tensors(reader, i):
-            yield f"layers.{i}.{name}", fake_quantize(name, t, quant)
+            yield f"layers.{i}.{name}", fake_quantize(name, t, quant, i, cfg.expert_ids(i))
     yield "norm.weight", reader.get("model.norm.weight", (D,))
     yield "lm_head.weight", fake_quantize("lm_head.weight", reader.lm_head(), quant)
 

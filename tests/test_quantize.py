@@ -115,3 +115,41 @@ def test_quantized_sizes_and_flags(artifacts, run_cli, tmp_path):
     code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "d", "--target", "jetson-orin-nano-8gb",
                            "--precision", "int4")
     assert code == 2 and "Q/DQ" in err and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("variant", ["v3_noaux_tc", "v2_greedy"])
+def test_mixed_expert_widths_equal_the_dequantized_reference(artifacts, tmp_path, variant):
+    """--expert-bits: experts of two widths in one layer, one QMoE per width (the int8 ones with
+    their activation quantization): the bundle equals the reference with the same widths."""
+    ckpt = artifacts.checkpoint(variant)
+    cfg = CheckpointReader(ckpt).config
+    widths = {i: {e: 8 for e in cfg.expert_ids(i)[::3]} for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)}
+    build_bundle(BuildConfig(ckpt, tmp_path / "b", precision="int4", expert_bits=widths))
+    engine = Engine.load(tmp_path / "b", threads=2)
+    quant = QuantConfig.from_json(engine.manifest["quantization"])
+    assert quant.expert_bits == widths
+    reference = DeepseekReference.from_checkpoint(CheckpointReader(ckpt), quant)
+    tokens = np.random.default_rng(3).integers(3, cfg.vocab_size, size=30).tolist()
+    with torch.no_grad():
+        ref = reference(torch.tensor([tokens]))[0].numpy()
+    logits, _ = engine.forward(np.array([tokens]), np.arange(30)[None], np.ones((1, 30), np.int64), engine.empty_cache(1))
+    per_position = np.abs(logits[0] - ref).max(-1)
+    assert np.median(per_position) <= 1e-4 and np.quantile(per_position, 0.9) <= 1e-3
+
+
+def test_expert_bits_flag_needs_a_profile(artifacts, run_cli, tmp_path):
+    ckpt = artifacts.checkpoint("v3_noaux_tc")
+    code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "b", "--precision", "int4", "--expert-bits", "8:0.25")
+    assert code == 2 and "needs --calib" in err
+    data = tmp_path / "t.txt"
+    data.write_text("Only the chosen experts run on the device. " * 50)
+    from dsexport.calibration.profile import calibrate
+
+    calibrate(ckpt, [data], samples=8, seq_len=32).save(tmp_path / "prof")
+    code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "b", "--precision", "int4", "--expert-bits",
+                           "8:0.25", "--calib", tmp_path / "prof")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    upgraded = sum(len(m) for m in manifest["quantization"]["expert_bits"].values())
+    cfg = CheckpointReader(ckpt).config
+    assert upgraded == round(0.25 * sum(cfg.num_experts(i) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)))
