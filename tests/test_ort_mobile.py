@@ -211,40 +211,6 @@ def test_missing_pieces_are_bundle_errors(artifacts, tmp_path):
         convert_to_ort(dst, optimization_style="Eager")
 
 
-def test_a_second_graph_adds_to_the_config(artifacts, tmp_path):
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.tools.reduced_build_config_parser import parse_config
-
-    dst = tmp_path / "bundle"
-    shutil.copytree(artifacts.export("v3_noaux_tc"), dst)
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["xd"], to=TensorProto.DOUBLE),
-         helper.make_node("MatMul", ["xd", "w"], ["y"])],
-        "other", [helper.make_tensor_value_info("x", TensorProto.INT32, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 4])],
-        [numpy_helper.from_array(np.ones((3, 4)), "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), dst / "other.onnx",
-              save_as_external_data=True, location="other.onnx.data", size_threshold=0)
-    convert_to_ort(dst)
-    info = convert_to_ort(dst, "other.onnx", "other.onnx.data")
-    assert info["file"] == "other.ort" and (dst / ORT_FILE).is_file() and not (dst / "other.onnx.data").exists()
-    required, types = parse_config(str(dst / CONFIG_FILE), True)
-    assert "MoE" in required["com.microsoft"][1]  # the first model's ops stay
-    text = (dst / CONFIG_FILE).read_text()
-    assert 'MatMul{"inputs": {"0": ["double", "float"]}}' in text and "# - other.ort (Fixed)" in text
-
-
-def test_a_weight_file_shared_by_two_graphs_goes_with_the_last(artifacts, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(artifacts.export("v3_noaux_tc"), dst)
-    shutil.copyfile(dst / "model.onnx", dst / "prefill.onnx")  # reads model.onnx.data too
-    convert_to_ort(dst)
-    assert (dst / "model.onnx.data").is_file() and (dst / ORT_FILE).is_file()
-    assert convert_to_ort(dst, "prefill.onnx")["file"] == "prefill.ort"
-    assert not (dst / "model.onnx.data").exists() and not list(dst.glob("*.onnx"))
-
-
 def test_mobile_profiles():
     for name, ep in (("android-arm64", "XnnpackExecutionProvider"), ("ios-arm64", "CoreMLExecutionProvider")):
         target = TARGETS[name]
