@@ -33,6 +33,8 @@ from onnx import TensorProto, shape_inference
 
 from dsexport.errors import UserError
 
+from .profiles import profile_problems
+
 DATA_DIR = Path(__file__).parent / "data"
 
 
@@ -267,25 +269,7 @@ def check_file(path: Path, version: str, route: str = "tensorrt") -> CheckReport
 
 
 def check_profiles(model: onnx.ModelProto, profiles: list[dict], graph_name: str) -> list[str]:
-    """Dynamic-shape rule: every dynamic input dimension has min/opt/max in every profile,
-    min <= opt <= max, and fixed dimensions match the graph."""
-    problems = []
-    for i, profile in enumerate(profiles):
-        for value in model.graph.input:
-            dims = value.type.tensor_type.shape.dim
-            shape = profile.get(value.name)
-            if shape is None:
-                if any(d.dim_param or not d.HasField("dim_value") for d in dims):
-                    problems.append(f"{graph_name}: profile {i} has no shapes for dynamic input {value.name}")
-                continue
-            for key in ("min", "opt", "max"):
-                if len(shape[key]) != len(dims):
-                    problems.append(f"{graph_name}: profile {i} {value.name}.{key} has rank {len(shape[key])}, "
-                                    f"the graph {len(dims)}")
-            for axis, d in enumerate(dims):
-                lo, opt, hi = (shape[k][axis] for k in ("min", "opt", "max"))
-                if not lo <= opt <= hi:
-                    problems.append(f"{graph_name}: profile {i} {value.name} axis {axis}: min<=opt<=max fails")
-                if d.HasField("dim_value") and not lo == opt == hi == d.dim_value:
-                    problems.append(f"{graph_name}: profile {i} {value.name} axis {axis} is fixed at {d.dim_value}")
-    return problems
+    """profile_problems for an ONNX graph's inputs (symbolic dims are dynamic)."""
+    inputs = {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+              for v in model.graph.input}
+    return profile_problems(graph_name, inputs, profiles)

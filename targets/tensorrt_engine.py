@@ -32,6 +32,8 @@ from dsexport.errors import BundleError, InternalError, UserError
 from dsexport.runtime.bundle import MANIFEST_FILE, Bundle, read_bundle, sha256_file, verify_files
 from dsexport.runtime.tensorrt_backend import device_info, engine_mismatch, import_tensorrt
 
+from .profiles import profile_problems
+
 __all__ = ["build_engines", "engine_mismatch", "engine_plan", "check_profiles", "builder_flags", "fp32_layer",
            "record_engines"]
 
@@ -73,23 +75,9 @@ def engine_plan(manifest: dict, directory: Path) -> dict:
 
 def check_profiles(graph: str, inputs: dict[str, list[int]], profiles: list[dict]) -> None:
     """Every profile gives a valid range for every dynamic network input (-1 dims), and names only inputs."""
-    for k, profile in enumerate(profiles):
-        where = f"optimization profile {k} of the {graph} graph"
-        for name in profile:
-            if name not in inputs:
-                raise BundleError(f"{where} names {name!r}, which is not an input of the graph")
-        for name, dims in inputs.items():
-            if -1 not in dims:
-                continue
-            rng = profile.get(name)
-            if rng is None:
-                raise BundleError(f"{where} has no shape range for the dynamic input {name} {dims}")
-            lo, opt, hi = (list(rng.get(key, [])) for key in ("min", "opt", "max"))
-            if not len(lo) == len(opt) == len(hi) == len(dims):
-                raise BundleError(f"{where}: {name} has rank {len(dims)}, its range is {lo} / {opt} / {hi}")
-            for d, a, b, c in zip(dims, lo, opt, hi):
-                if not 0 <= a <= b <= c or (d != -1 and not a == b == c == d):
-                    raise BundleError(f"{where}: range {lo} / {opt} / {hi} of {name} does not fit its shape {dims}")
+    problems = profile_problems(graph, inputs, profiles)
+    if problems:
+        raise BundleError(problems[0])
 
 
 def builder_flags(plan: dict, available: set[str], trt_version: str) -> list[str]:
