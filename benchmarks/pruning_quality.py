@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -28,10 +27,10 @@ from dsexport import EMBEDDED_MODEL
 from dsexport.calibration.profile import calibrate
 from dsexport.calibration.pruning import CRITERIA, SCOPES, PruneConfig, plan_pruning
 from dsexport.exporter.checkpoint import CheckpointReader
-from dsexport.exporter.reference import DeepseekReference
-from dsexport.runtime.tokenizer import BundleTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # training/ (the corpora)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantization_quality import perplexity as model_perplexity, reference_with, test_windows  # noqa: E402
 FRACTIONS = (0.125, 0.25, 0.5)
 DOMAINS = ("english", "code")
 
@@ -46,21 +45,8 @@ def train_corpora(work: Path) -> dict[str, Path]:
     return {d: paths[f"{d}.train"] if f"{d}.train" in paths else work / f"{d}.train.txt" for d in DOMAINS}
 
 
-@torch.no_grad()
 def perplexity(reader: CheckpointReader, kept: dict | None, windows: torch.Tensor) -> float:
-    base = reader.config
-    reader.config = base.with_kept_experts(kept)
-    try:
-        model = DeepseekReference.from_checkpoint(reader)
-    finally:
-        reader.config = base
-    nll, count = 0.0, 0
-    for b in range(0, windows.shape[0], 16):
-        x = windows[b:b + 16]
-        logp = torch.log_softmax(model(x)[:, :-1].double(), -1)
-        nll -= logp.gather(-1, x[:, 1:, None]).sum().item()
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
+    return model_perplexity(reference_with(reader, kept), windows)
 
 
 def main() -> None:
@@ -71,12 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     reader = CheckpointReader(EMBEDDED_MODEL)
-    tok = BundleTokenizer(EMBEDDED_MODEL)
-    test = {}
-    for d in DOMAINS:
-        ids = tok.encode((EMBEDDED_MODEL / f"test.{d}.txt").read_text())
-        n = len(ids) // args.seq_len
-        test[d] = torch.tensor(ids[: n * args.seq_len]).view(n, args.seq_len)
+    test = test_windows(args.seq_len)
     result = {"samples": args.samples, "seq_len": args.seq_len, "test_windows": {d: int(t.shape[0]) for d, t in test.items()}}
     with tempfile.TemporaryDirectory() as work:
         corpora = train_corpora(Path(work))
@@ -100,7 +81,7 @@ def main() -> None:
                         print(f"calib {calib:7s} eval {evald:7s} {criterion:12s} {scope:9s} {fraction:5.3f}: "
                               f"ppl {ppl:8.3f} ({ppl / base[evald] - 1:+.2%})", flush=True)
     result["rows"] = rows
-    print(f"\nbaseline perplexity: " + ", ".join(f"{d} {p:.3f}" for d, p in base.items()))
+    print("\nbaseline perplexity: " + ", ".join(f"{d} {p:.3f}" for d, p in base.items()))
     print(f"{'calibrated on':14s} {'evaluated on':13s} {'scope':9s} " + "  ".join(
         f"{c[:4]} {f:.3f}" for f in FRACTIONS for c in CRITERIA))
     for calib in DOMAINS:

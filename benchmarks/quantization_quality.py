@@ -41,6 +41,16 @@ def perplexity(model, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
+def reference_with(reader: CheckpointReader, kept: dict | None = None, quant=None) -> DeepseekReference:
+    """The reference model with a pruning plan (kept experts) and/or quantization applied."""
+    base = reader.config
+    reader.config = base.with_kept_experts(kept)
+    try:
+        return DeepseekReference.from_checkpoint(reader, quant)
+    finally:
+        reader.config = base
+
+
 def test_windows(seq_len: int = 256) -> dict[str, torch.Tensor]:
     tok = BundleTokenizer(EMBEDDED_MODEL)
     out = {}
@@ -103,13 +113,8 @@ def main() -> None:
     rows, base = [], {}
     for label, quant, *kept in configs:
         kept = kept[0] if kept else None
-        base_cfg = reader.config
-        reader.config = base_cfg.with_kept_experts(kept)
-        try:
-            model = DeepseekReference.from_checkpoint(reader, quant)
-            total = bundle_bytes(reader.config, quant)
-        finally:
-            reader.config = base_cfg
+        model = reference_with(reader, kept, quant)
+        total = bundle_bytes(reader.config.with_kept_experts(kept), quant)
         ppl = {d: perplexity(model, w) for d, w in windows.items()}
         if quant is None:
             base = ppl
