@@ -153,3 +153,16 @@ def test_expert_bits_flag_needs_a_profile(artifacts, run_cli, tmp_path):
     upgraded = sum(len(m) for m in manifest["quantization"]["expert_bits"].values())
     cfg = CheckpointReader(ckpt).config
     assert upgraded == round(0.25 * sum(cfg.num_experts(i) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)))
+
+
+def test_a_phone_bundle_carries_the_quantized_ops(artifacts, tmp_path):
+    """int4 for android-arm64: MatMulNBits and QMoE go through the ORT-format conversion and the
+    reduced-op config, and the .ort model generates the x86 int4 bundle's greedy tokens."""
+    ckpt = artifacts.checkpoint("v3_noaux_tc")
+    build_bundle(BuildConfig(ckpt, tmp_path / "x86", precision="int4"))
+    build_bundle(BuildConfig(ckpt, tmp_path / "phone", target="android-arm64", precision="int4"))
+    config = (tmp_path / "phone" / "required_operators.config").read_text()
+    assert "MatMulNBits" in config and "QMoE" in config
+    prompt = [5, 17, 3, 99]
+    assert Engine.load(tmp_path / "phone").generate(prompt, max_new_tokens=16, ignore_eos=True).output_ids == \
+        Engine.load(tmp_path / "x86").generate(prompt, max_new_tokens=16, ignore_eos=True).output_ids
