@@ -12,6 +12,7 @@ to fp32 per precision and block size, and the bytes of the weights each writes.
 from __future__ import annotations
 
 import argparse
+import dataclasses as dc
 import json
 import math
 import sys
@@ -65,7 +66,8 @@ def bundle_bytes(cfg, quant) -> int:
     """Weight bytes with per-expert widths (weight_bytes counts routed experts at one width)."""
     if quant is None:
         return weight_bytes(cfg, {})[0]
-    total, _ = weight_bytes(cfg, quant.bits, quant.block_size, expert_block_size=quant.block_for("routed_experts"))
+    total, _ = weight_bytes(cfg, quant.bits, quant.block_size, expert_block_size=quant.block_for("routed_experts"),
+                            per_channel_bits=quant.per_channel_bits, zero_points=quant.scheme == "asymmetric")
     per = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     base_bits = quant.bits.get("routed_experts")
     for layer, widths in quant.expert_bits.items():
@@ -109,6 +111,14 @@ def main() -> None:
     configs = [("fp32", None)] + [(f"{p} block {b}", QuantConfig.preset(p, b)) for p in ("int8", "int4")
                                   for b in (32, 64, 128)]
     configs.append(("int4 block 32, lm_head int4", QuantConfig.preset("int4", 32, {"lm_head": 4})))
+    # the choices around int4: exact fp32 activations, zero points, and TensorRT's Q/DQ weights
+    # (symmetric, positive scales, int8 parts per channel, fp activations)
+    configs.append(("int4 block 32, fp32 activations", QuantConfig.preset("int4", 32, activations="fp32")))
+    configs.append(("int4 block 32, zero points", dc.replace(QuantConfig.preset("int4", 32), scheme="asymmetric")))
+    configs.append(("int4 TensorRT Q/DQ", dc.replace(QuantConfig.preset("int4", 32, activations="fp32"),
+                                                     scheme="symmetric", per_channel_bits=(8,), lowering="qdq")))
+    configs.append(("int8 TensorRT Q/DQ", dc.replace(QuantConfig.preset("int8", 32, activations="fp32"),
+                                                     scheme="symmetric", per_channel_bits=(8,), lowering="qdq")))
     configs += mixed_configs(reader)
     rows, base = [], {}
     for label, quant, *kept in configs:

@@ -106,17 +106,31 @@ def _pruning_plan(model_dir: Path, prune: float | None, calib: Path | None, prun
 @click.option("--force", is_flag=True, help="Build even when the memory plan says the target cannot hold it.")
 @click.option("--block-size", default=32, show_default=True, type=click.Choice(["32", "64", "128"]),
               help="Quantization block: weights per scale (int8/int4).")
+@click.option("--activations", default="int8", show_default=True, type=click.Choice(["int8", "fp32"]),
+              help="int8: quantized kernels quantize their inputs per block (ONNX Runtime's fast path); fp32: "
+                   "exact, slower (8-bit experts always quantize; docs/quantization.md).")
+@click.option("--zero-points", is_flag=True,
+              help="Asymmetric quantization: a zero point per block besides the scale (ONNX Runtime targets).")
 @click.option("--quantize", "quantize", multiple=True, metavar="PART=BITS",
               help="Per part bits over the precision's preset: PART in attention, shared_experts, routed_experts, "
                    "dense_mlp, lm_head; BITS 4, 8 or none (fp32). Repeatable; docs/quantization.md.")
 @click.option("--expert-bits", default=None, metavar="BITS:FRACTION",
               help="Give the FRACTION of routed experts that matter most (by --prune-by, from --calib) BITS bits, "
                    "e.g. 8:0.25 on an int4 build (docs/quantization.md).")
+@click.option("--paged/--no-paged", default=None,
+              help="Keep routed experts in a store the runtime pages (docs/paging.md). Default: paged when the "
+                   "target's memory cannot hold every expert and its backend can page.")
+@click.option("--expert-cache-mb", default=None, type=float,
+              help="A paged bundle's default expert cache in MiB (default: what the target's memory plan leaves).")
+@click.option("--mtp/--no-mtp", "mtp", default=None,
+              help="Include the checkpoint's MTP module as a drafting graph (default: when it has one and the "
+                   "bundle is one ONNX Runtime graph; docs/mtp.md).")
 @_prune_options
 def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | None, overwrite: bool,
           moe_lowering: str | None, moe_shards: int | None, max_context: int | None, tensorrt: str | None,
-          force: bool, block_size: str, quantize: tuple[str, ...], expert_bits: str | None, prune: float | None,
-          calib: Path | None, prune_by: str, prune_scope: str) -> None:
+          force: bool, block_size: str, quantize: tuple[str, ...], expert_bits: str | None, paged: bool | None,
+          expert_cache_mb: float | None, prune: float | None, zero_points: bool, activations: str,
+          calib: Path | None, prune_by: str, prune_scope: str, mtp: bool | None = None) -> None:
     """Export a checkpoint into a bundle for a target."""
     from dsexport import EMBEDDED_MODEL
     from dsexport.exporter.bundle import BuildConfig, build_bundle
@@ -131,7 +145,9 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
                          moe_shards=moe_shards, max_context=max_context, tensorrt=tensorrt, force=force,
                          kept_experts=pruning[0].kept if pruning else None,
                          pruning=pruning[0].to_json(pruning[1]) if pruning else None,
-                         block_size=int(block_size), quantize=_parse_quantize(quantize), expert_bits=widths)
+                         block_size=int(block_size), quantize=_parse_quantize(quantize), expert_bits=widths,
+                         paged=paged, expert_cache_mb=expert_cache_mb, mtp=mtp, zero_points=zero_points,
+                         activations=activations)
     if pruning:
         click.echo(f"pruning {pruning[0].to_json()['removed_experts']} of {pruning[0].to_json()['routed_experts']} "
                    f"routed experts by {prune_by} ({prune_scope})", err=True)
@@ -142,7 +158,9 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
     if "quantization" in m:
         q = m["quantization"]
         click.echo("quantized: " + ", ".join(f"{part} int{b}" for part, b in q["bits"].items())
-                   + f", blocks of {q['block_size']}; router, norms, embeddings fp32")
+                   + f", {q.get('scheme', 'absmax')}, blocks of {q['block_size']}"
+                   + (" (int8 per channel)" if 8 in q.get("per_channel_bits", ()) else "")
+                   + "; router, norms, embeddings fp32")
     click.echo(f"wrote {out_dir}: target {m['target']['name']}, precision {m['precision']}, "
                f"MoE lowering {m['export']['moe_lowering']}"
                + (f" (prompts: {m['export']['prefill_moe_lowering']})" if m["export"].get("prefill_moe_lowering") else ""))
@@ -229,14 +247,32 @@ def _generation_kwargs(max_new_tokens, temperature, top_k, top_p, repetition_pen
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
               help="Run the ONNX graphs with ONNX Runtime, or the engines `dsexport engine` built on this device.")
+@click.option("--expert-cache-mb", default=None, type=float,
+              help="Paged bundles: MiB of routed experts kept resident (default: the bundle's; docs/paging.md).")
+@click.option("--cache-policy", default=None, type=click.Choice(["lfu", "lru"]),
+              help="Paged bundles: expert eviction policy (default: lfu).")
+@click.option("--no-prefetch", is_flag=True, help="Paged bundles: do not load predicted experts ahead.")
+@click.option("--stats", is_flag=True, help="Paged bundles: print expert-cache statistics of the generation.")
+@click.option("--draft", type=click.Choice(["mtp"]), default=None,
+              help="Draft with the bundle's MTP graph and verify two tokens per decoder run; prints drafting "
+                   "statistics (docs/mtp.md).")
+@click.option("--no-draft", is_flag=True, help="Decode one token per decoder run (the default: on CPUs drafting does not pay).")
 def run(bundle: Path, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
         repetition_penalty: float, seed: int | None, stop: tuple[str, ...], threads: int | None,
-        max_context: int | None, weights: str, no_verify: bool, as_json: bool, backend: str) -> None:
+        max_context: int | None, weights: str, no_verify: bool, as_json: bool, backend: str,
+        expert_cache_mb: float | None, cache_policy: str | None, no_prefetch: bool, stats: bool,
+        draft: str | None = None, no_draft: bool = False) -> None:
     """Generate text from a bundle."""
     from dsexport.runtime import Engine
 
+    if draft and no_draft:
+        raise UserError("--draft and --no-draft contradict each other; pass one")
     engine = Engine.load(bundle, threads=threads, max_context=max_context, weights=weights, verify=not no_verify,
-                         backend=backend)
+                         backend=backend, expert_cache_mb=expert_cache_mb, cache_policy=cache_policy,
+                         prefetch=not no_prefetch, draft=None if no_draft else draft)
+    paging = getattr(engine.backend, "paging_stats", None)
+    if stats and paging is None:
+        raise UserError(f"{bundle} is not a paged bundle: --stats reports expert paging (build --paged)")
     if chat:
         prompt = engine.apply_chat_template([{"role": "user", "content": prompt}])
     kwargs = _generation_kwargs(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
@@ -246,12 +282,41 @@ def run(bundle: Path, prompt: str, chat: bool, max_new_tokens: int, temperature:
             "prompt_ids": result.prompt_ids, "output_ids": result.output_ids, "text": result.text,
             "finish_reason": result.finish_reason, "ttft_s": result.ttft_s,
             "prefill_tokens_per_s": result.prefill_tokens_per_s, "decode_tokens_per_s": result.decode_tokens_per_s,
+            **({"paging_stats": result.paging_stats} if stats else {}),
+            **({"draft": result.draft_stats.to_json()} if result.draft_stats else {}),
         }))
         return
+    if paging is not None:
+        engine.backend.reset_stats()
     for event in engine.stream(prompt, **kwargs):
         click.echo(event.text, nl=False)
         sys.stdout.flush()
     click.echo()
+    if stats:
+        for line in paging_lines(paging()):
+            click.echo(line, err=True)
+    if engine.drafter is not None and engine.drafter.last_stats is not None:
+        click.echo(engine.drafter.last_stats.summary(), err=True)
+
+
+def paging_lines(s: dict) -> list[str]:
+    """`run --stats`: the expert cache's figures for one generation, then per layer the experts
+    requested most."""
+    pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    per_token = s["bytes_read_per_token"]
+    lines = [f"expert cache: {s['policy']}, prefetch {'on' if s['prefetch'] else 'off'}, budget "
+             f"{human_bytes(s['budget_bytes'])} ({s['resident_experts']} of {s['total_experts']} experts resident)",
+             f"decode hit rate {pct(s['hit_rate'])} ({s['decode']['hits']} of {s['decode']['requests']}), "
+             f"prompt {pct(s['prefill_hit_rate'])}; read {human_bytes(s['bytes_read'])} in all, "
+             f"{human_bytes(per_token) if per_token is not None else '-'} per decoded token; "
+             f"stalled {s['stall_s'] * 1e3:.1f} ms on loads",
+             f"prefetch: {s['prefetches']['issued']} predicted, {s['prefetches']['loaded']} loaded, "
+             f"{s['prefetches']['used']} used before eviction, {s['prefetches']['late']} still loading when needed"]
+    for layer, counts in s["expert_histograms"].items():
+        top = sorted(range(len(counts)), key=lambda e: -counts[e])[:6]
+        lines.append(f"layer {layer}: {sum(counts)} requests over {sum(1 for c in counts if c)} experts; most: "
+                     + ", ".join(f"{e}x{counts[e]}" for e in top if counts[e]))
+    return lines
 
 
 def inspect_summary(manifest: dict) -> dict:
@@ -280,7 +345,8 @@ def inspect_summary(manifest: dict) -> dict:
         "target": manifest["target"]["name"],
         "moe_lowering": manifest["export"]["moe_lowering"],
         "prefill_moe_lowering": manifest["export"].get("prefill_moe_lowering"),
-        "graphs": {role: g["file"] for role, g in manifest["graphs"].items()},
+        "graphs": {role: g.get("file") or [s["file"] for s in g.get("segments", [])]
+                   for role, g in manifest["graphs"].items()},
         "tensorrt": ({"checked_against": manifest["tensorrt"]["checked_against"],
                       "checks": {v: {role: r["ok"] for role, r in c.items()} for v, c in manifest["tensorrt"]["checks"].items()},
                       "engine_plan": {k: manifest["tensorrt"]["engine_plan"][k] for k in
@@ -423,7 +489,7 @@ def plan(model_dir: Path | None, target: str, precision: str | None, context: in
     from dsexport import EMBEDDED_MODEL
     from dsexport.exporter.config import load_config
     from dsexport.targets import get_target
-    from dsexport.targets.memory_plan import BYTES_PER_WEIGHT, plan_memory, suggestions
+    from dsexport.targets.memory_plan import BYTES_PER_WEIGHT, paging_plan, plan_memory, suggestions
 
     path = model_dir or EMBEDDED_MODEL
     cfg = load_config(path.parent if path.name == "config.json" else path)
@@ -437,8 +503,9 @@ def plan(model_dir: Path | None, target: str, precision: str | None, context: in
         cfg = cfg.with_kept_experts(pruning[0].kept)
     p = plan_memory(cfg, tgt, precision, context)
     advice = suggestions(cfg, tgt, p)
+    paging = paging_plan(cfg, tgt, p)
     if as_json:
-        click.echo(json.dumps({**p.to_json(), "suggestions": advice,
+        click.echo(json.dumps({**p.to_json(), "suggestions": advice, "paging": paging,
                                "pruning": pruning[0].to_json() if pruning else None}, indent=2))
         return
     if pruning:
@@ -461,6 +528,12 @@ def plan(model_dir: Path | None, target: str, precision: str | None, context: in
         click.echo(f"{'fits' if p.fits else 'does not fit'}: margin {p.margin_bytes / 1e9:+.2f} GB")
     for line in advice:
         click.echo(f"  would fit with: {line}")
+    if not paging["can_page"]:
+        click.echo(f"expert paging: not available ({paging['reason']})")
+    elif paging["cache_bytes"] is not None:
+        click.echo(f"expert paging: {paging['cache_bytes'] / 1e9:.2f} GB left for an expert cache of the "
+                   f"{paging['store_bytes'] / 1e9:.2f} GB fp32 store (one token needs "
+                   f"{paging['min_cache_bytes'] / 1e9:.2f} GB)")
     est = p.decode_estimate()
     if est:
         click.echo(f"decode estimate (from bandwidth, not measured): at most {est['roofline_tokens_per_s']:.1f} tok/s; "

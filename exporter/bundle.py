@@ -27,7 +27,8 @@ from dsexport.runtime.validate import GOLDEN_FILE
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, parameter_counts
 from .export import DATA_FILE, GRAPH_FILE, ExportConfig, export_model, graph_contract
-from .golden import make_golden
+from .golden import logit_tolerance, make_golden
+from .graph import OPSET
 from .lowering import get_lowering
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -52,6 +53,15 @@ class BuildConfig:
     block_size: int = 32  # quantization block (int8/int4)
     quantize: dict[str, int | None] | None = None  # per-part bits overriding the precision's preset (exporter/quantize.py)
     expert_bits: dict[int, dict[int, int]] | None = None  # per-expert widths over routed_experts' (calibration)
+    zero_points: bool = False  # asymmetric quantization (a zero point per block; ONNX Runtime targets)
+    activations: str = "int8"  # int8: quantized kernels quantize their inputs (fast); fp32: exact (QuantConfig)
+    # Routed experts in a store outside the graphs, paged by the runtime (exporter/paged.py). None:
+    # paged when the target's memory cannot hold every expert and its backend can page.
+    paged: bool | None = None
+    expert_cache_mb: float | None = None  # the paged bundle's default expert cache (None: from the memory plan)
+    # The MTP graph for drafting (docs/mtp.md). None: included when the checkpoint has MTP weights
+    # and the bundle is one decoder graph for ONNX Runtime (not TensorRT, phones or paged).
+    mtp: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,18 +104,23 @@ def _verify_graph(directory: Path, cfg: ModelConfig):
     return engine
 
 
-def _memory_gate(reader: CheckpointReader, build: BuildConfig, target, precision: str, context: int) -> dict:
-    """The memory plan of the targets docs: a build that cannot fit stops, unless forced."""
-    from dsexport.targets.memory_plan import plan_memory, suggestions
+def _memory_gate(reader: CheckpointReader, build: BuildConfig, target, precision: str, context: int,
+                 quant=None) -> dict:
+    """The memory plan of the targets docs: a build that cannot fit stops, unless forced or paged
+    (its `paging` entry: whether the backend can page and the expert cache that leaves)."""
+    from dsexport.targets.memory_plan import paging_plan, plan_memory, suggestions
 
     cfg = reader.config.with_kept_experts(build.kept_experts)
     plan = plan_memory(cfg, target, precision, context)
-    if plan.fits is False and not build.force:
+    paging = paging_plan(cfg, target, plan)
+    routed_fp32 = quant is None or "routed_experts" not in quant.bits
+    auto_paged = build.paged is not False and bool(paging.get("fits")) and routed_fp32
+    if plan.fits is False and not build.force and not auto_paged:
         advice = "; ".join(suggestions(cfg, target, plan))
         raise UserError(f"the model does not fit {target.name}: it needs {plan.total_bytes / 1e9:.2f} GB of "
                         f"{plan.usable_bytes / 1e9:.2f} GB usable at {precision}, {context} tokens of context "
                         f"(`dsexport plan` itemizes it); would fit with: {advice}; --force builds anyway")
-    return plan.to_json()
+    return {**plan.to_json(), "paging": {**paging, "chosen": bool(build.paged) or (plan.fits is False and auto_paged)}}
 
 
 def _tensorrt_stage(staging: Path, cfg: ModelConfig, target, precision: str, tensorrt: str, context: int,
@@ -139,6 +154,49 @@ def _tensorrt_stage(staging: Path, cfg: ModelConfig, target, precision: str, ten
             "engine_plan": plan}
 
 
+def _include_mtp(reader: CheckpointReader, build: BuildConfig, target, paged: bool) -> bool:
+    from .mtp_export import has_mtp_weights
+
+    if build.mtp is False:
+        return False
+    if not has_mtp_weights(reader):
+        if build.mtp:
+            raise UserError(f"{build.model_dir} has no MTP weights (model.layers.{reader.config.num_hidden_layers}"
+                            ".eh_proj.weight); build without --mtp")
+        return False
+    if target.backend != "onnxruntime" or paged:
+        if build.mtp:
+            raise UserError(f"the MTP graph is built for single-graph ONNX Runtime bundles, not for "
+                            f"{'paged bundles' if paged else f'{target.name} ({target.backend})'}")
+        return False
+    return True
+
+
+def _tensorrt_quantization(build: BuildConfig, precision: str, tensorrt: str):
+    """int8 / int4 weights for TensorRT: DequantizeLinear on constants (exporter/qdq.py), the
+    symmetric scheme (TensorRT takes positive scales and no zero points), INT8 per output channel,
+    INT4 block-wise (TensorRT 10+, opset 21). Activations stay floating point (weight-only)."""
+    from dsexport.targets.tensorrt_check import parser_version
+
+    from .graph import QDQ_INT4_OPSET
+    from .quantize import PRESETS, QuantConfig
+
+    if build.zero_points:
+        raise UserError("TensorRT takes symmetric weights only (zero points must be zero); drop --zero-points")
+    if build.expert_bits:
+        raise UserError("--expert-bits (one QMoE per width) is for ONNX Runtime targets; TensorRT graphs take one "
+                        "width for the routed experts")
+    quant = QuantConfig.preset(precision if precision in PRESETS else "fp32", build.block_size, build.quantize,
+                               activations="fp32")
+    quant = dataclasses.replace(quant, scheme="symmetric", per_channel_bits=(8,), lowering="qdq")
+    if 4 in quant.bits.values():
+        if int(parser_version(tensorrt).name.split(".")[0]) < 10:
+            raise UserError(f"int4 weights need TensorRT 10 or later (INT4 Q/DQ); TensorRT {tensorrt} takes int8: "
+                            f"use --precision int8, or --tensorrt 10.3 (JetPack 6)")
+        return quant, QDQ_INT4_OPSET
+    return quant, OPSET
+
+
 def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, total: None) -> BuildResult:
     from dsexport.targets import get_target
 
@@ -151,27 +209,28 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
         raise UserError(f"precision {precision!r} is not available for {target.name}; "
                         f"choose from {', '.join(target.precisions)}")
     lowering = get_lowering(build.moe_lowering or target.moe_lowering)  # an unknown name fails before any work
-    from .graph import OPSET
 
     if target.onnx_opset != OPSET:
         raise InternalError(f"target {target.name} takes opset {target.onnx_opset}; the exporter writes {OPSET}")
     prefill_lowering = None if lowering.prefill_ok else (target.prefill_moe_lowering or "dense")
     from .quantize import PRESETS, QuantConfig
 
-    quant = QuantConfig()
+    quant, opset = QuantConfig(), OPSET
+    tensorrt = build.tensorrt or target.tensorrt_default if target.backend == "tensorrt" else None
     if target.backend != "tensorrt":
         if precision not in PRESETS:
             raise UserError(f"precision {precision} is not available for {target.backend}; choose from "
                             f"{', '.join(PRESETS)}")
-        quant = QuantConfig.preset(precision, build.block_size, build.quantize)
+        quant = QuantConfig.preset(precision, build.block_size, build.quantize, activations=build.activations)
+        quant = dataclasses.replace(quant, scheme="asymmetric" if build.zero_points else "absmax")
         if build.expert_bits:
             if "routed_experts" not in quant.bits:
                 raise UserError("--expert-bits needs quantized routed experts (--precision int4|int8)")
             quant = dataclasses.replace(quant, expert_bits=build.expert_bits)
         if quant.active and lowering.name != "ort-moe" and "routed_experts" in quant.bits:
             raise UserError(f"quantized routed experts need the ort-moe lowering (QMoE), not {lowering.name}")
-    elif build.quantize:
-        raise UserError("--quantize for TensorRT targets arrives with Q/DQ weights in the graph; not yet")
+    elif precision in PRESETS or build.quantize:
+        quant, opset = _tensorrt_quantization(build, precision, tensorrt)
     out = Path(build.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not build.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -182,13 +241,15 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     context = min(build.max_context or target.context_default, reader.config.max_position_embeddings)
     if context < 2:
         raise UserError(f"max_context must be at least 2, got {context}")
-    memory_plan = _memory_gate(reader, build, target, precision, context)
+    memory_plan = _memory_gate(reader, build, target, precision, context, quant)
+    from .paged import paging_choice
+
+    paged, default_cache_mb = paging_choice(build, target, memory_plan)
+    include_mtp = _include_mtp(reader, build, target, paged)
     quant = quant.for_model(reader.config.hidden_size, reader.config.moe_intermediate_size)
-    tensorrt = None
     if target.backend == "tensorrt":
         from dsexport.targets.tensorrt_plan import engine_plan
 
-        tensorrt = build.tensorrt or target.tensorrt_default
         # fails on a precision the TensorRT version cannot take, before any work
         engine_plan(reader.config, target, precision, tensorrt, context, GRAPH_FILE)
 
@@ -196,10 +257,17 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         export_cfg = ExportConfig(moe_lowering=lowering.name, moe_shards=build.moe_shards or target.moe_shards,
-                                  prefill_moe_lowering=prefill_lowering, quant=quant)
-        result = export_model(reader, staging, export_cfg, progress, kept_experts=build.kept_experts)
+                                  prefill_moe_lowering=prefill_lowering, quant=quant, hidden_states=include_mtp,
+                                  opset=opset)
+        if paged:  # segment graphs + expert store (exporter/paged.py, docs/paging.md)
+            from .paged import export_paged
+
+            result = export_paged(reader, staging, export_cfg, progress, kept_experts=build.kept_experts)
+            decoder = dict(result.graphs)
+        else:
+            result = export_model(reader, staging, export_cfg, progress, kept_experts=build.kept_experts)
+            decoder = {"file": GRAPH_FILE, "data": DATA_FILE, "moe_lowering": lowering.name}
         cfg = result.config
-        decoder = {"file": GRAPH_FILE, "data": DATA_FILE, "moe_lowering": lowering.name}
         if prefill_lowering:  # an If in the graph picks it for prompts (docs/tensorrt.md)
             decoder.update(prompt_moe_lowering=prefill_lowering, max_prompt_tokens=None)
         tensorrt_section = None
@@ -218,7 +286,14 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
                        "moe_lowering": lowering.name}
             mobile = {"execution_providers": EP_SETTINGS[target.name]}
             progress("ort format", 1, 1)
-        graphs = {"decoder": {**decoder, **graph_contract(cfg)}}
+        graphs = {"decoder": {**decoder, **graph_contract(cfg, hidden_states=include_mtp)}}
+        if include_mtp:  # after the decoder: the MTP graph points into its data file
+            from .mtp_export import MTP_DATA_FILE, MTP_GRAPH_FILE, export_mtp, mtp_graph_contract
+
+            mtp = export_mtp(reader, staging, export_cfg, progress)
+            graphs["mtp"] = {"file": MTP_GRAPH_FILE, "data": MTP_DATA_FILE, "weight_bytes": mtp.weight_bytes,
+                             "shared_data": DATA_FILE, "shared_weights": list(mtp.shared_weights),
+                             "shared_bytes": mtp.shared_bytes, **mtp_graph_contract(cfg)}
 
         tokenizer_files = []
         for name in TOKENIZER_FILES:
@@ -253,6 +328,9 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
             manifest["mobile"] = mobile
         if build.pruning is not None:
             manifest["pruning"] = build.pruning
+        if paged:
+            manifest["paging"] = {**result.paging, "default_cache_mb": default_cache_mb}
+            manifest["export"]["moe_lowering"] = decoder["moe_lowering"]
         # The verify stage loads the bundle through the runtime, so the manifest goes in first
         # (without checksums); the final manifest, with them, is written after verification.
         (staging / MANIFEST_FILE).write_text(json.dumps({**manifest, "files": {}}, indent=2))
@@ -261,6 +339,11 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
         progress("verifying", 1, 2)
         # golden outputs from the reference, and the build's own parity check (exporter/golden.py)
         (staging / GOLDEN_FILE).write_text(json.dumps(make_golden(reader, engine, quant if quant.active else None)))
+        if include_mtp:  # the MTP graph against the torch MTPModule, on the decoder graph's hidden states
+            from .mtp_export import verify_mtp
+
+            graphs["mtp"]["verify"] = verify_mtp(reader, engine, quant if quant.active else None,
+                                                 logit_tolerance(quant if quant.active else None))
         del engine
         progress("verifying", 2, 2)
         files = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST_FILE)

@@ -368,17 +368,21 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def weight_bytes(cfg: ModelConfig, bits: dict[str, int], block_size: int = 32,
-                 scale_bytes: int = 4, expert_block_size: int | None = None) -> tuple[int, int]:
+                 scale_bytes: int = 4, expert_block_size: int | None = None, per_channel_bits: tuple[int, ...] = (),
+                 zero_points: bool = False) -> tuple[int, int]:
     """(bytes of all weights, bytes a decoded token reads) when the parts in `bits` (see
     exporter/quantize.py: PARTS) are block-quantized and everything else is fp32: embeddings,
-    router, norms, the absorbed kv_b_proj."""
+    router, norms, the absorbed kv_b_proj. per_channel_bits: widths with one scale per row
+    (counted as rows of hidden_size); zero_points: a zero point of `bits` per block."""
     D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
     dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
 
     def size(part: str, n: int) -> float:
         b = bits.get(part)
-        block = expert_block_size or block_size if part == "routed_experts" else block_size
-        return 4.0 * n if b is None else n * (b / 8 + scale_bytes / block)
+        if b is None:
+            return 4.0 * n
+        block = D if b in per_channel_bits else expert_block_size or block_size if part == "routed_experts" else block_size
+        return n * (b / 8 + (scale_bytes + (b / 8 if zero_points else 0)) / block)
 
     q = D * H * (dn + dr) if cfg.q_lora_rank is None else D * cfg.q_lora_rank + cfg.q_lora_rank * H * (dn + dr)
     attention = size("attention", q + D * (r + dr) + H * dv * D) + 4.0 * (r * H * (dn + dv) + 2 * D + r

@@ -24,8 +24,9 @@ from onnx import TensorProto
 
 from .checkpoint import CheckpointReader
 from .config import ModelConfig
-from .graph import GraphBuilder
+from .graph import OPSET, GraphBuilder
 from .lowering import ExpertWeights, LoweringOptions, get_lowering
+from .qdq import linear_qdq
 from .quantize import QuantConfig
 from .reference import LATENT_NORM_EPS, layer_tensors
 from .rope import rope_frequencies
@@ -42,6 +43,10 @@ class ExportConfig:
     # for decode-only lowerings such as `gather` (TensorRT targets). None: one lowering for both.
     prefill_moe_lowering: str | None = None
     quant: QuantConfig = QuantConfig()  # block-wise int8/int4 weights per part (exporter/quantize.py)
+    opset: int = OPSET  # QDQ_INT4_OPSET for TensorRT int4 weights (exporter/qdq.py)
+    # Also output `hidden_states` (the final-normed state the MTP graph reads); only in bundles
+    # that carry an MTP graph, so other bundles keep the original contract (docs/mtp.md).
+    hidden_states: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +57,7 @@ class ExportResult:
     weight_bytes: int
 
 
-def graph_contract(cfg: ModelConfig) -> dict:
+def graph_contract(cfg: ModelConfig, hidden_states: bool = False) -> dict:
     """Names, dtypes and shapes of the decoder graph's inputs and outputs (symbolic dims)."""
     L = cfg.latent_dim
     inputs = [
@@ -64,6 +69,8 @@ def graph_contract(cfg: ModelConfig) -> dict:
     for i in range(cfg.num_hidden_layers):
         inputs.append({"name": f"past_latent.{i}", "dtype": "float32", "shape": ["batch", "past_seq", L]})
         outputs.append({"name": f"present_latent.{i}", "dtype": "float32", "shape": ["batch", "total_seq", L]})
+    if hidden_states:
+        outputs.append({"name": "hidden_states", "dtype": "float32", "shape": ["batch", "seq", cfg.hidden_size]})
     return {"inputs": inputs, "outputs": outputs, "cache": {
         "layout": "per layer [batch, seq, kv_lora_rank + qk_rope_head_dim]: RMS-normalized latent, then rotated rope key",
         "values_per_token_per_layer": L,
@@ -78,9 +85,13 @@ class _DecoderEmitter:
         self.lowering = get_lowering(export_cfg.moe_lowering)
         self.prefill_lowering = get_lowering(export_cfg.prefill_moe_lowering) if export_cfg.prefill_moe_lowering else None
         self.quant = export_cfg.quant
+        self.hidden_states_output = export_cfg.hidden_states
         self.lowering_options = LoweringOptions(moe_shards=export_cfg.moe_shards,
                                                 expert_bits=self.quant.bits.get("routed_experts"),
-                                                block_size=self.quant.block_for("routed_experts"))
+                                                block_size=self.quant.block_for("routed_experts"),
+                                                accuracy_level=4 if self.quant.activations == "int8" else 0,
+                                                scheme=self.quant.scheme, qdq=self.quant.lowering == "qdq",
+                                                per_channel_bits=self.quant.per_channel_bits)
 
     def linear(self, x: str, w: np.ndarray, name: str, part: str, bias: np.ndarray | None = None,
                scale: float = 1.0) -> str:
@@ -88,8 +99,12 @@ class _DecoderEmitter:
         bits = self.quant.bits.get(part)
         if bits is None:
             return self.g.linear(x, w * np.float32(scale) if scale != 1.0 else w, name, bias)
-        return self.g.linear_nbits(x, w, name, bits, self.quant.block_size, bias, scale,
-                                   accuracy_level=4 if self.quant.activations == "int8" else 0)
+        bits, block = self.quant.layout_for(part, bits, w.shape[1])
+        if self.quant.lowering == "qdq":  # TensorRT: DequantizeLinear + MatMul
+            return linear_qdq(self.g, x, w, name, bits, block, bias, scale)
+        return self.g.linear_nbits(x, w, name, bits, block, bias, scale,
+                                   accuracy_level=4 if self.quant.activations == "int8" else 0,
+                                   scheme=self.quant.scheme)
 
     def linear_split(self, x: str, weights: list[np.ndarray], name: str, part: str,
                      biases: list | None = None, scales: list[float] | None = None) -> list[str]:
@@ -277,6 +292,8 @@ class _DecoderEmitter:
         g.output(g.op("Reshape", [logits, out_shape], name="logits3"), "logits", TensorProto.FLOAT, ["batch", "seq", V])
         for i, present in enumerate(self.present):
             g.output(present, f"present_latent.{i}", TensorProto.FLOAT, ["batch", "total_seq", cfg.latent_dim])
+        if self.hidden_states_output:  # the final-normed state [B, T, D], the MTP graph's input
+            g.output(x, "hidden_states", TensorProto.FLOAT, ["batch", "seq", D])
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
@@ -296,7 +313,7 @@ def export_model(checkpoint_dir: str | Path | CheckpointReader, out_dir: str | P
     reader.config = cfg = reader.config.with_kept_experts(kept_experts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    g = GraphBuilder(out / DATA_FILE)
+    g = GraphBuilder(out / DATA_FILE, export_cfg.opset)
     _DecoderEmitter(g, cfg, export_cfg).run(reader, progress)
     g.save(out / GRAPH_FILE, "dsexport_decoder")
     return ExportResult(out, cfg, export_cfg, g.weight_bytes)

@@ -16,6 +16,8 @@ from onnx import TensorProto, helper
 
 ALIGN = 64  # external-data offsets aligned for mmap-friendly, vectorizable reads
 OPSET = 17
+# INT4 tensors and block-wise DequantizeLinear arrive in opset 21 (TensorRT int4 weights)
+QDQ_INT4_OPSET = 21
 MS_DOMAIN = "com.microsoft"
 
 _NP_TO_ONNX = {
@@ -24,13 +26,15 @@ _NP_TO_ONNX = {
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.int32): TensorProto.INT32,
     np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int8): TensorProto.INT8,
     np.dtype(np.bool_): TensorProto.BOOL,
 }
 
 
 class GraphBuilder:
-    def __init__(self, data_path: Path):
+    def __init__(self, data_path: Path, opset: int = OPSET):
         self.data_path = Path(data_path)
+        self.opset = opset
         self._data = open(self.data_path, "wb")
         self.nodes: list[onnx.NodeProto] = []
         self._weights: dict[str, tuple] = {}
@@ -47,10 +51,12 @@ class GraphBuilder:
         self._names[base] = n + 1
         return base if n == 0 else f"{base}_{n}"
 
-    def weight(self, name: str, array: np.ndarray) -> str:
+    def weight(self, name: str, array: np.ndarray, int4: bool = False) -> str:
         """Append a weight to the external-data file; the graph keeps only its location.
 
         A name already written is not written again (the branches of an If share their weights).
+        int4: `array` holds signed values in -8..7 (int8), stored as ONNX INT4, two per byte,
+        the even flat index in the low nibble.
         """
         array = np.ascontiguousarray(array)
         if name in self._weights:
@@ -63,14 +69,22 @@ class GraphBuilder:
         if pad:
             self._data.write(b"\0" * pad)
             offset += pad
-        self._data.write(array.tobytes())
-        tensor = TensorProto(name=name, data_type=_NP_TO_ONNX[array.dtype], dims=list(array.shape))
+        if int4:
+            nibbles = (array.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+            if nibbles.size % 2:
+                nibbles = np.append(nibbles, np.uint8(0))
+            raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+        else:
+            raw = array.tobytes()
+        self._data.write(raw)
+        dtype = TensorProto.INT4 if int4 else _NP_TO_ONNX[array.dtype]
+        tensor = TensorProto(name=name, data_type=dtype, dims=list(array.shape))
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         self.initializers.append(tensor)
-        self.weight_bytes += array.nbytes
+        self.weight_bytes += len(raw)
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -89,6 +103,12 @@ class GraphBuilder:
         outs = [self.fresh(base if outputs == 1 else f"{base}_{i}") for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh("n_" + base), domain=domain, **attrs))
         return outs[0] if outputs == 1 else outs
+
+    def reduce(self, op_type: str, x: str, axes: list[int], name: str, keepdims: int = 1) -> str:
+        """ReduceMean/ReduceMax: axes an attribute up to opset 17, an input from opset 18."""
+        if self.opset >= 18:
+            return self.op(op_type, [x, self.const(axes)], name=name, keepdims=keepdims)
+        return self.op(op_type, [x], name=name, axes=axes, keepdims=keepdims)
 
     def branch(self, cond: str, then_emit: Callable[[], str], else_emit: Callable[[], str], name: str,
                elem_type: int, shape: list) -> str:
@@ -124,18 +144,22 @@ class GraphBuilder:
 
     def linear_nbits(self, x: str, w_out_in: np.ndarray, name: str, bits: int, block: int,
                      bias: np.ndarray | None = None, row_scale: np.ndarray | float = 1.0,
-                     accuracy_level: int = 0) -> str:
+                     accuracy_level: int = 0, scheme: str = "absmax") -> str:
         """x @ dequant(Q(W))^T (+ b) with ONNX Runtime's MatMulNBits (block-wise, exact against
-        exporter/quantize.dequantize_rows). row_scale multiplies output rows after quantizing
-        (a folded constant scales the block scales, so the quantized values stay those of W)."""
-        from .quantize import pack, quantize_rows
+        exporter/quantize.dequantize_rows; zero points as its 4th input for the asymmetric
+        scheme). row_scale multiplies output rows after quantizing (a folded constant scales
+        the block scales, so the quantized values stay those of W)."""
+        from .quantize import pack, pack_zero_points, quantize_rows
 
         N, K = w_out_in.shape
-        q, d = quantize_rows(w_out_in, bits, block)  # [N, Kp], [N, Kp/block]
+        q, d, zero = quantize_rows(w_out_in, bits, block, scheme)  # [N, Kp], [N, Kp/block], [N, Kp/block]
         d = (d * np.asarray(row_scale, np.float32).reshape(-1, 1)).astype(np.float32)
         packed = pack(q, bits).reshape(N, d.shape[1], -1)  # [N, blocks, bytes per block]
-        y = self.op("MatMulNBits", [x, self.weight(name + ".qweight", packed), self.weight(name + ".scales", d.reshape(-1))],
-                    name=name, domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=block, accuracy_level=accuracy_level)
+        inputs = [x, self.weight(name + ".qweight", packed), self.weight(name + ".scales", d.reshape(-1))]
+        if zero is not None:
+            inputs.append(self.weight(name + ".zero_points", pack_zero_points(zero, bits).reshape(-1)))
+        y = self.op("MatMulNBits", inputs, name=name, domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=block,
+                    accuracy_level=accuracy_level)
         if bias is not None:
             y = self.op("Add", [y, self.weight(name + ".bias", bias.astype(np.float32))], name=name + "_bias")
         return y
@@ -155,7 +179,7 @@ class GraphBuilder:
         # x / sqrt(mean(x^2) + eps) * w in standard ops, in the exact pattern ONNX Runtime fuses
         # into one SimplifiedLayerNormalization kernel (7 small ops cost more than the math).
         sq = self.op("Pow", [x, self.const(2.0, np.float32)], name=name + "_sq")
-        mean = self.op("ReduceMean", [sq], name=name + "_mean", axes=[-1], keepdims=1)
+        mean = self.reduce("ReduceMean", sq, [-1], name + "_mean")
         var = self.op("Add", [mean, self.const(eps, np.float32)], name=name + "_eps")
         y = self.op("Div", [x, self.op("Sqrt", [var], name=name + "_sqrt")], name=name + "_scaled")
         return self.op("Mul", [y, self.weight(name + ".weight", weight.astype(np.float32))], name=name)
@@ -172,10 +196,10 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+            opset_imports=[helper.make_opsetid("", self.opset), helper.make_opsetid(MS_DOMAIN, 1)],
             producer_name="dsexport",
         )
-        model.ir_version = 8
+        model.ir_version = 8 if self.opset <= 17 else 10  # IR 10: INT4 (opset 21)
         for k, v in (metadata or {}).items():
             entry = model.metadata_props.add()
             entry.key, entry.value = k, v

@@ -340,14 +340,17 @@ def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=
 
 
 def _set_activation_quant(layer: "DecoderLayer", quant) -> None:
-    """The activation quantization the quantized bundle's kernels apply: int8 experts (QMoE,
-    MoE.activation_quant_block) and, with quant.activations == "int8", the inputs of every
+    """The activation quantization the quantized bundle's kernels apply: int8 experts, and int4
+    experts with quant.activations == "int8" (QMoE, MoE.activation_quant_block) and, with quant.activations == "int8", the inputs of every
     quantized projection (MatMulNBits accuracy_level 4), per block of K."""
-    if quant is None:
+    if quant is None or quant.lowering == "qdq":  # DequantizeLinear + MatMul: weight-only, fp activations
         return
     if isinstance(layer.mlp, MoE):
         ids = layer.mlp.expert_ids
-        slots = {s for s, e in enumerate(ids) if quant.bits_for_expert(layer.layer, e) == 8}
+        # 8-bit QMoE always quantizes its activations; 4-bit does at accuracy_level 4 (activations int8)
+        slots = {s for s, e in enumerate(ids)
+                 if quant.bits_for_expert(layer.layer, e) == 8
+                 or (quant.bits_for_expert(layer.layer, e) and quant.activations == "int8")}
         if slots:
             layer.mlp.activation_quant_block = quant.block_for("routed_experts")
             layer.mlp.activation_quant_slots = slots

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -27,6 +27,9 @@ from .bundle import read_bundle
 from .memory import lock_mapped_file
 from .sampling import SamplingParams, sample_token
 from .tokenizer import BundleTokenizer, StreamDecoder
+
+if TYPE_CHECKING:
+    from .speculative import DraftStats, SpeculativeDecoder
 
 WEIGHT_MODES = ("mmap", "mlock", "memory")
 
@@ -40,6 +43,8 @@ class Generation:
     ttft_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
+    draft_stats: "DraftStats | None" = None  # MTP drafting, when it ran (runtime/speculative.py)
+    paging_stats: dict | None = None  # paged bundles: expert cache hits, bytes read, stalls (runtime/paging.py)
 
 
 @dataclasses.dataclass
@@ -105,6 +110,10 @@ class OrtBackend:
     def load(cls, directory: Path, manifest: dict, threads: int | None, weights: str) -> "OrtBackend":
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if manifest.get("quantization", {}).get("lowering") == "qdq":
+            # TensorRT-bound int8/int4 weights (DequantizeLinear + MatMul): ONNX Runtime fuses them into
+            # MatMulNBits, by default quantizing activations to int8; TensorRT computes weight-only, so do that
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             if threads < 1:
                 raise UserError(f"threads must be at least 1, got {threads}")
@@ -153,6 +162,8 @@ BACKENDS = ("onnxruntime", "tensorrt")
 
 
 class Engine:
+    drafter: "SpeculativeDecoder | None" = None  # set by load(draft="mtp")
+
     def __init__(self, directory: Path, manifest: dict, backend, tokenizer: BundleTokenizer | None, max_context: int):
         self.directory = directory
         self.manifest = manifest
@@ -177,7 +188,9 @@ class Engine:
     # ---- loading ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None, max_context: int | None = None,
-             weights: str = "mmap", verify: bool = True, backend: str = "onnxruntime") -> "Engine":
+             weights: str = "mmap", verify: bool = True, backend: str = "onnxruntime",
+             draft: str | None = None, expert_cache_mb: float | None = None, prefetch: bool = True,
+             cache_policy: str | None = None) -> "Engine":
         """Open a bundle.
 
         threads: ONNX Runtime intra-op threads (default: one per core).
@@ -189,12 +202,27 @@ class Engine:
         verify: check every file against the manifest's sha256 before loading.
         backend: "onnxruntime" (the bundle's ONNX graphs) or "tensorrt" (the engines that
           `dsexport engine` built on this device; runtime/tensorrt_backend.py).
+        draft: "mtp" drafts with the bundle's MTP graph and verifies two tokens per decoder run
+          (runtime/speculative.py; single prompts, onnxruntime backend); None (default) does not:
+          on CPUs it does not pay (docs/mtp.md).
+        expert_cache_mb, prefetch, cache_policy: paged bundles (docs/paging.md): the budget of
+          resident routed experts in MiB (default: the bundle's, else all of them), whether the
+          next layer's predicted experts load in the background, and the eviction policy
+          ("lfu" default, "lru").
         """
         bundle = read_bundle(path, verify=verify)
         directory = bundle.directory
         if weights not in WEIGHT_MODES:
             raise UserError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
-        if backend == "onnxruntime":
+        paged = bool(bundle.manifest["graphs"]["decoder"].get("paged"))
+        if (expert_cache_mb is not None or cache_policy is not None) and not paged:
+            raise UserError(f"{directory} is not a paged bundle; expert cache settings need one (build --paged)")
+        if backend == "onnxruntime" and paged:
+            from .paged_backend import PagedBackend
+
+            runner = PagedBackend.load(directory, bundle.manifest, threads, weights, expert_cache_mb, prefetch,
+                                       cache_policy)
+        elif backend == "onnxruntime":
             runner = OrtBackend.load(directory, bundle.manifest, threads, weights)
         elif backend == "tensorrt":
             try:
@@ -212,7 +240,16 @@ class Engine:
             if max_context < 2:
                 raise UserError(f"max_context must be at least 2, got {max_context}")
             limit = min(limit, int(max_context))
-        return cls(directory, bundle.manifest, runner, tokenizer, limit)
+        engine = cls(directory, bundle.manifest, runner, tokenizer, limit)
+        if draft is not None:
+            from .speculative import DRAFT_MODES, MTPGraph, SpeculativeDecoder
+
+            if draft not in DRAFT_MODES:
+                raise UserError(f"draft must be one of {', '.join(DRAFT_MODES)} or None, got {draft!r}")
+            if backend != "onnxruntime":
+                raise UserError(f"drafting runs on the onnxruntime backend, not {backend}")
+            engine.drafter = SpeculativeDecoder(engine, MTPGraph.load(directory, bundle.manifest))
+        return engine
 
     # ---- text ---------------------------------------------------------------------------
     def _require_tokenizer(self) -> BundleTokenizer:
@@ -265,6 +302,9 @@ class Engine:
 
     # ---- generation ---------------------------------------------------------------------
     def _run(self, prompts: list[list[int]], gen: GenerationConfig, timings: dict) -> Iterator[TokenEvent]:
+        if self.drafter is not None and len(prompts) == 1:  # drafting is per sequence; batches decode plainly
+            yield from self.drafter.run(prompts[0], gen, timings)
+            return
         B = len(prompts)
         longest = max(len(p) for p in prompts)
         if longest >= self.max_context:
@@ -365,6 +405,8 @@ class Engine:
         outputs: list[list[int]] = [[] for _ in prompts]
         reasons: list[str] = [""] * len(prompts)
         timings: dict = {}
+        if hasattr(self.backend, "paging_stats"):
+            self.backend.reset_stats()
         for event in self._run(prompt_ids, gen, timings):
             outputs[event.row].append(event.token_id)
             if event.finish_reason:
@@ -380,5 +422,7 @@ class Engine:
                 prefill_tokens_per_s=timings["prefill_tokens"] / max(timings["prefill_s"], 1e-9),
                 decode_tokens_per_s=timings["decode_steps"] * len(prompts) / max(timings["decode_s"], 1e-9)
                 if timings["decode_steps"] else 0.0,
+                draft_stats=timings.get("draft_stats"),
+                paging_stats=self.backend.paging_stats() if hasattr(self.backend, "paging_stats") else None,
             ))
         return results

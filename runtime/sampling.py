@@ -49,11 +49,18 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     """One token id from logits [V] (float32)."""
     if params.greedy and (params.repetition_penalty == 1.0 or seen is None):
         return int(np.argmax(logits))  # the common decode path: no copies
+    if params.greedy:
+        return int(np.argmax(apply_repetition_penalty(logits.astype(np.float64), seen, params.repetition_penalty)))
+    probs = token_distribution(logits, params, seen)
+    return int(rng.choice(probs.size, p=probs))
+
+
+def token_distribution(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None) -> np.ndarray:
+    """The distribution sample_token draws from when sampling (temperature > 0): probs [V] float64.
+    Speculative decoding's acceptance rule needs it explicitly (runtime/speculative.py)."""
     logits = logits.astype(np.float64)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return int(np.argmax(logits))
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.size:
         kth = np.partition(logits, -params.top_k)[-params.top_k]
@@ -69,4 +76,4 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         keep[order[:cut]] = True
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+    return probs

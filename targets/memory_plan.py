@@ -22,6 +22,13 @@ FORMAT_LIMIT_BYTES = {"onnxruntime-mobile": 2**31 - 1}
 RUNTIME_OVERHEAD = {"onnxruntime": 0.2e9, "tensorrt": 0.6e9, "onnxruntime-mobile": 0.1e9}  # libraries, CUDA context
 PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate assumes
 MEASURED_ROOFLINE = 0.55  # fraction of bandwidth dsexport's fp32 decode reaches on x86 (docs/performance.md)
+# Backends that cannot keep routed experts outside their graphs, and why (docs/paging.md).
+CANNOT_PAGE = {
+    "tensorrt": "TensorRT engines cannot page: an engine holds every weight on the device, experts included",
+    "onnxruntime-mobile": "phones run one .ort file with every weight inside; paged segment graphs are not "
+                          "converted to ORT format yet",
+}
+PAGED_STORE_BYTES_PER_WEIGHT = 4.0  # the expert store holds fp32 experts (exporter/paged.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +79,9 @@ def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, 
     per_weight = BYTES_PER_WEIGHT[precision]
     weights, decode_bytes = int(total * per_weight), int(active * per_weight)
     if precision in ("int8", "int4"):  # what the quantizer writes: parts at their bits, the rest fp32
-        weights, decode_bytes = weight_bytes(cfg, PRESETS[precision], 32, 2 if target.backend == "tensorrt" else 4)
+        # TensorRT: int8 per output channel, int4 per block (exporter/qdq.py); fp32 scales everywhere
+        weights, decode_bytes = weight_bytes(cfg, PRESETS[precision], 32, 4,
+                                             per_channel_bits=(8,) if target.backend == "tensorrt" else ())
     cache_dtype = 4 if precision == "fp32" else 2
     kv = cfg.latent_dim * cfg.num_hidden_layers * context * batch * cache_dtype
     t = min(PREFILL_CHUNK, context) * batch
@@ -96,6 +105,32 @@ def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, 
     )
 
 
+def routed_expert_weights(cfg: ModelConfig) -> int:
+    return sum(cfg.num_experts(i) for i in range(cfg.num_hidden_layers)) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+
+
+def paging_plan(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> dict:
+    """Expert paging on this target: can its backend page, and what expert cache the usable memory
+    leaves once everything else (non-expert weights, cache, activations, overhead) is resident.
+    It fits when the cache holds at least one token's routed experts in every MoE layer."""
+    reason = CANNOT_PAGE.get(target.backend)
+    if reason:
+        return {"can_page": False, "reason": reason}
+    routed = routed_expert_weights(cfg)
+    moe_layers = sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * PAGED_STORE_BYTES_PER_WEIGHT
+    resident = plan.total_bytes - int(routed * BYTES_PER_WEIGHT[plan.precision])
+    minimum = int(cfg.num_experts_per_tok * moe_layers * expert)
+    out = {"can_page": routed > 0, "store_bytes": int(routed * PAGED_STORE_BYTES_PER_WEIGHT),
+           "resident_bytes": resident, "min_cache_bytes": minimum, "cache_bytes": None, "fits": None}
+    if not routed:
+        out["reason"] = "the model has no routed experts"
+    elif plan.usable_bytes is not None:
+        cache = min(plan.usable_bytes - resident, out["store_bytes"])
+        out.update(cache_bytes=max(cache, 0), fits=cache >= minimum)
+    return out
+
+
 def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> list[str]:
     """What would make a plan that does not fit, fit."""
     if plan.fits is not False:
@@ -112,10 +147,13 @@ def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> list[str]
     short = plan_memory(cfg, target, plan.precision, 512)
     if short.fits and plan.context > 512:
         out.append("a shorter --max-context (512 tokens fits)")
-    routed = sum(cfg.num_experts(i) for i in range(cfg.num_hidden_layers)) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    routed_bytes = routed * BYTES_PER_WEIGHT[plan.precision]
+    routed_bytes = routed_expert_weights(cfg) * BYTES_PER_WEIGHT[plan.precision]
     over = max(-plan.margin_bytes, plan.weights_bytes - (plan.format_limit_bytes or plan.weights_bytes))
     if 0 < over < routed_bytes:
-        out.append(f"pruning at least {over / routed_bytes:.0%} of routed experts (the pruning issue), or expert "
-                   "paging from storage (the paging issue)")
+        out.append(f"pruning at least {over / routed_bytes:.0%} of routed experts (--prune with --calib)")
+    paging = paging_plan(cfg, target, plan)  # where the backend cannot page, `dsexport plan` says why
+    if paging["can_page"] and paging["fits"]:
+        out.append(f"expert paging (build --paged; the default here): a {paging['cache_bytes'] / 1e9:.2f} GB cache of "
+                   f"the {paging['store_bytes'] / 1e9:.2f} GB fp32 expert store (docs/paging.md)"
+                   + ("" if plan.precision == "fp32" else "; needs --quantize routed_experts=none"))
     return out or ["a device with more memory: no precision, context or pruning available here makes it fit"]

@@ -7,7 +7,9 @@ plus the parser changes its changelog lists for the versions whose table is not 
   8.5    JetPack 5.1   table of branch 8.5-GA. Opsets <= 17. INT64 is cast down to INT32; no
                        BF16/INT4. TopK's K must be an initializer. IsInf arrives in 8.6.
   10.3   JetPack 6.x   table of branch 10.1-GA (10.0 docs: opsets 9..20) + 10.3's "tensor axes
-                       inputs for Slice".
+                       inputs for Slice". Opset 21 is accepted for INT4 weights: the importer
+                       has no opset ceiling, takes DequantizeLinear by name and infers blocks
+                       from the scale's rank, and NVIDIA's ModelOpt exports INT4 at opset 21.
   10.13  JetPack 7     10.3 + tensor axes for Pad (10.4), Squeeze/Unsqueeze (10.7), CumSum (10.8).
   11     JetPack 7.x   10.13 + Attention (10.14), RMSNormalization/RotaryEmbedding/TensorScatter
                        (10.15); strongly typed networks only (no FP16/INT8 builder flags).
@@ -55,9 +57,9 @@ _TENSOR_AXES_1013 = frozenset({"Slice", "Pad", "Squeeze", "Unsqueeze", "CumSum"}
 _ADDED_1013 = frozenset({"BlackmanWindow", "HammingWindow", "HannWindow", "STFT"})  # 10.4, 10.5
 PARSERS: dict[str, ParserVersion] = {p.name: p for p in (
     ParserVersion("8.5", "8.5", (7, 17), int64_native=False, scatter_reduction=False),
-    ParserVersion("10.3", "10.1", (9, 20), int64_native=True, tensor_axes=frozenset({"Slice"})),
-    ParserVersion("10.13", "10.1", (9, 20), int64_native=True, tensor_axes=_TENSOR_AXES_1013, added_ops=_ADDED_1013),
-    ParserVersion("11", "10.1", (9, 20), int64_native=True, tensor_axes=_TENSOR_AXES_1013,
+    ParserVersion("10.3", "10.1", (9, 21), int64_native=True, tensor_axes=frozenset({"Slice"})),
+    ParserVersion("10.13", "10.1", (9, 21), int64_native=True, tensor_axes=_TENSOR_AXES_1013, added_ops=_ADDED_1013),
+    ParserVersion("11", "10.1", (9, 21), int64_native=True, tensor_axes=_TENSOR_AXES_1013,
                   added_ops=_ADDED_1013 | {"Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter"},
                   strongly_typed_only=True),
 )}
@@ -257,6 +259,20 @@ def _check_restrictions(node, restrictions: str, rules: ParserVersion, consts, o
         fail(node, "ScatterND with a reduction is not supported")
     if op == "ScatterElements" and not rules.scatter_reduction and _attr(node, "reduction", b"none") not in (b"none", "none"):
         fail(node, f"ScatterElements reduction needs TensorRT 10.0+, not {rules.name}")
+    if op == "DequantizeLinear" and node.input[0] in consts:  # weight-only quantization of a constant
+        data, scale = consts[node.input[0]], consts.get(node.input[1])
+        if scale is None:
+            fail(node, "the scale must be an initializer (TensorRT takes no dynamic-shape scales)")
+        elif len(scale.dims) not in (0, 1, len(data.dims)):
+            fail(node, f"scale of rank {len(scale.dims)}: TensorRT takes a scalar, one per channel, or the input's rank (blocks)")
+        elif len(scale.dims) == len(data.dims) > 1:
+            blocked = sum(d != s for d, s in zip(data.dims, scale.dims))
+            if blocked != 1:
+                fail(node, "block quantization along exactly one axis")
+            if not rules.int64_native:  # 8.x: no block quantization
+                fail(node, f"block quantization needs TensorRT 10+, not {rules.name}")
+        if data.data_type == TensorProto.INT4 and data.dims and data.dims[-1] % 2:
+            fail(node, "INT4 needs an even last dimension (TensorRT packs two per byte)")
     if op in ("DequantizeLinear", "QuantizeLinear") and len(node.input) > 2 and node.input[2]:
         zp = consts.get(node.input[2])
         if zp is None or onnx.numpy_helper.to_array(zp).any():

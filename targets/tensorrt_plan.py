@@ -21,7 +21,9 @@ from .tensorrt_check import parser_version
 FP32_LAYERS = ("n_*layernorm*", "n_norm*", "n_*mlp_scores*", "n_*mlp_choice*", "n_*mlp_masked*", "n_*mlp_g*",
                "n_*mlp_topk*", "n_*mlp_w*", "n_*router*", "n_*self_attn_scores*", "n_*self_attn_masked*",
                "n_*self_attn_probs*")
-ENGINE_PRECISIONS = ("fp32", "fp16")  # int8/int4 come as Q/DQ in the graph (quantization work)
+# int8 / int4 are weight-only: DequantizeLinear on constant weights in the graph (exporter/qdq.py),
+# activations in fp16 (builder flags) or, strongly typed, in the scales' type (fp32)
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 ACTIVATION_SHARE = 0.05  # of usable memory, for the dense prefill MoE activations
 WORKSPACE_SHARE = 0.05
 MAX_PREFILL_TOKENS, MIN_PREFILL_TOKENS = 512, 16
@@ -59,7 +61,7 @@ def engine_plan(cfg: ModelConfig, target: Target, precision: str, tensorrt: str,
     if precision not in ENGINE_PRECISIONS:
         raise UserError(f"precision {precision} for TensorRT engines arrives with quantization (Q/DQ in the graph); "
                         f"available now: {', '.join(ENGINE_PRECISIONS)}")
-    if parser.strongly_typed_only and precision != "fp32":
+    if parser.strongly_typed_only and precision == "fp16":
         raise UserError(f"TensorRT {parser.name} builds only strongly typed networks, so {precision} must be carried "
                         f"in the graph, which this dsexport does not do yet; use --precision fp32 or "
                         f"--tensorrt {'/'.join(v for v in (target.device.tensorrt if target.device else ()) if v != parser.name) or '10.13'}")
@@ -72,7 +74,7 @@ def engine_plan(cfg: ModelConfig, target: Target, precision: str, tensorrt: str,
         _profile(cfg, batch, (1, 1, 1), (0, opt_past, context - 1)),
         _profile(cfg, batch, (2, min(128, chunk), chunk), (0, 0, context - chunk)),
     ]}}
-    fp16_flags = precision == "fp16" and not parser.strongly_typed_only
+    fp16_flags = precision in ("fp16", "int8", "int4") and not parser.strongly_typed_only
     return {
         "tensorrt": parser.name,
         "precision": precision,

@@ -1,0 +1,200 @@
+"""The MTP graph in the bundle and drafting with it (docs/mtp.md): real bundles, real ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dsexport import EMBEDDED_MODEL
+from dsexport.errors import BundleError
+
+# Measured on the embedded model (greedy): 0.71 over benchmarks/mtp.py's 16 test-split prompts,
+# 0.68 over the 4 prompts below (0.52-0.81 per prompt); the goal is 0.60.
+MIN_GREEDY_ACCEPTANCE = 0.6
+NEAR_TIE = 2e-3  # a greedy difference is allowed only where plain decoding's top-2 gap is below this
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from dsexport.exporter.bundle import BuildConfig, build_bundle
+
+    out = tmp_path_factory.mktemp("mtp") / "embedded"
+    build_bundle(BuildConfig(EMBEDDED_MODEL, out))  # the embedded model has MTP weights: included by default
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(bundle):
+    from dsexport.runtime import Engine
+
+    return Engine.load(bundle, threads=2), Engine.load(bundle, threads=2, draft="mtp")
+
+
+def _test_prompts(engine, count: int, length: int = 40) -> list[list[int]]:
+    prompts = []
+    for corpus in ("english", "code"):
+        ids = engine.encode((EMBEDDED_MODEL / f"test.{corpus}.txt").read_text()[:40000])
+        step = (len(ids) - length) // count
+        prompts += [ids[i * step:i * step + length] for i in range(count)]
+    return prompts
+
+
+def test_bundle_carries_the_mtp_graph_and_it_matches_the_torch_module(bundle, engines):
+    from dsexport.exporter.checkpoint import CheckpointReader
+    from dsexport.exporter.mtp_export import verify_mtp
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    mtp = manifest["graphs"]["mtp"]
+    assert {mtp["file"], mtp["data"]} <= set(manifest["files"])
+    assert [o["name"] for o in manifest["graphs"]["decoder"]["outputs"]][-1] == "hidden_states"
+    # the embedding and head are read from the decoder's data file, not copied
+    assert {"embed_tokens.weight", "lm_head.weight"} <= set(mtp["shared_weights"])
+    assert (bundle / mtp["data"]).stat().st_size < mtp["shared_bytes"]
+    assert mtp["verify"]["max_logit_diff"] <= 1e-4 and mtp["verify"]["incremental_max_diff"] <= 1e-4
+    # again, longer, at the fp32 parity tolerance (whole sequence and through the cache)
+    result = verify_mtp(CheckpointReader(EMBEDDED_MODEL), engines[0], tolerance=1e-4, tokens=40)
+    assert result["max_logit_diff"] <= 1e-4
+
+
+def test_bundles_without_mtp_weights_keep_the_plain_contract(artifacts, run_cli):
+    from dsexport.runtime import Engine
+
+    path = artifacts.export("v3_noaux_tc")  # transformers writes no MTP weights
+    run_cli("inspect", path)  # (flushes what writing the checkpoint printed)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert "mtp" not in manifest["graphs"]
+    assert "hidden_states" not in [o["name"] for o in manifest["graphs"]["decoder"]["outputs"]]
+    with pytest.raises(BundleError, match="no MTP graph"):
+        Engine.load(path, draft="mtp")
+    code, _, err = run_cli("run", path, "--prompt", "hi", "--draft", "mtp")
+    assert code == BundleError.exit_code and err.startswith("error: ") and "no MTP graph" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = run_cli("build", "--model", artifacts.checkpoint("v3_noaux_tc"), "--out", path.parent / "x", "--mtp")
+    assert code == 2 and "has no MTP weights" in err
+
+
+def test_greedy_drafting_reproduces_plain_greedy_decoding(engines):
+    plain, drafting = engines
+    drafted = accepted = near_ties = 0
+    for prompt in _test_prompts(plain, 2):
+        a = plain.generate(prompt, max_new_tokens=48, ignore_eos=True)
+        b = drafting.generate(prompt, max_new_tokens=48, ignore_eos=True)
+        assert b.draft_stats is not None and a.draft_stats is None
+        if a.output_ids != b.output_ids:  # allowed only at a near-tie of plain decoding: counted
+            k = next(i for i, (x, y) in enumerate(zip(a.output_ids, b.output_ids)) if x != y)
+            ids = prompt + a.output_ids[:k]
+            logits, _ = plain.forward(np.asarray([ids]), np.arange(len(ids))[None], np.ones((1, len(ids)), np.int64),
+                                      plain.empty_cache(1))
+            top = np.sort(logits[0, -1])[-2:]
+            assert top[1] - top[0] <= NEAR_TIE, f"greedy differs at token {k} by a clear margin {top[1] - top[0]}"
+            near_ties += 1
+        assert len(b.output_ids) == 48 and b.finish_reason == "length"
+        drafted += b.draft_stats.drafted
+        accepted += b.draft_stats.accepted
+        assert b.draft_stats.decoder_runs < 48  # accepted drafts saved decoder runs
+    assert near_ties <= 1
+    assert accepted / drafted >= MIN_GREEDY_ACCEPTANCE, accepted / drafted
+
+
+def test_drafting_stops_like_plain_decoding(engines):
+    plain, drafting = engines
+    prompt = "And God said unto Moses,"
+    for kwargs in ({"max_new_tokens": 1}, {"max_new_tokens": 2}, {"max_new_tokens": 7}, {"stop": [" the"]},
+                   {"max_new_tokens": 30, "repetition_penalty": 1.3}):
+        a, b = plain.generate(prompt, **kwargs), drafting.generate(prompt, **kwargs)
+        assert (a.output_ids, a.text, a.finish_reason) == (b.output_ids, b.text, b.finish_reason), kwargs
+    streamed = "".join(e.text for e in drafting.stream(prompt, max_new_tokens=20))
+    assert streamed == plain.generate(prompt, max_new_tokens=20).text
+    # batches decode without drafting
+    batch = drafting.generate_batch(["In the beginning", "def f(x):"], max_new_tokens=5)
+    assert all(r.draft_stats is None for r in batch)
+
+
+def test_acceptance_rule_leaves_the_target_distribution():
+    """Draft x ~ q, keep it with probability min(1, p(x)/q(x)), else draw from norm(max(p - q, 0)):
+    the output follows p. 40,000 draws per case; total variation distance below 0.012 (its
+    expectation for 6 outcomes at this sample size is about 0.004)."""
+    from dsexport.runtime.speculative import accept_or_resample
+
+    p = np.array([0.05, 0.4, 0.1, 0.25, 0.0, 0.2])
+    cases = {"sampled draft": np.array([0.3, 0.1, 0.3, 0.1, 0.1, 0.1]), "one-hot draft": np.eye(6)[2]}
+    for name, q in cases.items():
+        rng = np.random.default_rng(0)
+        counts = np.zeros(6)
+        kept = 0
+        for _ in range(40000):
+            draft = int(rng.choice(6, p=q))
+            accepted, token = accept_or_resample(p, q, draft, rng)
+            counts[token] += 1
+            kept += accepted
+        tv = 0.5 * np.abs(counts / counts.sum() - p).sum()
+        assert tv < 0.012, (name, tv)
+        assert counts[4] == 0  # a token p excludes never comes out
+        assert 0 < kept < 40000
+
+
+def test_sampled_drafting_follows_the_models_distribution(engines):
+    """End to end: the first two sampled tokens (the second one passes the acceptance rule) against
+    their exact joint distribution from plain decoding's logits (9 outcomes, each 4% or more at
+    this temperature). 400 seeds, chi-square at the 0.1% level (fixed seeds: deterministic)."""
+    from scipy.stats import chi2
+
+    from dsexport.runtime.sampling import SamplingParams, token_distribution
+
+    plain, drafting = engines
+    prompt = plain.encode("def main(")
+    params = SamplingParams(temperature=3.0, top_k=3)
+    n = len(prompt)
+    logits, _ = plain.forward(np.asarray([prompt]), np.arange(n)[None], np.ones((1, n), np.int64), plain.empty_cache(1))
+    first = token_distribution(logits[0, -1], params)
+    exact = {}
+    for t1 in np.flatnonzero(first):
+        ids = prompt + [int(t1)]
+        step, _ = plain.forward(np.asarray([ids]), np.arange(n + 1)[None], np.ones((1, n + 1), np.int64),
+                                plain.empty_cache(1))
+        for t2, p2 in enumerate(token_distribution(step[0, -1], params)):
+            if p2 > 0:
+                exact[(int(t1), t2)] = first[t1] * p2
+    counts = dict.fromkeys(exact, 0)
+    drafted = accepted = 0
+    runs = 400
+    for seed in range(runs):
+        r = drafting.generate(prompt, max_new_tokens=3, temperature=3.0, top_k=3, seed=seed, ignore_eos=True)
+        counts[tuple(r.output_ids[:2])] += 1  # a pair outside the support would be a KeyError
+        drafted += r.draft_stats.drafted
+        accepted += r.draft_stats.accepted
+    expected = np.array([exact[k] * runs for k in counts])
+    observed = np.array([counts[k] for k in counts])
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    assert statistic < chi2.ppf(0.999, len(counts) - 1), (statistic, counts, exact)
+    assert 0 < accepted < drafted  # both branches of the rule ran
+
+
+def test_run_cli_reports_drafting(bundle, run_cli):
+    code, out, _ = run_cli("run", bundle, "--prompt", "In the beginning", "--max-new-tokens", "16", "--draft", "mtp",
+                           "--json")
+    assert code == 0
+    stats = json.loads(out)["draft"]
+    assert stats["drafted"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+    code, out, err = run_cli("run", bundle, "--prompt", "In the beginning", "--max-new-tokens", "16", "--draft", "mtp")
+    assert code == 0 and "draft mtp: accepted" in err
+    code, out, err = run_cli("run", bundle, "--prompt", "In the beginning", "--max-new-tokens", "4")
+    assert code == 0 and "draft" not in err  # off by default
+
+
+def test_quantized_bundles_share_the_quantized_head_and_draft_the_same_tokens(tmp_path):
+    """int4 (head int8): the MTP block is quantized like the decoder's layers, the head's packed
+    weights are the decoder's, and the graph matches the MTPModule on the same dequantized weights."""
+    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.runtime import Engine
+
+    manifest = build_bundle(BuildConfig(EMBEDDED_MODEL, tmp_path / "int4", precision="int4")).manifest
+    mtp = manifest["graphs"]["mtp"]
+    assert {"lm_head.qweight", "lm_head.scales"} <= set(mtp["shared_weights"])
+    assert mtp["verify"]["max_logit_diff"] <= 1e-3 and mtp["verify"]["incremental_max_diff"] <= 1e-3
+    plain, drafting = Engine.load(tmp_path / "int4", threads=2), Engine.load(tmp_path / "int4", threads=2, draft="mtp")
+    a = plain.generate("And God said unto Moses,", max_new_tokens=32, ignore_eos=True)
+    b = drafting.generate("And God said unto Moses,", max_new_tokens=32, ignore_eos=True)
+    assert a.output_ids == b.output_ids and b.draft_stats.acceptance_rate >= MIN_GREEDY_ACCEPTANCE

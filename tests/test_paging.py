@@ -1,0 +1,139 @@
+"""Expert paging: a paged bundle (segment graphs + expert store) against the fused-op bundle, and
+the expert cache at budgets small enough that experts are evicted and read again."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dsexport.errors import UserError
+
+PROMPT = list(range(3, 30))
+
+
+def paged_bundle(artifacts, variant: str):
+    from dsexport.exporter.bundle import BuildConfig, build_bundle
+
+    path = artifacts.root / f"paged_{variant}"
+    if not (path / "manifest.json").is_file():
+        build_bundle(BuildConfig(artifacts.checkpoint(variant), path, paged=True))
+    return path
+
+
+def teacher_forced_logits(engine, ids: list[int], steps: list[int]) -> np.ndarray:
+    """Prefill `ids`, then decode `steps` one at a time: logits of every position [T + len(steps), V]."""
+    T = len(ids)
+    mask = np.ones((1, T), np.int64)
+    logits, cache = engine.forward(np.array([ids]), np.arange(T)[None], mask, engine.empty_cache(1))
+    out = [logits[0]]
+    for n, token in enumerate(steps):
+        mask = np.ones((1, T + n + 1), np.int64)
+        logits, cache = engine.forward(np.array([[token]]), np.array([[T + n]]), mask, cache)
+        out.append(logits[0])
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("variant", ["v3_noaux_tc", "v2_greedy"])
+def test_paged_bundle_matches_the_fused_bundle_within_parity_tolerance(artifacts, variant):
+    from dsexport.runtime import Engine
+
+    fused = Engine.load(artifacts.export(variant), verify=False)
+    paged = Engine.load(paged_bundle(artifacts, variant), verify=False)
+    manifest = paged.manifest
+    assert manifest["graphs"]["decoder"]["paged"] and manifest["export"]["moe_lowering"] == "paged"
+    assert not (paged.directory / "model.onnx").exists()
+    steps = fused.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
+    a, b = teacher_forced_logits(fused, PROMPT, steps), teacher_forced_logits(paged, PROMPT, steps)
+    assert np.abs(a - b).max() <= 1e-4  # docs/parity.md: fp32 tolerance
+    assert paged.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids == steps
+
+
+def test_every_budget_policy_and_prefetch_setting_gives_the_same_tokens(artifacts):
+    from dsexport.runtime import Engine
+
+    path = paged_bundle(artifacts, "v3_noaux_tc")
+    paging = json.loads((path / "manifest.json").read_text())["paging"]
+    expert = max(layer["record_bytes"] for layer in paging["layers"].values())
+    total = paging["routed_expert_bytes"]
+    resident = Engine.load(path, verify=False).generate(PROMPT, max_new_tokens=32, ignore_eos=True)
+    assert resident.paging_stats["bytes_read"] <= total  # all resident: each expert read once, at most
+    k = 3  # the variant's top-k
+    for mb, policy, prefetch in [(k * expert, "lru", False), (k * expert, "lfu", True), (total / 4, "lru", True),
+                                 (total / 4, "lfu", False)]:
+        engine = Engine.load(path, verify=False, expert_cache_mb=mb / 2**20, cache_policy=policy, prefetch=prefetch)
+        result = engine.generate(PROMPT, max_new_tokens=32, ignore_eos=True)
+        assert result.output_ids == resident.output_ids, (mb, policy, prefetch)
+        s = result.paging_stats
+        assert s["policy"] == policy and s["budget_bytes"] == int(mb)
+        assert s["resident_bytes"] <= s["budget_bytes"]
+        assert s["bytes_read"] > total * 0.5 if mb > k * expert else s["bytes_read"] > total  # evictions, rereads
+        for phase in ("prefill", "decode"):
+            p = s[phase]
+            # every request is a hit, a read of its own, or a wait on its prefetch
+            assert p["hits"] + p["loads"] <= p["requests"] <= p["hits"] + p["loads"] + s["prefetches"]["late"]
+        requests = s["prefill"]["requests"] + s["decode"]["requests"]
+        assert sum(sum(h) for h in s["expert_histograms"].values()) == requests
+        assert s["decode"]["tokens"] == 31 and 0 <= s["hit_rate"] < 1
+        if not prefetch:
+            assert s["prefetches"]["issued"] == 0
+        reads = s["prefill"]["loads"] + s["decode"]["loads"] + s["prefetches"]["loaded"]
+        assert s["bytes_read"] == reads * expert
+
+
+def test_bad_cache_settings_are_user_errors(artifacts):
+    from dsexport.runtime import Engine
+
+    path = paged_bundle(artifacts, "v3_noaux_tc")
+    with pytest.raises(UserError, match="too small"):
+        Engine.load(path, verify=False, expert_cache_mb=0.01)
+    with pytest.raises(UserError, match="cache policy"):
+        Engine.load(path, verify=False, cache_policy="fifo")
+    with pytest.raises(UserError, match="not a paged bundle"):
+        Engine.load(artifacts.export("v3_noaux_tc"), verify=False, expert_cache_mb=64)
+
+
+def test_plan_and_build_say_where_a_backend_cannot_page(artifacts, run_cli, tmp_path):
+    code, out, _ = run_cli("plan", "--target", "jetson-orin-nano-8gb")
+    assert code == 0 and "TensorRT engines cannot page" in out
+    code, _, err = run_cli("build", "--model", artifacts.checkpoint("v3_noaux_tc"), "--target", "jetson-orin-nano-8gb",
+                           "--out", tmp_path / "b", "--paged")
+    assert code != 0 and "TensorRT engines cannot page" in err and "Traceback" not in err
+
+
+def test_a_target_too_small_for_every_expert_gets_a_paged_bundle_by_default(artifacts, monkeypatch, tmp_path):
+    """An ONNX Runtime target whose memory holds the model without its routed experts."""
+    import dataclasses
+
+    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.exporter.config import load_config
+    from dsexport.targets import registry
+    from dsexport.targets.memory_plan import paging_plan, plan_memory
+
+    ckpt = artifacts.checkpoint("v3_noaux_tc")
+    cfg = load_config(ckpt)
+    base = registry.TARGETS["x86-cpu"]
+    probe = plan_memory(cfg, dataclasses.replace(base, device=registry.Device(1, 1, 10)), "fp32", 64)
+    paging = paging_plan(cfg, base, probe)
+    usable = (probe.total_bytes - paging["store_bytes"] + 2 * paging["min_cache_bytes"]) / 1e9
+    small = dataclasses.replace(base, name="tiny-cpu", device=registry.Device(1, usable, 10), context_default=64)
+    monkeypatch.setitem(registry.TARGETS, "tiny-cpu", small)
+    result = build_bundle(BuildConfig(ckpt, tmp_path / "b", target="tiny-cpu"))
+    m = result.manifest
+    assert m["graphs"]["decoder"]["paged"] and m["memory_plan"]["paging"]["chosen"]
+    assert m["paging"]["default_cache_mb"] * 2**20 == pytest.approx(2 * paging["min_cache_bytes"], rel=0.01)
+
+
+def test_cli_run_prints_paging_stats(artifacts, run_cli):
+    path = paged_bundle(artifacts, "v3_noaux_tc")
+    paging = json.loads((path / "manifest.json").read_text())["paging"]
+    mb = paging["routed_expert_bytes"] / 4 / 2**20
+    code, out, err = run_cli("run", path, "--prompt", "hello", "--max-new-tokens", "8", "--expert-cache-mb", mb,
+                             "--stats", "--cache-policy", "lru")
+    assert code == 0 and "decode hit rate" in err and "per decoded token" in err and "lru" in err
+    code, out, _ = run_cli("run", path, "--prompt", "hello", "--max-new-tokens", "4", "--json", "--stats",
+                           "--no-prefetch", "--no-verify")
+    assert code == 0 and json.loads(out)["paging_stats"]["prefetch"] is False
+    code, _, err = run_cli("run", path, "--prompt", "hello", "--expert-cache-mb", "0.001")
+    assert code != 0 and "too small" in err and "Traceback" not in err
