@@ -532,7 +532,7 @@ def plan(model_dir: Path | None, target: str, precision: str | None, context: in
         click.echo(f"expert paging: not available ({paging['reason']})")
     elif paging["cache_bytes"] is not None:
         click.echo(f"expert paging: {paging['cache_bytes'] / 1e9:.2f} GB left for an expert cache of the "
-                   f"{paging['store_bytes'] / 1e9:.2f} GB fp32 store (one token needs "
+                   f"{paging['store_bytes'] / 1e9:.2f} GB {paging['store_precision']} store (one token needs "
                    f"{paging['min_cache_bytes'] / 1e9:.2f} GB)")
     est = p.decode_estimate()
     if est:

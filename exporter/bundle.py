@@ -112,9 +112,9 @@ def _memory_gate(reader: CheckpointReader, build: BuildConfig, target, precision
 
     cfg = reader.config.with_kept_experts(build.kept_experts)
     plan = plan_memory(cfg, target, precision, context)
-    paging = paging_plan(cfg, target, plan)
-    routed_fp32 = quant is None or "routed_experts" not in quant.bits
-    auto_paged = build.paged is not False and bool(paging.get("fits")) and routed_fp32
+    # the store holds routed experts at their width (exporter/paged.py): the plan sizes it so
+    paging = paging_plan(cfg, target, plan, quant.bits.get("routed_experts") if quant is not None else "preset")
+    auto_paged = build.paged is not False and bool(paging.get("fits"))
     if plan.fits is False and not build.force and not auto_paged:
         advice = "; ".join(suggestions(cfg, target, plan))
         raise UserError(f"the model does not fit {target.name}: it needs {plan.total_bytes / 1e9:.2f} GB of "

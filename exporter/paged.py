@@ -16,7 +16,13 @@ into segments, one per MoE layer (docs/paging.md):
 
 The runtime adds sum_k weight * expert(moe_input) to residual and feeds it to the next segment
 as `hidden` (runtime/paging.py). The routed experts live in experts.bin, one 4096-aligned record
-per (layer, expert slot): w_gate_up [2I, D] (gate rows then up rows) then w_down [D, I], float32.
+per (layer, expert slot), at the bundle's routed-expert precision:
+
+  fp32       w_gate_up float32 [2I, D] (gate rows then up rows), then w_down float32 [D, I]
+  int8/int4  quantize.quantize_rows of both (the fused QMoE's weights, bit for bit): scales float32
+             [2I, D/B] and [D, I/B], then q [2I, D*bits/8] and [D, I*bits/8] (int4 two per byte,
+             even index in the low nibble: quantize.pack), then with zero points (asymmetric)
+             uint8 [2I, D/B] and [D, I/B], one byte per block
 Each layer's router [E, D] and correction bias [E] are stored there too, for the prefetcher.
 """
 
@@ -36,6 +42,7 @@ from .config import ModelConfig
 from .export import ExportConfig, _DecoderEmitter
 from .graph import GraphBuilder
 from .lowering import ExpertWeights, emit_routing, final_weights
+from .quantize import QuantConfig, pack, quantize_rows
 from .reference import layer_tensors
 
 STORE_FILE = "experts.bin"
@@ -62,10 +69,13 @@ def segment_plan(cfg: ModelConfig) -> list[dict]:
 
 
 class _StoreWriter:
-    """Writes experts.bin one layer at a time and keeps its index."""
+    """Writes experts.bin one layer at a time and keeps its index. quant: the bundle's QuantConfig;
+    routed experts at its bits (none: fp32)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, quant: QuantConfig):
         self.path = path
+        self.quant = quant
+        self.bits = quant.bits.get("routed_experts")
         self._f = open(path, "wb")
         self.layers: dict[str, dict] = {}
 
@@ -78,17 +88,40 @@ class _StoreWriter:
         self._f.write(np.ascontiguousarray(array, np.float32).tobytes())
         return offset
 
+    def _quantized(self, gate_up: np.ndarray, down: np.ndarray) -> tuple[list[bytes], dict]:
+        """One expert's record parts (scales first: 4-byte aligned views at the record's start)."""
+        parts, layout = [[], [], []], {}
+        for name, w in (("gate_up", gate_up), ("down", down)):
+            bits, block = self.quant.layout_for("routed_experts", self.bits, w.shape[-1])
+            q, d, zero = quantize_rows(w, bits, block, self.quant.scheme)  # [R, Kp], [R, Kp/B], [R, Kp/B]
+            parts[0].append(d.astype(np.float32).tobytes())
+            parts[1].append(pack(q, bits).tobytes())
+            if zero is not None:
+                parts[2].append(zero.tobytes())
+            layout[name] = {"bits": bits, "block": block, "padded": int(q.shape[-1])}
+        return [b for group in parts for b in group], layout
+
     def add_layer(self, i: int, w: ExpertWeights) -> None:
         E, inter, D = w.gate.shape
-        offsets = []
+        offsets, layout, record = [], None, 3 * inter * D * 4
         for e in range(E):
-            offsets.append(self._put(np.concatenate([w.gate[e], w.up[e]], axis=0)))  # [2I, D]
-            self._f.write(np.ascontiguousarray(w.down[e], np.float32).tobytes())  # [D, I], right after
+            gate_up = np.concatenate([w.gate[e], w.up[e]], axis=0)  # [2I, D]
+            if self.bits is None:
+                offsets.append(self._put(gate_up))
+                self._f.write(np.ascontiguousarray(w.down[e], np.float32).tobytes())  # [D, I], right after
+                continue
+            parts, layout = self._quantized(gate_up, np.asarray(w.down[e], np.float32))
+            offsets.append(self._put(np.zeros(0, np.float32)))  # aligns; the record follows
+            for part in parts:
+                self._f.write(part)
+            record = sum(len(part) for part in parts)
         router = self._put(w.router)  # [E, D]
         bias = self._put(w.bias) if w.bias is not None else None  # [E]
         self.layers[str(i)] = {"experts": E, "intermediate": inter, "hidden": D,
-                               "record_bytes": 3 * inter * D * 4, "offsets": offsets,
+                               "record_bytes": record, "offsets": offsets,
                                "router": router, "bias": bias, "groups": list(w.groups)}
+        if layout is not None:
+            self.layers[str(i)]["quantized"] = layout
 
     def close(self) -> int:
         self._f.flush()
@@ -179,15 +212,18 @@ def export_paged(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConf
                  progress: Callable[[str, int, int], None], kept_experts: dict[int, list[int]] | None = None
                  ) -> PagedExportResult:
     """Write segment_NN.onnx (+ .data) and experts.bin into out_dir, layer by layer."""
-    if "routed_experts" in export_cfg.quant.bits:
-        raise UserError("paged bundles keep routed experts at fp32 for now; add --quantize routed_experts=none "
-                        "(the other parts may stay quantized)")
+    quant = export_cfg.quant
+    if quant.expert_bits:
+        raise UserError("--expert-bits (per-expert widths) is not available for paged bundles yet; the store holds "
+                        "every routed expert at one width")
+    if "routed_experts" in quant.bits and quant.lowering != "ort":
+        raise UserError("paged bundles with quantized routed experts need ONNX Runtime's lowering")
     reader.config = cfg = reader.config.with_kept_experts(kept_experts)
     if not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
         raise UserError("expert paging needs a model with routed experts; this one has none")
     out = Path(out_dir)
     D, V = cfg.hidden_size, cfg.vocab_size
-    store = _StoreWriter(out / STORE_FILE)
+    store = _StoreWriter(out / STORE_FILE, quant)
     plan = segment_plan(cfg)
     segments, non_expert = [], 0
     for j, seg in enumerate(plan):
@@ -224,12 +260,29 @@ def export_paged(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConf
     progress("export", cfg.num_hidden_layers, cfg.num_hidden_layers)
     store_bytes = store.close()
     expert_bytes = sum(entry["record_bytes"] * entry["experts"] for entry in store.layers.values())
-    paging = {"version": PAGING_VERSION, "file": STORE_FILE, "precision": "fp32", "align": STORE_ALIGN,
-              "record": "w_gate_up float32 [2I, D] (gate rows, then up rows), then w_down float32 [D, I]",
+    paging = {"version": PAGING_VERSION, "file": STORE_FILE, "align": STORE_ALIGN, **store_format(quant),
               "layers": store.layers, "routed_expert_bytes": expert_bytes, "store_bytes": store_bytes,
               "non_expert_bytes": non_expert, "default_cache_mb": None}
     graphs = {"paged": True, "moe_lowering": PAGED_LOWERING, "segments": segments}
     return PagedExportResult(cfg, graphs, paging, non_expert + expert_bytes, non_expert)
+
+
+def store_format(quant: QuantConfig) -> dict:
+    """The manifest's description of the store's records: precision, bits, block, scheme, and the
+    activation quantization the fused QMoE applies (the runtime emulates it: runtime/paging.py)."""
+    bits = quant.bits.get("routed_experts")
+    if bits is None:
+        return {"precision": "fp32", "bits": None, "block": None, "scheme": None, "zero_points": False,
+                "activations": "fp32",
+                "record": "w_gate_up float32 [2I, D] (gate rows, then up rows), then w_down float32 [D, I]"}
+    zero = quant.scheme == "asymmetric"
+    block = quant.block_for("routed_experts")
+    # ONNX Runtime 1.32's 8-bit QMoE always quantizes its activations; 4-bit does at accuracy_level 4
+    activations = "int8" if bits == 8 or quant.activations == "int8" else "fp32"
+    return {"precision": f"int{bits}", "bits": bits, "block": block, "scheme": quant.scheme, "zero_points": zero,
+            "activations": activations, "activation_block": block,
+            "record": "scales float32 [2I, D/B], [D, I/B]; q uint8 [2I, D*bits/8], [D, I*bits/8] (int4: even "
+                      "index in the low nibble)" + ("; zero points uint8 [2I, D/B], [D, I/B]" if zero else "")}
 
 
 def paging_choice(build, target, memory_plan: dict) -> tuple[bool, float | None]:

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from dsexport.errors import BundleError, UserError
 
-from .paging import DEFAULT_POLICY, ExpertCache, ExpertStore, PagingStats
+from .paging import DEFAULT_POLICY, ExpertCache, ExpertStore, PagingStats, quantize_activations
 
 
 _BLAS_THREAD_SETTERS = ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads64_",
@@ -95,7 +95,8 @@ class PagedBackend:
         store = ExpertStore(directory / paging["file"], paging)
         largest = max(store.expert_bytes(i) for i in store.layers)
         k = int(manifest["model"]["num_experts_per_tok"])
-        total = int(paging["routed_expert_bytes"])
+        # what every expert takes in the cache (the store's bytes unless it holds them dequantized)
+        total = sum(store.expert_bytes(i) * int(e["experts"]) for i, e in store.layers.items())
         mb = expert_cache_mb if expert_cache_mb is not None else paging.get("default_cache_mb")
         budget = total if mb is None else int(float(mb) * 2**20)
         if budget < k * largest:
@@ -192,7 +193,8 @@ class PagedBackend:
             for slot in slots:
                 rows, col = np.nonzero(ids == slot)  # tokens routed to it, and where in their top-k
                 expert = self.cache.get(layer, int(slot))
-                parts.append((rows, self._workers.submit(_expert_output, expert, h[rows], weights[rows, col])))
+                parts.append((rows, self._workers.submit(_expert_output, expert, h[rows], weights[rows, col],
+                                                         self.cache.store.activation_block)))
             for rows, part in parts:  # summed in slot order, whatever finished first
                 out[rows] += part.result()
         finally:
@@ -229,10 +231,16 @@ class PagedBackend:
         self.cache.close()
 
 
-def _expert_output(expert, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """weight * w_down(SiLU(gate(x)) * up(x)) for the n tokens x [n, D] routed to one expert: [n, D]."""
-    gate_up = x @ expert.w_gate_up.T  # [n, 2I]
+def _expert_output(expert, x: np.ndarray, weight: np.ndarray, activation_block: int | None = None) -> np.ndarray:
+    """weight * w_down(SiLU(gate(x)) * up(x)) for the n tokens x [n, D] routed to one expert: [n, D].
+    activation_block: quantize x and the SwiGLU output to int8 per block, as the fused QMoE does."""
+    w_gate_up, w_down = expert.weights()  # [2I, D], [D, I]; a quantized expert: dequantized into scratch
+    if activation_block:
+        x = quantize_activations(x, activation_block)
+    gate_up = x @ w_gate_up.T  # [n, 2I]
     inter = gate_up.shape[1] // 2
     gate = gate_up[:, :inter]
     act = gate / (1.0 + np.exp(-gate)) * gate_up[:, inter:]  # [n, I]
-    return (act @ expert.w_down.T) * weight[:, None]
+    if activation_block:
+        act = quantize_activations(act, activation_block)
+    return (act @ w_down.T) * weight[:, None]

@@ -4,6 +4,10 @@
                 land in this process's memory once (the OS page cache may also keep the file's
                 pages, outside the process's RSS; nothing is memory-mapped, so RSS counts exactly
                 the cached experts)
+                Records are fp32, or int8/int4 with block scales (quantize.quantize_rows's layout);
+                a quantized expert stays quantized in the cache and is dequantized per use into
+                a per-thread scratch buffer (QuantizedExpert.dequantize), unless
+                DSEXPORT_EXPERT_CACHE_HOLDS=fp32 (dequantized once, on read)
   ExpertCache   resident experts keyed (layer, slot), never more bytes than the budget (space is
                 reserved before a read starts); an eviction policy picks victims; a background
                 thread prefetches predicted experts
@@ -34,24 +38,166 @@ DEFAULT_POLICY = "lfu"
 LFU_DECAY = 0.95  # per forward step: a request 14 steps ago counts half as much as one now
 
 
+# What the cache holds of a quantized store (docs/paging.md): "quantized", the records as read
+# (the budget counts quantized bytes; each use dequantizes into a per-thread scratch buffer), or
+# "fp32", dequantized once when read (the budget counts fp32 bytes). A measurement switch:
+# DSEXPORT_EXPERT_CACHE_HOLDS=fp32 (benchmarks/paging.py --holds).
+HOLDS = ("quantized", "fp32")
+DEFAULT_HOLDS = "quantized"
+
+
 @dataclasses.dataclass
 class Expert:
-    w_gate_up: np.ndarray  # [2I, D]
-    w_down: np.ndarray  # [D, I]
-    nbytes: int
-    buffer: np.ndarray  # the record both are views of
+    w_gate_up: np.ndarray | None  # [2I, D] float32; None while quantized (see q)
+    w_down: np.ndarray | None  # [D, I]
+    nbytes: int  # bytes held in the cache: what the budget counts
+    buffer: np.ndarray  # the record (or its dequantized copy) the arrays are views of
+    read_bytes: int = 0  # bytes read from the store
+    q: "QuantizedExpert | None" = None
+
+    def weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(w_gate_up [2I, D], w_down [D, I]) float32; a quantized expert is dequantized into this
+        thread's scratch buffers, valid until the thread's next call."""
+        if self.q is None:
+            return self.w_gate_up, self.w_down
+        return self.q.dequantize(_scratch())
+
+
+_local = threading.local()
+
+
+def _scratch() -> dict:
+    if not hasattr(_local, "buffers"):
+        _local.buffers = {}
+    return _local.buffers
+
+
+def _buffer(scratch: dict, name: str, shape: tuple, dtype) -> np.ndarray:
+    buf = scratch.get(name)
+    if buf is None or buf.shape != shape:
+        buf = scratch[name] = np.empty(shape, dtype)
+    return buf
+
+
+class QuantLayout:
+    """Where a quantized record's parts lie (exporter/paged.py, _StoreWriter._quantized): scales
+    float32 of gate_up then down, packed q of both, then (asymmetric) zero points, one byte per block."""
+
+    def __init__(self, entry: dict, zero_points: bool):
+        inter, D = int(entry["intermediate"]), int(entry["hidden"])
+        self.mats = {}
+        shapes = {"gate_up": (2 * inter, D), "down": (D, inter)}
+        for name, (R, K) in shapes.items():
+            m = entry["quantized"][name]
+            bits, block, Kp = int(m["bits"]), int(m["block"]), int(m["padded"])
+            self.mats[name] = dict(rows=R, K=K, bits=bits, block=block, padded=Kp, blocks=Kp // block)
+        offset = 0
+        for part, size in (("scales", lambda m: m["rows"] * m["blocks"] * 4),
+                           ("q", lambda m: m["rows"] * m["padded"] * m["bits"] // 8),
+                           ("zero", lambda m: m["rows"] * m["blocks"] if zero_points else 0)):
+            for m in self.mats.values():
+                m[part] = (offset, size(m))
+                offset += size(m)
+        self.nbytes = offset
+        self.zero_points = zero_points
+        self.dequantized_bytes = sum(m["rows"] * m["padded"] * 4 for m in self.mats.values())
+
+    def view(self, buf: np.ndarray) -> "QuantizedExpert":
+        return QuantizedExpert(self, buf)
+
+
+class QuantizedExpert:
+    """One record's views: scales [R, Kp/B] float32, q [R, Kp*bits/8] uint8, zero [R, Kp/B] uint8."""
+
+    def __init__(self, layout: QuantLayout, buf: np.ndarray):
+        self.layout, self.parts = layout, {}
+        for name, m in layout.mats.items():
+            R, nb = m["rows"], m["blocks"]
+            (so, sn), (qo, qn), (zo, zn) = m["scales"], m["q"], m["zero"]
+            scales = buf[so:so + sn].view(np.float32).reshape(R, nb)
+            q = buf[qo:qo + qn].reshape(R, m["padded"] * m["bits"] // 8)
+            zero = buf[zo:zo + zn].reshape(R, nb) if layout.zero_points else None
+            self.parts[name] = (m, q, scales, zero)
+
+    def dequantize(self, scratch: dict, out: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """quantize.dequantize_rows bit for bit ((q - offset) * scale in float32), vectorized:
+        int4 nibbles unpacked with bit ops into the even/odd columns, scales broadcast over blocks."""
+        result = []
+        for name in ("gate_up", "down"):
+            m, q, scales, zero = self.parts[name]
+            R, Kp, bits, block = m["rows"], m["padded"], m["bits"], m["block"]
+            w = out[name] if out is not None else _buffer(scratch, "w_" + name, (R, Kp), np.float32)  # [R, Kp]
+            offset = np.float32(0 if zero is not None else 1 << (bits - 1))
+            if bits == 4:
+                pairs = w.reshape(R, Kp // 2, 2)  # even index in the low nibble (quantize.pack)
+                nibble = _buffer(scratch, "nibble_" + name, q.shape, np.uint8)  # [R, Kp/2]
+                np.bitwise_and(q, 15, out=nibble)
+                np.subtract(nibble, offset, out=pairs[..., 0], dtype=np.float32)
+                np.right_shift(q, 4, out=nibble)
+                np.subtract(nibble, offset, out=pairs[..., 1], dtype=np.float32)
+            else:
+                np.subtract(q, offset, out=w, dtype=np.float32)
+            blocks = w.reshape(R, Kp // block, block)  # [R, nb, B]
+            if zero is not None:
+                np.subtract(blocks, zero[..., None], out=blocks, dtype=np.float32)
+            np.multiply(blocks, scales[..., None], out=blocks)
+            result.append(w[:, :m["K"]] if Kp != m["K"] else w)
+        return result[0], result[1]
+
+
+def quantize_activations(x: np.ndarray, block: int) -> np.ndarray:
+    """What ONNX Runtime 1.32's QMoE does to the expert input and the SwiGLU output when it
+    quantizes activations: int8 per block of the last dim, symmetric, scale = absmax / 127,
+    x * (1 / scale) rounded half to even (MLAS). exporter/reference.quantize_activations is the
+    torch twin; the runtime cannot import it."""
+    n, K = x.shape
+    pad = -K % block  # a last partial block is quantized on its own (zeros do not change its max)
+    if pad:
+        x = np.concatenate([x, np.zeros((n, pad), np.float32)], axis=1)
+    b = x.reshape(n, -1, block)  # [n, nb, B]
+    scale = np.abs(b).max(-1, keepdims=True) / np.float32(127)  # [n, nb, 1]
+    with np.errstate(divide="ignore"):
+        inverse = np.where(scale == 0, np.float32(0), np.float32(1) / scale)
+    return (np.rint(b * inverse) * scale).reshape(n, -1)[:, :K]
 
 
 class ExpertStore:
-    def __init__(self, path: Path, paging: dict):
+    def __init__(self, path: Path, paging: dict, holds: str | None = None):
         if not path.is_file():
             raise BundleError(f"{path}: the expert store is missing from the bundle")
         self.path = path
         self.layers = {int(i): entry for i, entry in paging["layers"].items()}
+        self.precision = paging.get("precision", "fp32")
+        self.bits = paging.get("bits")
+        holds = holds or os.environ.get("DSEXPORT_EXPERT_CACHE_HOLDS") or DEFAULT_HOLDS
+        if holds not in HOLDS:
+            raise UserError(f"expert cache holds one of {', '.join(HOLDS)}, got {holds!r}")
+        self.holds = holds if self.bits else "fp32"
+        # int8 activations: the fused QMoE quantizes the expert input and SwiGLU output (its
+        # 8-bit path always, its 4-bit path at accuracy_level 4); the expert path emulates that
+        self.activation_block = int(paging["activation_block"]) if paging.get("activations") == "int8" else None
+        self.layouts = {i: QuantLayout(e, bool(paging.get("zero_points"))) for i, e in self.layers.items()
+                        if "quantized" in e}
+        for i, layout in self.layouts.items():
+            if layout.nbytes != self.record_bytes(i):
+                raise BundleError(f"{path}: layer {i}'s records are {self.record_bytes(i)} bytes, their layout says "
+                                  f"{layout.nbytes}")
         self._fd = os.open(path, os.O_RDONLY)
 
-    def expert_bytes(self, layer: int) -> int:
+    def record_bytes(self, layer: int) -> int:
+        """Bytes of one expert's record in the store: what one read costs."""
         return int(self.layers[layer]["record_bytes"])
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes one expert of the layer takes in the cache: what the budget counts."""
+        if self.holds == "fp32" and layer in self.layouts:
+            return self.layouts[layer].dequantized_bytes
+        return self.record_bytes(layer)
+
+    def _pread(self, layer: int, slot: int, buf: np.ndarray) -> None:
+        n = os.preadv(self._fd, [memoryview(buf).cast("B")], self.layers[layer]["offsets"][slot])
+        if n != buf.nbytes:
+            raise BundleError(f"{self.path}: short read of expert {slot} of layer {layer} ({n} of {buf.nbytes} bytes)")
 
     def read(self, layer: int, slot: int, buf: np.ndarray | None = None) -> Expert:
         """buf: an evicted expert's buffer to read into. Reusing buffers matters: a fresh 6 MB
@@ -59,12 +205,30 @@ class ExpertStore:
         (measured on checkpoint M's records), and freed buffers would linger in malloc's arenas."""
         entry = self.layers[layer]
         inter, D = entry["intermediate"], entry["hidden"]
-        if buf is None or buf.size != 3 * inter * D:
-            buf = np.empty(3 * inter * D, np.float32)
-        n = os.preadv(self._fd, [memoryview(buf).cast("B")], entry["offsets"][slot])
-        if n != buf.nbytes:
-            raise BundleError(f"{self.path}: short read of expert {slot} of layer {layer} ({n} of {buf.nbytes} bytes)")
-        return Expert(buf[:2 * inter * D].reshape(2 * inter, D), buf[2 * inter * D:].reshape(D, inter), buf.nbytes, buf)
+        layout = self.layouts.get(layer)
+        if layout is None:  # fp32 record
+            if buf is None or buf.dtype != np.float32 or buf.size != 3 * inter * D:
+                buf = np.empty(3 * inter * D, np.float32)
+            self._pread(layer, slot, buf)
+            return Expert(buf[:2 * inter * D].reshape(2 * inter, D), buf[2 * inter * D:].reshape(D, inter), buf.nbytes,
+                          buf, buf.nbytes)
+        if self.holds == "quantized":
+            if buf is None or buf.dtype != np.uint8 or buf.size != layout.nbytes:
+                buf = np.empty(layout.nbytes, np.uint8)
+            self._pread(layer, slot, buf)
+            return Expert(None, None, buf.nbytes, buf, buf.nbytes, layout.view(buf))
+        # held dequantized: read into this thread's scratch, dequantize into the cache's buffer
+        scratch = _scratch()
+        raw = _buffer(scratch, f"record_{layout.nbytes}", (layout.nbytes,), np.uint8)
+        self._pread(layer, slot, raw)
+        gu, down = layout.mats["gate_up"], layout.mats["down"]
+        split = gu["rows"] * gu["padded"]
+        if buf is None or buf.dtype != np.float32 or buf.nbytes != layout.dequantized_bytes:
+            buf = np.empty(layout.dequantized_bytes // 4, np.float32)
+        out = {"gate_up": buf[:split].reshape(gu["rows"], gu["padded"]),
+               "down": buf[split:].reshape(down["rows"], down["padded"])}
+        w_gate_up, w_down = layout.view(raw).dequantize(scratch, out)
+        return Expert(w_gate_up, w_down, buf.nbytes, buf, layout.nbytes)
 
     def router(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The layer's router [E, D] and correction bias [E] (kept resident by the prefetcher)."""
@@ -82,7 +246,6 @@ class ExpertStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
 
 class LRUPolicy:
     name = "lru"
@@ -159,6 +322,8 @@ class PagingStats:
         read = sum(p["bytes_read"] for p in self.phase.values()) + self.prefetch["bytes_read"]
         return {
             "policy": cache.policy.name, "prefetch": cache.prefetch_enabled,
+            # the store's precision, and what the cache holds (budget_bytes counts those bytes)
+            "store_precision": cache.store.precision, "cache_holds": cache.store.holds,
             "budget_bytes": cache.budget, "resident_bytes": cache.used, "resident_experts": len(cache.entries),
             "total_experts": sum(self.experts.values()),
             "hit_rate": rate(decode), "prefill_hit_rate": rate(prefill),
@@ -262,7 +427,7 @@ class ExpertCache:
                 pending.expert = expert
                 pending.done.set()
             phase["loads"] += 1
-            phase["bytes_read"] += expert.nbytes
+            phase["bytes_read"] += expert.read_bytes
         else:  # its prefetch is in flight: wait for it rather than read it twice
             pending.done.wait()
             self.stats.prefetch["late"] += 1
@@ -301,8 +466,8 @@ class ExpertCache:
                     self._prefetched.add(key)
                     self.policy.loaded(key, self.step)
                     self.stats.prefetch["loaded"] += 1
-                    self.stats.prefetch["bytes_read"] += expert.nbytes
-                    self.stats.prefetch["decode_bytes"] += expert.nbytes if self.phase == "decode" else 0
+                    self.stats.prefetch["bytes_read"] += expert.read_bytes
+                    self.stats.prefetch["decode_bytes"] += expert.read_bytes if self.phase == "decode" else 0
                 else:
                     self.used -= self.store.expert_bytes(layer)
                 self._pending.pop(key, None)

@@ -28,7 +28,10 @@ CANNOT_PAGE = {
     "onnxruntime-mobile": "phones run one .ort file with every weight inside; paged segment graphs are not "
                           "converted to ORT format yet",
 }
-PAGED_STORE_BYTES_PER_WEIGHT = 4.0  # the expert store holds fp32 experts (exporter/paged.py)
+# The expert store holds routed experts at their precision (exporter/paged.py): fp32, or int8/int4
+# with one float32 scale per block of 32 at most (the block may be larger: a little less)
+PAGED_STORE_BYTES_PER_WEIGHT = {None: 4.0, 8: 1.0 + 4 / 32, 4: 0.5 + 4 / 32}
+ROUTED_BITS = {"int8": 8, "int4": 4}  # the presets' routed experts (exporter/quantize.PRESETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +112,24 @@ def routed_expert_weights(cfg: ModelConfig) -> int:
     return sum(cfg.num_experts(i) for i in range(cfg.num_hidden_layers)) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
 
 
-def paging_plan(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> dict:
+def paging_plan(cfg: ModelConfig, target: Target, plan: MemoryPlan, routed_bits: int | None | str = "preset") -> dict:
     """Expert paging on this target: can its backend page, and what expert cache the usable memory
     leaves once everything else (non-expert weights, cache, activations, overhead) is resident.
-    It fits when the cache holds at least one token's routed experts in every MoE layer."""
+    It fits when the cache holds at least one token's routed experts in every MoE layer.
+    routed_bits: the store's width (None: fp32); "preset": the plan's precision's."""
     reason = CANNOT_PAGE.get(target.backend)
     if reason:
         return {"can_page": False, "reason": reason}
+    if routed_bits == "preset":
+        routed_bits = ROUTED_BITS.get(plan.precision)
+    per_weight = PAGED_STORE_BYTES_PER_WEIGHT[routed_bits]
     routed = routed_expert_weights(cfg)
     moe_layers = sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * PAGED_STORE_BYTES_PER_WEIGHT
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * per_weight
     resident = plan.total_bytes - int(routed * BYTES_PER_WEIGHT[plan.precision])
     minimum = int(cfg.num_experts_per_tok * moe_layers * expert)
-    out = {"can_page": routed > 0, "store_bytes": int(routed * PAGED_STORE_BYTES_PER_WEIGHT),
+    out = {"can_page": routed > 0, "store_bytes": int(routed * per_weight),
+           "store_precision": f"int{routed_bits}" if routed_bits else "fp32",
            "resident_bytes": resident, "min_cache_bytes": minimum, "cache_bytes": None, "fits": None}
     if not routed:
         out["reason"] = "the model has no routed experts"
@@ -154,6 +162,5 @@ def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> list[str]
     paging = paging_plan(cfg, target, plan)  # where the backend cannot page, `dsexport plan` says why
     if paging["can_page"] and paging["fits"]:
         out.append(f"expert paging (build --paged; the default here): a {paging['cache_bytes'] / 1e9:.2f} GB cache of "
-                   f"the {paging['store_bytes'] / 1e9:.2f} GB fp32 expert store (docs/paging.md)"
-                   + ("" if plan.precision == "fp32" else "; needs --quantize routed_experts=none"))
+                   f"the {paging['store_bytes'] / 1e9:.2f} GB {paging['store_precision']} expert store (docs/paging.md)")
     return out or ["a device with more memory: no precision, context or pruning available here makes it fit"]
