@@ -98,8 +98,13 @@ def mixed_configs(reader) -> list:
     # an int8 expert costs (1 + 4/32) / (0.5 + 4/32) = 1.8 int4 experts: each pruned one pays for 1/0.8 upgrades
     same_bytes = dc.replace(int4, expert_bits=plan_expert_bits(cfg, profile, 8, 0.125 / 0.8 * 0.875 / 0.875,
                                                                  kept=pruned.kept))
+    # per part: the dense first layer (int4's largest loss per byte, measured) at int8, paid for by
+    # the routed experts' block 64 (one fp32 scale per 64 weights instead of 32)
+    dense8 = dc.replace(QuantConfig.preset("int4", 32, {"dense_mlp": 8}), expert_block_size=64)
     return [("int4, top 25% experts int8", top),
-            ("int4, 12.5% pruned, top experts int8 (= int4 bytes)", same_bytes, pruned.kept)]
+            ("int4, 12.5% pruned, top experts int8 (= int4 bytes)", same_bytes, pruned.kept),
+            ("int4, dense MLP int8, experts block 64 (= int4 bytes)",
+             dense8.for_model(cfg.hidden_size, cfg.moe_intermediate_size))]
 
 
 def main() -> None:

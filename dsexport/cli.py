@@ -109,6 +109,8 @@ def _pruning_plan(model_dir: Path, prune: float | None, calib: Path | None, prun
 @click.option("--activations", default="int8", show_default=True, type=click.Choice(["int8", "fp32"]),
               help="int8: quantized kernels quantize their inputs per block (ONNX Runtime's fast path); fp32: "
                    "exact, slower (8-bit experts always quantize; docs/quantization.md).")
+@click.option("--expert-block-size", default=None, type=click.Choice(["32", "64", "128"]),
+              help="Routed experts' quantization block, when it should differ from --block-size.")
 @click.option("--zero-points", is_flag=True,
               help="Asymmetric quantization: a zero point per block besides the scale (ONNX Runtime targets).")
 @click.option("--quantize", "quantize", multiple=True, metavar="PART=BITS",
@@ -130,6 +132,7 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
           moe_lowering: str | None, moe_shards: int | None, max_context: int | None, tensorrt: str | None,
           force: bool, block_size: str, quantize: tuple[str, ...], expert_bits: str | None, paged: bool | None,
           expert_cache_mb: float | None, prune: float | None, zero_points: bool, activations: str,
+          expert_block_size: str | None,
           calib: Path | None, prune_by: str, prune_scope: str, mtp: bool | None = None) -> None:
     """Export a checkpoint into a bundle for a target."""
     from dsexport import EMBEDDED_MODEL
@@ -147,7 +150,8 @@ def build(model_dir: Path | None, target: str, out_dir: Path, precision: str | N
                          pruning=pruning[0].to_json(pruning[1]) if pruning else None,
                          block_size=int(block_size), quantize=_parse_quantize(quantize), expert_bits=widths,
                          paged=paged, expert_cache_mb=expert_cache_mb, mtp=mtp, zero_points=zero_points,
-                         activations=activations)
+                         activations=activations,
+                         expert_block_size=int(expert_block_size) if expert_block_size else None)
     if pruning:
         click.echo(f"pruning {pruning[0].to_json()['removed_experts']} of {pruning[0].to_json()['routed_experts']} "
                    f"routed experts by {prune_by} ({prune_scope})", err=True)

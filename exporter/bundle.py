@@ -55,6 +55,7 @@ class BuildConfig:
     expert_bits: dict[int, dict[int, int]] | None = None  # per-expert widths over routed_experts' (calibration)
     zero_points: bool = False  # asymmetric quantization (a zero point per block; ONNX Runtime targets)
     activations: str = "int8"  # int8: quantized kernels quantize their inputs (fast); fp32: exact (QuantConfig)
+    expert_block_size: int | None = None  # routed experts' block when it differs from block_size
     # Routed experts in a store outside the graphs, paged by the runtime (exporter/paged.py). None:
     # paged when the target's memory cannot hold every expert and its backend can page.
     paged: bool | None = None
@@ -188,7 +189,8 @@ def _tensorrt_quantization(build: BuildConfig, precision: str, tensorrt: str):
                         "width for the routed experts")
     quant = QuantConfig.preset(precision if precision in PRESETS else "fp32", build.block_size, build.quantize,
                                activations="fp32")
-    quant = dataclasses.replace(quant, scheme="symmetric", per_channel_bits=(8,), lowering="qdq")
+    quant = dataclasses.replace(quant, scheme="symmetric", per_channel_bits=(8,), lowering="qdq",
+                                expert_block_size=build.expert_block_size)
     if 4 in quant.bits.values():
         if int(parser_version(tensorrt).name.split(".")[0]) < 10:
             raise UserError(f"int4 weights need TensorRT 10 or later (INT4 Q/DQ); TensorRT {tensorrt} takes int8: "
@@ -222,7 +224,8 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
             raise UserError(f"precision {precision} is not available for {target.backend}; choose from "
                             f"{', '.join(PRESETS)}")
         quant = QuantConfig.preset(precision, build.block_size, build.quantize, activations=build.activations)
-        quant = dataclasses.replace(quant, scheme="asymmetric" if build.zero_points else "absmax")
+        quant = dataclasses.replace(quant, scheme="asymmetric" if build.zero_points else "absmax",
+                                    expert_block_size=build.expert_block_size)
         if build.expert_bits:
             if "routed_experts" not in quant.bits:
                 raise UserError("--expert-bits needs quantized routed experts (--precision int4|int8)")

@@ -69,6 +69,9 @@ class QuantConfig:
             raise UserError(f"quantization scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.activations not in ("int8", "fp32"):
             raise UserError(f"activations must be int8 or fp32, got {self.activations!r}")
+        if self.expert_block_size is not None and self.expert_block_size not in BLOCK_SIZES:
+            raise UserError(f"expert block size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
+                            f"got {self.expert_block_size}")
         if self.block_size not in BLOCK_SIZES:
             raise UserError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         for part, b in self.bits.items():
@@ -109,11 +112,13 @@ class QuantConfig:
         return bits, block
 
     def for_model(self, hidden: int, moe_intermediate: int) -> "QuantConfig":
-        """This config with the routed experts' block set to the largest of block_size, 64, 32
-        that divides both dimensions (the fused QMoE op cannot pad)."""
+        """This config with the routed experts' block set to the largest of the requested one
+        (expert_block_size, else block_size), 64, 32 that divides both dimensions (the fused
+        QMoE op cannot pad)."""
         if "routed_experts" not in self.bits or self.lowering == "qdq":
             return self
-        for block in sorted({b for b in BLOCK_SIZES if b <= self.block_size}, reverse=True):
+        requested = self.expert_block_size or self.block_size
+        for block in sorted({b for b in BLOCK_SIZES if b <= requested}, reverse=True):
             if hidden % block == 0 and moe_intermediate % block == 0:
                 return dataclasses.replace(self, expert_block_size=block)
         raise UserError(f"quantized routed experts need hidden_size ({hidden}) and moe_intermediate_size "

@@ -207,3 +207,22 @@ def test_per_expert_widths_are_refused_for_a_paged_store(tmp_path):
     quant = QuantConfig({"routed_experts": 4}, expert_bits={1: {0: 8}})
     with pytest.raises(UserError, match="--expert-bits"):
         export_paged(None, tmp_path, ExportConfig(quant=quant), lambda *a: None)
+
+
+def test_a_board_whose_memory_cannot_hold_v2_lite_plans_a_paged_bundle(run_cli, tmp_path):
+    """DeepSeek-V2-Lite's configuration at int4 on a Raspberry Pi 5 8GB: the plan says it does
+    not fit whole and that paging (the default there) leaves a cache smaller than the store."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "v2lite", Path(__file__).resolve().parents[1] / "benchmarks" / "make_checkpoint_v2lite.py")
+    v2lite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(v2lite)
+    (tmp_path / "config.json").write_text(json.dumps(v2lite.V2_LITE))
+    code, out, err = run_cli("plan", "--target", "raspberry-pi-5-8gb", "--model", tmp_path, "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["fits"] is False and plan["precision"] == "int4"
+    paging = plan["paging"]
+    assert paging["fits"] and 0 < paging["cache_bytes"] < paging["store_bytes"]

@@ -137,6 +137,17 @@ def test_quantized_sizes_and_flags(artifacts, run_cli, tmp_path):
     assert code == 2 and "PART=4" in err
     with pytest.raises(UserError, match="parts are"):
         QuantConfig({"router": 4})
+    # --expert-block-size: the experts' own block, lowered to one dividing D and I (QMoE cannot pad)
+    experts64 = QuantConfig.preset("int4", 32, {"dense_mlp": 8})
+    experts64 = dataclasses.replace(experts64, expert_block_size=64)
+    assert experts64.for_model(1024, 512).block_for("routed_experts") == 64
+    assert experts64.for_model(64, 32).block_for("routed_experts") == 32
+    assert experts64.for_model(1024, 512).block_for("attention") == 32
+    code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "e", "--precision", "int4",
+                           "--quantize", "dense_mlp=8", "--expert-block-size", "64")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["quantization"]["bits"]["dense_mlp"] == 8 and manifest["quantization"]["expert_block_size"] == 32
     code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "d", "--target", "jetson-orin-nano-8gb",
                            "--precision", "int4", "--tensorrt", "8.5")
     assert code == 2 and "TensorRT 10" in err and not (tmp_path / "d").exists()
