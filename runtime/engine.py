@@ -97,6 +97,22 @@ def choose_providers(manifest: dict, available: list[str], directory: Path) -> l
     return chosen + ["CPUExecutionProvider"]
 
 
+def session_options(manifest: dict, threads: int | None) -> ort.SessionOptions:
+    """ONNX Runtime options for a bundle's graphs: all optimizations, `threads` intra-op threads."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if manifest.get("quantization", {}).get("lowering") == "qdq":
+        # TensorRT-bound int8/int4 weights (DequantizeLinear + MatMul): ONNX Runtime fuses them into
+        # MatMulNBits, by default quantizing activations to int8; TensorRT computes weight-only, so do that
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if threads:
+        if threads < 1:
+            raise UserError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return options
+
+
 class OrtBackend:
     """An ONNX Runtime session over the bundle's decoder graph (.onnx with external data, or .ort).
     The cache is a list of OrtValues handed from step to step without a copy through numpy."""
@@ -108,17 +124,7 @@ class OrtBackend:
 
     @classmethod
     def load(cls, directory: Path, manifest: dict, threads: int | None, weights: str) -> "OrtBackend":
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if manifest.get("quantization", {}).get("lowering") == "qdq":
-            # TensorRT-bound int8/int4 weights (DequantizeLinear + MatMul): ONNX Runtime fuses them into
-            # MatMulNBits, by default quantizing activations to int8; TensorRT computes weight-only, so do that
-            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if threads:
-            if threads < 1:
-                raise UserError(f"threads must be at least 1, got {threads}")
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
+        options = session_options(manifest, threads)
         graph = manifest["graphs"]["decoder"]
         model_path = directory / graph["file"]
         data_path = directory / graph["data"] if graph.get("data") else None

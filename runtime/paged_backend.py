@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from dsexport.errors import BundleError, UserError
 
+from .engine import session_options
 from .paging import DEFAULT_POLICY, ExpertCache, ExpertStore, PagingStats, quantize_activations
 
 
@@ -82,16 +83,10 @@ class PagedBackend:
         paging = manifest.get("paging")
         if not paging:
             raise BundleError(f"{directory}: the manifest marks the decoder paged but has no paging section")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options(manifest, threads)
         # ONNX Runtime's threads would spin after each segment, taking the cores the experts'
         # numpy matmuls (and the prefetch reads) run on next
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            if threads < 1:
-                raise UserError(f"threads must be at least 1, got {threads}")
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         store = ExpertStore(directory / paging["file"], paging)
         largest = max(store.expert_bytes(i) for i in store.layers)
         k = int(manifest["model"]["num_experts_per_tok"])
