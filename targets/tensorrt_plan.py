@@ -24,6 +24,7 @@ FP32_LAYERS = ("n_*layernorm*", "n_norm*", "n_*mlp_scores*", "n_*mlp_choice*", "
 # int8 / int4 are weight-only: DequantizeLinear on constant weights in the graph (exporter/qdq.py),
 # activations in fp16 (builder flags) or, strongly typed, in the scales' type (fp32)
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+QUANT_FLAGS = {"int8": ("INT8",), "int4": ("INT8", "INT4")}  # int4 bundles keep int8 parts (lm_head)
 ACTIVATION_SHARE = 0.05  # of usable memory, for the dense prefill MoE activations
 WORKSPACE_SHARE = 0.05
 MAX_PREFILL_TOKENS, MIN_PREFILL_TOKENS = 512, 16
@@ -79,7 +80,9 @@ def engine_plan(cfg: ModelConfig, target: Target, precision: str, tensorrt: str,
         "tensorrt": parser.name,
         "precision": precision,
         "strongly_typed": parser.strongly_typed_only,
-        "builder_flags": (["FP16", "OBEY_PRECISION_CONSTRAINTS"] if fp16_flags else []),
+        # Q/DQ weights: weakly typed networks need the INT8 (and for INT4 weights the INT4, TensorRT
+        # 10+) flag to select quantized layers, as trtexec's --int8 / --int4
+        "builder_flags": (["FP16", *QUANT_FLAGS.get(precision, ()), "OBEY_PRECISION_CONSTRAINTS"] if fp16_flags else []),
         "tf32": False,  # TF32 is on by default on Ampere+ (Orin): an fp32 layer must stay fp32
         "fp32_layers": list(FP32_LAYERS) if fp16_flags else [],
         "workspace_bytes": int(min(1 << 30, WORKSPACE_SHARE * usable)) // (1 << 20) << 20,
