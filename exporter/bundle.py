@@ -27,7 +27,7 @@ from dsexport.runtime.validate import GOLDEN_FILE
 from .checkpoint import CheckpointReader
 from .config import ModelConfig, parameter_counts
 from .export import DATA_FILE, GRAPH_FILE, ExportConfig, export_model, graph_contract
-from .golden import logit_tolerance, make_golden
+from .golden import golden_generations, logit_tolerance, make_golden
 from .graph import OPSET
 from .lowering import get_lowering
 
@@ -341,13 +341,15 @@ def build_bundle(build: BuildConfig, progress: Progress = lambda stage, done, to
         engine = _verify_graph(staging, cfg)
         progress("verifying", 1, 2)
         # golden outputs from the reference, and the build's own parity check (exporter/golden.py)
-        (staging / GOLDEN_FILE).write_text(json.dumps(make_golden(reader, engine, quant if quant.active else None)))
+        prompts, outputs = golden_generations(engine, cfg.vocab_size)
         if include_mtp:  # the MTP graph against the torch MTPModule, on the decoder graph's hidden states
             from .mtp_export import verify_mtp
 
             graphs["mtp"]["verify"] = verify_mtp(reader, engine, quant if quant.active else None,
                                                  logit_tolerance(quant if quant.active else None))
-        del engine
+        del engine  # the session's memory goes before the reference model's arrives
+        (staging / GOLDEN_FILE).write_text(json.dumps(make_golden(reader, prompts, outputs,
+                                                                  quant if quant.active else None)))
         progress("verifying", 2, 2)
         files = sorted(p.name for p in staging.iterdir() if p.name != MANIFEST_FILE)
         progress("checksums", 0, len(files))

@@ -48,11 +48,17 @@ def golden_prompts(engine, vocab_size: int) -> list[list[int]]:
     return [rng.integers(0, vocab_size, size=n).tolist() for n in (8, 3, 5, 6)]
 
 
-def make_golden(reader: CheckpointReader, engine, quant=None) -> dict:
-    """quant: the bundle's QuantConfig; the reference then runs the same dequantized weights."""
-    cfg = reader.config
-    prompts = golden_prompts(engine, cfg.vocab_size)
-    outputs = [engine.generate(p, max_new_tokens=NEW_TOKENS, ignore_eos=True).output_ids for p in prompts]
+def golden_generations(engine, vocab_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompts, the bundle's greedy continuations): the graph's half of the golden outputs."""
+    prompts = golden_prompts(engine, vocab_size)
+    return prompts, [engine.generate(p, max_new_tokens=NEW_TOKENS, ignore_eos=True).output_ids for p in prompts]
+
+
+def make_golden(reader: CheckpointReader, prompts: list[list[int]], outputs: list[list[int]], quant=None) -> dict:
+    """The reference's half: its top-k logits along the bundle's continuations, and the check that
+    the bundle's greedy tokens are the reference's (golden_generations ran the bundle first, so
+    the bundle's session can be closed before the reference loads: peak memory is one of them).
+    quant: the bundle's QuantConfig; the reference then runs the same dequantized weights."""
     reference = streamed_logits(reader, [p + o for p, o in zip(prompts, outputs)], quant)
     cases = []
     for prompt, output, logits in zip(prompts, outputs, reference):
