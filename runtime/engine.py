@@ -105,6 +105,11 @@ def session_options(manifest: dict, threads: int | None) -> ort.SessionOptions:
         # TensorRT-bound int8/int4 weights (DequantizeLinear + MatMul): ONNX Runtime fuses them into
         # MatMulNBits, by default quantizing activations to int8; TensorRT computes weight-only, so do that
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        # On a CPU these graphs dequantize whole expert stacks every step (TensorRT reads them
+        # in place): without the arena those multi-GB transients go back to the OS. V2-Lite int4,
+        # one decode step: peak RSS 13.0 GB and flat, against 15.8 GB after one step and 18.1 GB
+        # after two with it (67 s against 40 s per step).
+        options.enable_cpu_mem_arena = False
     if threads:
         if threads < 1:
             raise UserError(f"threads must be at least 1, got {threads}")
