@@ -101,10 +101,15 @@ def mixed_configs(reader) -> list:
     # per part: the dense first layer (int4's largest loss per byte, measured) at int8, paid for by
     # the routed experts' block 64 (one fp32 scale per 64 weights instead of 32)
     dense8 = dc.replace(QuantConfig.preset("int4", 32, {"dense_mlp": 8}), expert_block_size=64)
+    # and the shared experts too (next by loss per byte), paid for by the routed experts' block 128
+    dense8_shared8 = dc.replace(QuantConfig.preset("int4", 32, {"dense_mlp": 8, "shared_experts": 8}),
+                                expert_block_size=128)
     return [("int4, top 25% experts int8", top),
             ("int4, 12.5% pruned, top experts int8 (= int4 bytes)", same_bytes, pruned.kept),
             ("int4, dense MLP int8, experts block 64 (= int4 bytes)",
-             dense8.for_model(cfg.hidden_size, cfg.moe_intermediate_size))]
+             dense8.for_model(cfg.hidden_size, cfg.moe_intermediate_size)),
+            ("int4, dense MLP + shared experts int8, experts block 128 (= int4 bytes)",
+             dense8_shared8.for_model(cfg.hidden_size, cfg.moe_intermediate_size))]
 
 
 def main() -> None:

@@ -655,8 +655,8 @@ def _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, m
     manifest = read_bundle(bundle, verify=False).manifest
     # verifies checksums: a modified file is bad input, not a fail
     engine = Engine.load(bundle, threads=threads, backend=backend)
-    # ONNX Runtime runs the graphs as exported (fp32); a TensorRT engine runs at the bundle's precision
-    limits = Thresholds.for_precision(manifest["precision"] if backend == "tensorrt" else "fp32")
+    # ONNX Runtime runs the graphs as exported; a TensorRT engine runs at the bundle's precision
+    limits = Thresholds.for_bundle(manifest, backend)
     overrides = {"max_logit_diff": max_logit_diff, "min_top1": min_top1, "max_ppl_delta": max_ppl_delta}
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     if reference is None:

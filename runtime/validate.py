@@ -20,11 +20,34 @@ GOLDEN_FILE = "golden.json"
 GOLDEN_SCHEMA = 1
 
 
+# Kernels that quantize activations to int8 (MatMulNBits / QMoE at accuracy_level 4, 8-bit QMoE):
+# the reference emulates them to ~1e-6 per op, but a rounding tie resolved differently moves later
+# logits; the build's golden check and `validate` allow this much (docs/quantization.md).
+ACTIVATION_QUANT_LOGIT_TOL = 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
     max_logit_diff: float
     min_top1: float
     max_ppl_delta: float  # relative: |ppl_bundle / ppl_reference - 1|
+
+    @classmethod
+    def for_bundle(cls, manifest: dict, backend: str = "onnxruntime") -> "Thresholds":
+        """What a bundle is held to: a TensorRT engine at its precision; ONNX Runtime at fp32's
+        limits, except where the bundle's kernels quantize activations to int8 (quantized bundles
+        with activations "int8", and ONNX Runtime's 8-bit QMoE always): there a rounding that
+        lands on a tie in one implementation and not the other moves later logits (by up to 0.16
+        on the embedded model, 1.14 on a random test model), so the logit limit is the build's
+        (ACTIVATION_QUANT_LOGIT_TOL) and perplexity may move 2e-3 (docs/quantization.md)."""
+        if backend == "tensorrt":
+            return cls.for_precision(manifest["precision"])
+        quant = manifest.get("quantization")
+        if quant and quant.get("lowering", "ort") == "ort" and (
+                quant.get("activations") == "int8" or quant["bits"].get("routed_experts") == 8
+                or any(b == 8 for widths in quant.get("expert_bits", {}).values() for b in widths.values())):
+            return cls(max_logit_diff=ACTIVATION_QUANT_LOGIT_TOL, min_top1=0.99, max_ppl_delta=2e-3)
+        return cls.for_precision("fp32")
 
     @classmethod
     def for_precision(cls, precision: str) -> "Thresholds":

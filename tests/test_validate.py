@@ -144,3 +144,23 @@ def test_data_file_in_jsonl(good, artifacts, run_cli, tmp_path):
     data.write_text("\n".join(json.dumps({"text": t}) for t in ["Only the chosen experts run.", "The cache is small."]))
     code, out, _ = run_cli("validate", good, "--reference", artifacts.checkpoint(VARIANT), "--data", data, "--json")
     assert code == 0 and json.loads(out)["data"]["source"] == str(data)
+
+
+def test_a_quantized_bundle_is_held_to_the_tolerance_its_activations_name(run_cli, tmp_path):
+    """The embedded model at int4: with int8 activations (the default) the kernels' rounding ties
+    move logits by up to ~0.16 here, so validate applies the build's 0.5 limit; with fp32
+    activations nothing is rounded and the fp32 limit (1e-3) holds. Both pass, against the
+    reference and against their golden outputs."""
+    from dsexport import EMBEDDED_MODEL
+
+    limits = {}
+    for activations in ("int8", "fp32"):
+        bundle = tmp_path / activations
+        code, _, err = run_cli("build", "--out", bundle, "--precision", "int4", "--activations", activations)
+        assert code == 0, err
+        for args in (("--reference", EMBEDDED_MODEL), ()):
+            code, out, err = run_cli("validate", bundle, *args, "--json")
+            assert code == 0, (activations, args, out, err)
+            report = json.loads(out)
+            limits[activations] = next(c["limit"] for c in report["checks"] if c["name"] == "max_abs_logit_diff")
+    assert limits == {"int8": 0.5, "fp32": 1e-3}
