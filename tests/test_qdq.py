@@ -54,6 +54,7 @@ def test_tensorrt_quantized_bundle_equals_the_dequantized_reference(artifacts, t
     # int8: every quantized part per channel at opset 17; int4 adds INT4 blocks (opset 21), lm_head int8
     assert types == ({TensorProto.INT8} if precision == "int8" else {TensorProto.INT8, TensorProto.INT4})
     assert opset == (17 if precision == "int8" else 21)
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)  # INT4 tensors need IR 10
     assert not any(n.op_type in ("MatMulNBits", "QMoE") for n in model.graph.node)
     assert manifest["tensorrt"]["checks"]["10.3"]["decoder"]["ok"]
     assert manifest["tensorrt"]["checks"]["8.5"]["decoder"]["ok"] == (precision == "int8")
