@@ -80,8 +80,8 @@ def engine_plan(cfg: ModelConfig, target: Target, precision: str, tensorrt: str,
         "tensorrt": parser.name,
         "precision": precision,
         "strongly_typed": parser.strongly_typed_only,
-        # Q/DQ weights: weakly typed networks need the INT8 (and for INT4 weights the INT4, TensorRT
-        # 10+) flag to select quantized layers, as trtexec's --int8 / --int4
+        # Q/DQ weights: the INT8 (and for INT4 weights the INT4, TensorRT 10+) flag lets a weakly
+        # typed network select quantized layers (not checked on a device)
         "builder_flags": (["FP16", *QUANT_FLAGS.get(precision, ()), "OBEY_PRECISION_CONSTRAINTS"] if fp16_flags else []),
         "tf32": False,  # TF32 is on by default on Ampere+ (Orin): an fp32 layer must stay fp32
         "fp32_layers": list(FP32_LAYERS) if fp16_flags else [],

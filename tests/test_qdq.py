@@ -58,7 +58,7 @@ def test_tensorrt_quantized_bundle_equals_the_dequantized_reference(artifacts, t
     assert not any(n.op_type in ("MatMulNBits", "QMoE") for n in model.graph.node)
     assert manifest["tensorrt"]["checks"]["10.3"]["decoder"]["ok"]
     assert manifest["tensorrt"]["checks"]["8.5"]["decoder"]["ok"] == (precision == "int8")
-    flags = manifest["tensorrt"]["engine_plan"]["builder_flags"]  # quantized layers need the flags (trtexec --int8/--int4)
+    flags = manifest["tensorrt"]["engine_plan"]["builder_flags"]  # the flags that admit quantized layers
     assert "FP16" in flags and "INT8" in flags and ("INT4" in flags) == (precision == "int4")
 
     engine = Engine.load(out, threads=2)
