@@ -215,12 +215,10 @@ def _stacked_weights(g: GraphBuilder, w: ExpertWeights, name: str, opts: Lowerin
     opts.qdq and expert bits: DequantizeLinear of int8/int4 constants, exporter/qdq.py)."""
     if opts.qdq and opts.expert_bits:
         from .qdq import stacked_qdq
+        from .quantize import weight_layout
 
-        def layout(K: int) -> tuple[int, int]:  # as QuantConfig.layout_for
-            bits = opts.expert_bits
-            if bits in opts.per_channel_bits or K % opts.block_size:
-                return (bits if bits in opts.per_channel_bits else 8), K
-            return bits, opts.block_size
+        def layout(K: int) -> tuple[int, int]:
+            return weight_layout(opts.expert_bits, opts.block_size, K, opts.per_channel_bits, qdq=True)
 
         return (stacked_qdq(g, np.concatenate([w.gate, w.up], axis=1), name + ".w13", *layout(w.gate.shape[2])),
                 stacked_qdq(g, w.down, name + ".w2", *layout(w.down.shape[2])))

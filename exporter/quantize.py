@@ -104,12 +104,7 @@ class QuantConfig:
     def layout_for(self, part: str, bits: int, K: int) -> tuple[int, int]:
         """(bits, block) of a [.., K] weight of this part (block K: one scale per row). Q/DQ
         weights cannot be padded: one whose K the block does not divide is int8 per channel."""
-        if bits in self.per_channel_bits:
-            return bits, K
-        block = self.block_for(part)
-        if self.lowering == "qdq" and K % block:
-            return 8, K
-        return bits, block
+        return weight_layout(bits, self.block_for(part), K, self.per_channel_bits, self.lowering == "qdq")
 
     def for_model(self, hidden: int, moe_intermediate: int) -> "QuantConfig":
         """This config with the routed experts' block set to the largest of the requested one
@@ -137,6 +132,15 @@ class QuantConfig:
         return cls(dict(data["bits"]), data["block_size"], data.get("expert_block_size"), data.get("activations", "fp32"),
                    {int(layer): {int(e): b for e, b in m.items()} for layer, m in data.get("expert_bits", {}).items()},
                    data.get("scheme", "absmax"), tuple(data.get("per_channel_bits", ())), data.get("lowering", "ort"))
+
+
+def weight_layout(bits: int, block: int, K: int, per_channel_bits: tuple[int, ...], qdq: bool) -> tuple[int, int]:
+    """QuantConfig.layout_for with its fields spelled out (the MoE lowerings hold them loose)."""
+    if bits in per_channel_bits:
+        return bits, K
+    if qdq and K % block:
+        return 8, K
+    return bits, block
 
 
 def part_of(reference_name: str) -> str | None:

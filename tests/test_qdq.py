@@ -92,10 +92,8 @@ def test_tensorrt_int4_needs_tensorrt_10_and_the_check_covers_dq(artifacts, tmp_
     errors = check_model(model, "8.5").errors  # no INT4, no blocks, opset 21 > 17
     assert any("opset 21" in e.message for e in errors) and any(e.op == "DequantizeLinear" for e in errors)
     # a blocked scale along two axes is refused by name
-    dq = next(_dq_nodes(model.graph))
     weights = {i.name: i for i in model.graph.initializer}
-    scale = weights[dq.input[1]]
-    data = weights[dq.input[0]]
-    if len(scale.dims) == len(data.dims):
-        scale.dims[:] = [1] * len(scale.dims)
-        assert any("exactly one axis" in e.message for e in check_model(model, "10.3").errors)
+    blocked = [n for n in _dq_nodes(model.graph) if len(weights[n.input[1]].dims) == len(weights[n.input[0]].dims)]
+    assert blocked  # the INT4 weights are block-quantized
+    weights[blocked[0].input[1]].dims[:] = [1] * len(weights[blocked[0].input[1]].dims)
+    assert any("exactly one axis" in e.message for e in check_model(model, "10.3").errors)
