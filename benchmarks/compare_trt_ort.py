@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsexport.errors import UserError
+from dsexport.core.errors import UserError
 from dsexport.runtime import Engine
 from dsexport.runtime.validate import load_golden, match_length, teacher_forced_logits
 from dsexport.table import format_table

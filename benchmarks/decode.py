@@ -42,7 +42,7 @@ def build(checkpoint: Path, bundle: Path, precision: str = "fp32") -> dict:
     return run_child(f"""
         import json, time
         from pathlib import Path
-        from dsexport.exporter.bundle import BuildConfig, build_bundle
+        from dsexport.build import BuildConfig, build_bundle
         t0 = time.perf_counter()
         build_bundle(BuildConfig(Path({str(checkpoint)!r}), Path({str(bundle)!r}), precision={precision!r},
                                  overwrite=True))
@@ -53,7 +53,7 @@ def build(checkpoint: Path, bundle: Path, precision: str = "fp32") -> dict:
 def dsexport_generate(bundle: Path, prompt: list[int], new_tokens: int, threads: int, runs: int) -> dict:
     return run_child(f"""
         import json
-        from dsexport.errors import UserError
+        from dsexport.core.errors import UserError
         from dsexport.runtime import Engine
         try:
             engine, mode = Engine.load({str(bundle)!r}, threads={threads}, weights="mlock", verify=False), "mlock"

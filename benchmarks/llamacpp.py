@@ -5,7 +5,7 @@ CPU only, into a cache dir (reused when present); converts the checkpoint to GGU
 vendored convert_hf_to_gguf.py, quantizes it with llama-quantize, and runs llama-bench on each
 quantization with the weights read into memory (no mmap). Prints prefill (pp) and decode (tg)
 tokens/s and the roofline fraction: bytes read per decoded token (GGUF file size x active/total
-parameters, dsexport.exporter.config.parameter_counts) x tok/s / the 2-thread copy bandwidth of
+parameters, dsexport.core.config.parameter_counts) x tok/s / the 2-thread copy bandwidth of
 benchmarks/bandwidth.py, measured in the same run (before each bench; the best is used). Each
 bench waits for idle CPUs first and warns when other processes ran during it: on a shared 2-core
 VM they halve the figures.
@@ -200,7 +200,7 @@ def wait_idle(limit_s: float = 600, threshold: float = 0.1) -> float:
 
 
 def active_fraction(checkpoint: Path) -> float:
-    from dsexport.exporter.config import load_config, parameter_counts
+    from dsexport.core.config import load_config, parameter_counts
     total, active = parameter_counts(load_config(checkpoint))
     return active / total
 

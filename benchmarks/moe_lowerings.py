@@ -20,7 +20,7 @@ from bandwidth import copy_bandwidth
 import onnxruntime as ort
 from onnx import TensorProto
 
-from dsexport.exporter.config import parse_config
+from dsexport.core.config import parse_config
 from dsexport.exporter.graph import GraphBuilder
 from dsexport.exporter.lowering import MOE_LOWERINGS, ExpertWeights, LoweringOptions
 

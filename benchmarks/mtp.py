@@ -4,7 +4,7 @@
                              [--threads 2] [--repeats 3] [--json] [--out FILE]
 
 Builds an fp32 x86-cpu bundle of the embedded model (with its MTP graph) unless --bundle is
-given. For prompts cut from dsexport/assets/deepseek-tiny/test.{english,code}.txt it decodes
+given. For prompts cut from src/dsexport/assets/deepseek-tiny/test.{english,code}.txt it decodes
 greedily with and without drafting and reports:
 
 - acceptance: accepted / drafted tokens over all prompts (and sampled at temperature 1 as well);
@@ -78,7 +78,7 @@ def main() -> None:
     tmp = None
     bundle = args.bundle
     if bundle is None:
-        from dsexport.exporter.bundle import BuildConfig, build_bundle
+        from dsexport.build import BuildConfig, build_bundle
 
         tmp = tempfile.TemporaryDirectory()
         bundle = Path(tmp.name) / "embedded"

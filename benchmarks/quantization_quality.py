@@ -22,7 +22,7 @@ import torch
 
 from dsexport import EMBEDDED_MODEL
 from dsexport.exporter.checkpoint import CheckpointReader
-from dsexport.exporter.config import weight_bytes
+from dsexport.core.quant import weight_bytes
 from dsexport.exporter.quantize import QuantConfig
 from dsexport.exporter.reference import DeepseekReference
 from dsexport.runtime.tokenizer import BundleTokenizer
@@ -53,7 +53,7 @@ def reference_with(reader: CheckpointReader, kept: dict | None = None, quant=Non
 
 
 def test_windows(seq_len: int = 256) -> dict[str, torch.Tensor]:
-    tok = BundleTokenizer(EMBEDDED_MODEL)
+    tok = BundleTokenizer.from_directory(EMBEDDED_MODEL)
     out = {}
     for d in DOMAINS:
         ids = tok.encode((EMBEDDED_MODEL / f"test.{d}.txt").read_text())
@@ -63,17 +63,8 @@ def test_windows(seq_len: int = 256) -> dict[str, torch.Tensor]:
 
 
 def bundle_bytes(cfg, quant) -> int:
-    """Weight bytes with per-expert widths (weight_bytes counts routed experts at one width)."""
-    if quant is None:
-        return weight_bytes(cfg, {})[0]
-    total, _ = weight_bytes(cfg, quant.bits, quant.block_size, expert_block_size=quant.block_for("routed_experts"),
-                            per_channel_bits=quant.per_channel_bits, zero_points=quant.scheme == "asymmetric")
-    per = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    base_bits = quant.bits.get("routed_experts")
-    for layer, widths in quant.expert_bits.items():
-        for bits in widths.values():
-            total += int(per * (bits - base_bits) / 8)
-    return total
+    """Weight bytes as the quantizer writes them (per-expert widths included)."""
+    return weight_bytes(cfg, quant)[0]
 
 
 def mixed_configs(reader) -> list:
@@ -85,7 +76,7 @@ def mixed_configs(reader) -> list:
 
     from pruning_quality import train_corpora
 
-    from dsexport.calibration.profile import calibrate
+    from dsexport.calibration.run import calibrate
     from dsexport.calibration.pruning import PruneConfig, plan_expert_bits, plan_pruning
 
     with tempfile.TemporaryDirectory() as work:

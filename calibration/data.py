@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from dsexport.errors import UserError
+from dsexport.core.errors import UserError
 from dsexport.runtime.tokenizer import BundleTokenizer
 
 FORMATS = ("text", "jsonl", "chat")
@@ -45,7 +45,9 @@ def detect_format(path: Path) -> str:
     raise UserError(f"{path}: empty")
 
 
-def _records(path: Path, fmt: str, tokenizer: BundleTokenizer) -> list[str]:
+def _records(path: Path, fmt: str, tokenizer: BundleTokenizer) -> list[str | list[int]]:
+    """Texts (JSONL "text") or token ids (chat records: the template's control tokens parsed,
+    the messages' content encoded as text)."""
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -63,7 +65,7 @@ def _records(path: Path, fmt: str, tokenizer: BundleTokenizer) -> list[str]:
                 raise UserError(f"{path}: line {n} has no \"messages\" list")
             if not tokenizer.chat_template:
                 raise UserError(f"{path}: chat records need a chat template, and the checkpoint has none")
-            out.append(tokenizer.apply_chat_template(record["messages"], add_generation_prompt=False))
+            out.append(tokenizer.encode_chat(record["messages"], add_generation_prompt=False))
     return out
 
 
@@ -92,7 +94,7 @@ def load_sequences(paths: list[Path], tokenizer: BundleTokenizer, samples: int,
             ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
             windows = [ids[s:s + seq_len] for s in range(0, len(ids), seq_len)]
         else:
-            windows = [tokenizer.encode(text)[:seq_len] for text in _records(path, fmt, tokenizer)]
+            windows = [(tokenizer.encode(r) if isinstance(r, str) else r)[:seq_len] for r in _records(path, fmt, tokenizer)]
         chosen = [w for w in _spread([w for w in windows if len(w) >= 2], share)]
         if not chosen:
             raise UserError(f"{path}: no text to calibrate on (fewer than 2 tokens)")

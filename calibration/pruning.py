@@ -30,8 +30,10 @@ import dataclasses
 
 import numpy as np
 
-from dsexport.errors import UserError
-from dsexport.exporter.config import ModelConfig
+from dsexport.core.config import ModelConfig
+from dsexport.core.errors import UserError
+from dsexport.core.quant import QuantSpec, expert_bytes
+from dsexport.core.sections import PruningRecord
 
 from .profile import Profile
 
@@ -60,24 +62,29 @@ class PruningPlan:
     config: PruneConfig
     kept: dict[int, list[int]]  # layer -> original expert ids kept
     removed: dict[int, list[int]]
-    bytes_per_expert: int  # at the precision the plan was priced at
+    bytes_per_expert: int  # one routed expert (with its router row and bias) at the spec it was priced at
     skipped: int  # removals refused to keep routing well defined
+    bytes_saved: int = 0  # every removed expert at its own width
 
-    @property
-    def bytes_saved(self) -> int:
-        return sum(len(r) for r in self.removed.values()) * self.bytes_per_expert
+    def to_record(self, profile: Profile | None = None) -> PruningRecord:
+        calibration = None
+        if profile is not None:
+            calibration = {"model": profile.model, "data": profile.data, "samples": profile.samples,
+                           "seq_len": profile.seq_len, "tokens": profile.tokens}
+        return PruningRecord(self.config.fraction, self.config.criterion, self.config.scope,
+                             sum(len(r) for r in self.removed.values()),
+                             sum(len(k) + len(self.removed[layer]) for layer, k in self.kept.items()),
+                             self.bytes_saved, self.bytes_per_expert, self.skipped,
+                             {layer: (tuple(self.kept[layer]), tuple(self.removed[layer])) for layer in self.kept},
+                             calibration)
 
     def to_json(self, profile: Profile | None = None) -> dict:
-        out = {"fraction": self.config.fraction, "criterion": self.config.criterion, "scope": self.config.scope,
-               "removed_experts": sum(len(r) for r in self.removed.values()),
-               "routed_experts": sum(len(k) + len(self.removed[layer]) for layer, k in self.kept.items()),
-               "bytes_saved": self.bytes_saved, "bytes_per_expert": self.bytes_per_expert,
-               "refused_removals": self.skipped,
-               "layers": {str(layer): {"kept": self.kept[layer], "removed": self.removed[layer]} for layer in self.kept}}
-        if profile is not None:
-            out["calibration"] = {"model": profile.model, "data": profile.data, "samples": profile.samples,
-                                  "seq_len": profile.seq_len, "tokens": profile.tokens}
-        return out
+        return self.to_record(profile).to_json()
+
+
+def removed_expert_bytes(cfg: ModelConfig, quant: QuantSpec | None, layer: int, expert_id: int) -> int:
+    """What removing one routed expert saves: its weights at its width, its router row and bias entry."""
+    return int(expert_bytes(cfg, quant, layer, expert_id) + 4 * cfg.hidden_size + (4 if cfg.uses_correction_bias else 0))
 
 
 def expert_scores(profile: Profile, criterion: str) -> dict[int, np.ndarray]:
@@ -102,7 +109,8 @@ def check_profile_matches(profile: Profile, cfg: ModelConfig, config_sha256: str
                         f"layers, {m['n_routed_experts']} experts); calibrate this checkpoint")
 
 
-def plan_pruning(cfg: ModelConfig, profile: Profile, prune: PruneConfig, bytes_per_weight: float = 4.0) -> PruningPlan:
+def plan_pruning(cfg: ModelConfig, profile: Profile, prune: PruneConfig, quant: QuantSpec | None = None) -> PruningPlan:
+    """Which experts to remove; the bytes saved are priced at `quant` (None: fp32), the bundle's spec."""
     check_profile_matches(profile, cfg)
     scores = expert_scores(profile, prune.criterion)
     kept = {lp.layer: list(lp.expert_ids) for lp in profile.layers}
@@ -129,9 +137,10 @@ def plan_pruning(cfg: ModelConfig, profile: Profile, prune: PruneConfig, bytes_p
         kept[layer] = remaining
         removed[layer].append(e)
         budget[key] -= 1
-    per_expert = int((3 * cfg.hidden_size * cfg.moe_intermediate_size + cfg.hidden_size) * bytes_per_weight
-                     + (4 if cfg.uses_correction_bias else 0))
-    return PruningPlan(prune, kept, {k: sorted(v) for k, v in removed.items()}, per_expert, skipped)
+    removed = {k: sorted(v) for k, v in removed.items()}
+    saved = sum(removed_expert_bytes(cfg, quant, layer, e) for layer, ids in removed.items() for e in ids)
+    first = next(iter(cfg.moe_layers), 0)
+    return PruningPlan(prune, kept, removed, removed_expert_bytes(cfg, quant, first, 0), skipped, saved)
 
 
 def plan_expert_bits(cfg: ModelConfig, profile: Profile, bits: int, fraction: float,

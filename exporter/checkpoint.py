@@ -12,16 +12,15 @@ trust_remote_code are never imported.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 
 import torch
 
-from dsexport.errors import CheckpointError
+from dsexport.core.errors import CheckpointError
 
-from .config import ModelConfig, load_config
+from dsexport.core.config import ModelConfig, load_config
+from dsexport.core.safetensors import checkpoint_tensors, read_header
 
 FP8_BLOCK = 128
 _DTYPES = {
@@ -33,45 +32,38 @@ _DTYPES = {
 
 class SafetensorsFile:
     """Reads one tensor at a time with pread: no memory map, so the pages of tensors already
-    exported do not stay resident (a mapped file would count in RSS for the whole build)."""
+    exported do not stay resident (a mapped file would count in RSS for the whole build). The
+    header is checked first (core/safetensors.py: dtypes, shapes, offsets tiling the file)."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDONLY)
-            size = os.fstat(self._fd).st_size
-            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-            if header_len > size - 8:
-                raise ValueError("header length beyond end of file")
-            header = json.loads(os.pread(self._fd, header_len, 8))
-        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self._base = 8 + header_len
-        self._entries = header
-        for name, entry in header.items():
-            start, end = entry["data_offsets"]
-            if entry.get("dtype") not in _DTYPES or self._base + end > size:
-                raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype or lies past the end of the file")
+        except OSError as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e.strerror or e})") from None
+        header = read_header(path, self._fd)
+        self._base = header.data_offset
+        self._entries = header.tensors
 
     def keys(self):
         return self._entries.keys()
 
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        start, end = entry["data_offsets"]
-        data = bytearray(end - start)
+        data = bytearray(entry.nbytes)
         view = memoryview(data)
         done = 0
         while done < len(data):
-            n = os.preadv(self._fd, [view[done:]], self._base + start + done)
+            n = os.preadv(self._fd, [view[done:]], self._base + entry.start + done)
             if n <= 0:
                 raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
             done += n
-        dtype = _DTYPES[entry["dtype"]]
+        if entry.dtype not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {entry.dtype}, which dsexport does not read")
+        dtype = _DTYPES[entry.dtype]
         if not data:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
 
     def __del__(self):
         fd = getattr(self, "_fd", None)
@@ -92,26 +84,18 @@ class CheckpointReader:
         self._handles: dict[Path, SafetensorsFile] = {}
         self._where: dict[str, Path] = self._index()
 
+    def with_config(self, config: ModelConfig) -> "CheckpointReader":
+        """The same checkpoint read under another config (e.g. with kept experts): a view that shares
+        the open files, so nothing is re-read and the original reader is unchanged."""
+        view = object.__new__(CheckpointReader)
+        view.dir, view.config, view._handles, view._where = self.dir, config, self._handles, self._where
+        return view
+
     # ---- index --------------------------------------------------------------------------
     def _index(self) -> dict[str, Path]:
-        index_path = self.dir / "model.safetensors.index.json"
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
-            where = {name: self.dir / file for name, file in weight_map.items()}
-            for file in sorted(set(where.values())):
-                if not file.is_file():
-                    raise CheckpointError(f"{file}: listed in {index_path.name} but missing")
-            return where
-        files = sorted(self.dir.glob("*.safetensors"))
-        if not files:
+        where = checkpoint_tensors(self.dir)
+        if not where:
             raise CheckpointError(f"{self.dir}: no *.safetensors files")
-        where = {}
-        for file in files:
-            for name in self._open(file).keys():
-                where[name] = file
         return where
 
     def _open(self, file: Path):

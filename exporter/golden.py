@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsexport.errors import InternalError
+from dsexport.core.errors import InternalError
 from dsexport.runtime.validate import ACTIVATION_QUANT_LOGIT_TOL, GOLDEN_SCHEMA
 
 from .checkpoint import CheckpointReader
@@ -36,9 +36,8 @@ BUILD_LOGIT_TOL = 1e-3  # the fp32 validate default; see docs/validate.md
 
 
 def logit_tolerance(quant) -> float:
-    if quant is None or (quant.activations == "fp32" and quant.bits.get("routed_experts") != 8):
-        return BUILD_LOGIT_TOL
-    return ACTIVATION_QUANT_LOGIT_TOL
+    """The build's parity tolerance for a bundle of this QuantSpec (None: fp32 weights)."""
+    return ACTIVATION_QUANT_LOGIT_TOL if quant is not None and quant.rounds_activations else BUILD_LOGIT_TOL
 
 
 def golden_prompts(engine, vocab_size: int) -> list[list[int]]:

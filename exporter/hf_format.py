@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from dsexport.core.config import ModelConfig
 from .rope import rope_deinterleave_permutation
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import ModelConfig, group_table
+from dsexport.core.config import ModelConfig, group_table
 from .graph import MS_DOMAIN, GraphBuilder
 
 
@@ -315,7 +315,7 @@ def emit_dense(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: Mode
 
 def get_lowering(name: str) -> MoELowering:
     if name not in MOE_LOWERINGS:
-        from dsexport.errors import UserError
+        from dsexport.core.errors import UserError
 
         raise UserError(f"unknown MoE lowering {name!r}; available: {', '.join(sorted(MOE_LOWERINGS))}")
     return MOE_LOWERINGS[name]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointReader
-from .config import ModelConfig
+from dsexport.core.config import ModelConfig
 from .reference import DecoderLayer, DeepseekReference, LatentCache, RMSNorm, layer_tensors, positions_and_mask
 
 

@@ -6,7 +6,7 @@ The graph contract (docs/graph-contract.md, "The MTP graph"):
            attention_mask [B, P+T] int64, past_latent [B, P, kv_lora_rank + qk_rope_head_dim] float32
   outputs  logits [B, T, V] float32 (for tokens t+2), present_latent [B, P+T, kv_lora_rank + qk_rope_head_dim]
 
-The block is emitted by the main exporter's _DecoderEmitter (the same MLA, MoE lowering and
+The block is emitted by the main exporter's DecoderEmitter (the same MLA, MoE lowering and
 quantization as the decoder's layers), at layer index num_hidden_layers. The embedding table
 and the output head are the main model's: instead of copies, the MTP graph's initializers of
 the same name point at the decoder's external-data file (model.onnx.data) at the decoder's
@@ -23,11 +23,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from dsexport.errors import InternalError
+from dsexport.core.errors import InternalError
 
 from .checkpoint import CheckpointReader
-from .config import ModelConfig
-from .export import DATA_FILE, GRAPH_FILE, ExportConfig, _DecoderEmitter
+from dsexport.core.contract import HIDDEN_STATES, MTP_PAST, MTP_PRESENT
+
+from .emit import DecoderEmitter
+from .export import DATA_FILE, GRAPH_FILE, ExportConfig
 from .graph import GraphBuilder
 from .reference import layer_tensors
 
@@ -40,26 +42,6 @@ MTP_LOGIT_TOL = 1e-4
 
 def has_mtp_weights(reader: CheckpointReader) -> bool:
     return f"model.layers.{reader.config.num_hidden_layers}.eh_proj.weight" in reader
-
-
-def mtp_graph_contract(cfg: ModelConfig) -> dict:
-    L, D, V = cfg.latent_dim, cfg.hidden_size, cfg.vocab_size
-    return {
-        "inputs": [
-            {"name": "hidden_states", "dtype": "float32", "shape": ["batch", "seq", D]},
-            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_seq"]},
-            {"name": "past_latent", "dtype": "float32", "shape": ["batch", "past_seq", L]},
-        ],
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", V]},
-            {"name": "present_latent", "dtype": "float32", "shape": ["batch", "total_seq", L]},
-        ],
-        "cache": {"layout": "the MTP block's own latent, as the decoder's layers (one layer)",
-                  "values_per_token_per_layer": L},
-        "layer_index": cfg.num_hidden_layers,
-    }
 
 
 class SharedWeightsBuilder(GraphBuilder):
@@ -95,52 +77,36 @@ def _decoder_initializers(out_dir: Path) -> dict[str, TensorProto]:
     return shared
 
 
-class _MTPEmitter(_DecoderEmitter):
-    """The decoder emitter's attention / MoE / layer methods over the MTP graph's own inputs."""
-
-    def inputs(self) -> None:
-        g, cfg = self.g, self.cfg
-        self.hidden_in = g.input("hidden_states", TensorProto.FLOAT, ["batch", "seq", cfg.hidden_size])
-        self.input_ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
-        self.position_ids = g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
-        self.attention_mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_seq"])
-        past = g.input("past_latent", TensorProto.FLOAT, ["batch", "past_seq", cfg.latent_dim])
-        # rope_and_mask reads the cache length from past[0], attention reads past[layer index]
-        self.past = {0: past, cfg.num_hidden_layers: past}
-
-    def run(self, reader: CheckpointReader, progress: Callable[[str, int, int], None]) -> None:
-        g, cfg = self.g, self.cfg
-        D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
-        p = f"model.layers.{L}."
-        progress("export mtp", 0, 1)
-        self.inputs()
-        self.rope_and_mask()
-        self.present: list[str] = []
-        embed = reader.get("model.embed_tokens.weight", (V, D)).numpy()
-        embed_name = g.weight("embed_tokens.weight", embed)  # shared with the decoder graph
-        emb = g.op("Gather", [embed_name, self.input_ids], name="mtp.embed", axis=0)  # [B, T, D] tokens t+1
-        emb = g.rms_norm(emb, reader.get(p + "enorm.weight", (D,)).numpy(), cfg.rms_norm_eps, "mtp.enorm")
-        hid = g.rms_norm(self.hidden_in, reader.get(p + "hnorm.weight", (D,)).numpy(), cfg.rms_norm_eps, "mtp.hnorm")
-        x = g.op("Concat", [emb, hid], name="mtp.eh_concat", axis=-1)  # [B, T, 2D], embedding first
-        # eh_proj stays fp32 at every precision: it is not one of the quantized parts (quantize.PARTS)
-        x = g.linear(x, reader.get(p + "eh_proj.weight", (D, 2 * D)).numpy(), "mtp.eh_proj")  # [B, T, D]
-        t = {name: tensor.numpy() for name, tensor in layer_tensors(reader, L)}
-        x = self.layer(x, t, L)
-        del t
-        x = g.rms_norm(x, reader.get(p + "shared_head.norm.weight", (D,)).numpy(), cfg.rms_norm_eps,
-                       "mtp.shared_head_norm")
-        x2 = g.op("Reshape", [x, g.const([-1, D])], name="mtp.final_2d")
-        # The head exactly as the decoder emits it (export.py run), so its weights are shared.
-        tied = cfg.tie_word_embeddings or "lm_head.weight" not in reader
-        if tied and self.quant.bits.get("lm_head") is None:
-            logits = g.op("Gemm", [x2, embed_name], name="lm_head", transB=1)  # [N, V]
-        else:
-            logits = self.linear(x2, reader.lm_head().numpy(), "lm_head", "lm_head")  # [N, V]
-        out_shape = g.op("Concat", [g.op("Shape", [self.input_ids], name="bt"), g.const([V])], name="logits_shape",
-                         axis=0)
-        g.output(g.op("Reshape", [logits, out_shape], name="logits3"), "logits", TensorProto.FLOAT, ["batch", "seq", V])
-        g.output(self.present[0], "present_latent", TensorProto.FLOAT, ["batch", "total_seq", cfg.latent_dim])
-        progress("export mtp", 1, 1)
+def _emit_mtp(g: GraphBuilder, reader: CheckpointReader, export_cfg: ExportConfig,
+              progress: Callable[[str, int, int], None]) -> None:
+    """The MTP block over the graph's own inputs, with the decoder's blocks (exporter/emit.py)."""
+    cfg = reader.config
+    D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    p = f"model.layers.{L}."
+    progress("export mtp", 0, 1)
+    em = DecoderEmitter(g, cfg, export_cfg.moe_lowering, export_cfg.prefill_moe_lowering, export_cfg.moe_shards,
+                        export_cfg.quant)
+    hidden_in = g.input(HIDDEN_STATES, TensorProto.FLOAT, ["batch", "seq", D])
+    em.token_inputs()
+    past = g.input(MTP_PAST, TensorProto.FLOAT, ["batch", "past_seq", cfg.latent_dim])
+    em.past = {L: past}  # attention reads past[layer index]
+    em.rope_and_mask(em.input_ids)
+    embed_name = g.weight("embed_tokens.weight", reader.get("model.embed_tokens.weight", (V, D)).numpy())  # shared
+    emb = g.op("Gather", [embed_name, em.input_ids], name="mtp.embed", axis=0)  # [B, T, D] tokens t+1
+    emb = g.rms_norm(emb, reader.get(p + "enorm.weight", (D,)).numpy(), cfg.rms_norm_eps, "mtp.enorm")
+    hid = g.rms_norm(hidden_in, reader.get(p + "hnorm.weight", (D,)).numpy(), cfg.rms_norm_eps, "mtp.hnorm")
+    x = g.op("Concat", [emb, hid], name="mtp.eh_concat", axis=-1)  # [B, T, 2D], embedding first
+    # eh_proj stays fp32 at every precision: it is not one of the quantized parts (core/quant.py PARTS)
+    x = g.linear(x, reader.get(p + "eh_proj.weight", (D, 2 * D)).numpy(), "mtp.eh_proj")  # [B, T, D]
+    t = {name: tensor.numpy() for name, tensor in layer_tensors(reader, L)}
+    x = em.layer(x, t, L)
+    del t
+    # The head exactly as the decoder emits it (exporter/export.py), so its weights are shared.
+    tied = em.tied_head_ok(cfg.tie_word_embeddings or "lm_head.weight" not in reader)
+    em.head(x, reader.get(p + "shared_head.norm.weight", (D,)).numpy(), None if tied else reader.lm_head().numpy(),
+            embed_name, "mtp.shared_head_norm", em.input_ids)
+    g.output(em.present[0], MTP_PRESENT, TensorProto.FLOAT, ["batch", "total_seq", cfg.latent_dim])
+    progress("export mtp", 1, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +124,7 @@ def export_mtp(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConfig
         raise InternalError("export_mtp called on a checkpoint without MTP weights")
     out = Path(out_dir)
     g = SharedWeightsBuilder(out / MTP_DATA_FILE, _decoder_initializers(out))
-    _MTPEmitter(g, reader.config, export_cfg).run(reader, progress)
+    _emit_mtp(g, reader, export_cfg, progress)
     g.save(out / MTP_GRAPH_FILE, "dsexport_mtp")
     return MTPExportResult(g.weight_bytes, sum(g.shared_used.values()), tuple(sorted(g.shared_used)))
 
@@ -173,7 +139,7 @@ def reference_mtp(reader: CheckpointReader, quant=None):
 
     from .mtp import MTPModule
     from .quantize import fake_quantize
-    from .reference import _quantize_inputs, _set_activation_quant
+    from .reference import quantize_inputs, set_activation_quant
     from .rope import rope_frequencies
 
     cfg = reader.config
@@ -182,11 +148,12 @@ def reference_mtp(reader: CheckpointReader, quant=None):
     if quant is not None:
         block = {n: fake_quantize(n, t, quant, L, cfg.expert_ids(L)) for n, t in layer_tensors(reader, L)}
         mtp.block.load_state_dict(block, strict=True, assign=True)
-        _set_activation_quant(mtp.block, quant)
+        set_activation_quant(mtp.block, quant)
     head = nn.Linear(D, V, bias=False)
     head.weight = nn.Parameter(fake_quantize("lm_head.weight", reader.lm_head(), quant) if quant else reader.lm_head())
-    if quant is not None and quant.activations == "int8" and quant.bits.get("lm_head"):
-        _quantize_inputs(head, quant.block_size)
+    block = quant.projection_activation_block("lm_head") if quant is not None else None
+    if block:
+        quantize_inputs(head, block)
     inv_freq, rope_scale = rope_frequencies(cfg)
     main = SimpleNamespace(embed_tokens=nn.Embedding.from_pretrained(reader.get("model.embed_tokens.weight", (V, D))),
                            lm_head=head, inv_freq=inv_freq, rope_scale=rope_scale)
@@ -201,14 +168,14 @@ def verify_mtp(reader: CheckpointReader, engine, quant=None, tolerance: float = 
     Returns {max_logit_diff, incremental_max_diff}; raises InternalError above `tolerance`."""
     import torch
 
-    from dsexport.runtime.speculative import MTPGraph, decoder_forward
+    from dsexport.runtime.speculative import MTPGraph
 
     cfg = reader.config
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, tokens))
     ones = lambda n: np.ones((1, n), np.int64)  # noqa: E731
-    _, hidden, _ = decoder_forward(engine.session, ids, np.arange(tokens)[None], ones(tokens), engine.empty_cache(1))
+    _, hidden, _ = engine.backend.forward_hidden(ids, np.arange(tokens)[None], ones(tokens), engine.empty_cache(1))
     T = tokens - 1  # MTP positions: h_t with token t+1
-    graph = MTPGraph.load(engine.directory, engine.manifest)
+    graph = MTPGraph.load(engine.bundle)
     full, _ = graph.forward(hidden[:, :T], ids[:, 1:], np.arange(T)[None], ones(T), graph.empty_cache())  # [1, T, V]
     parts, cache, start = [], graph.empty_cache(), 0
     for step in (T - 3, 1, 2):

@@ -54,7 +54,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dsexport.errors import BundleError, InternalError, UserError
+from dsexport.core.errors import BundleError, InternalError, UserError
 
 ORT_FILE = "model.ort"
 CONFIG_FILE = "required_operators.config"

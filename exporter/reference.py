@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointReader
-from .config import ModelConfig, group_table
+from dsexport.core.config import ModelConfig, group_table
 from .rope import rope_deinterleave_permutation, rope_frequencies
 
 # The two MLA-internal RMSNorms (q_a_layernorm, kv_a_layernorm) use a fixed eps in both
@@ -160,8 +160,9 @@ def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     if pad:
         x = F.pad(x, (0, pad))
     b = x.reshape(*shape[:-1], x.shape[-1] // block, block)
-    scale = b.abs().amax(-1, keepdim=True) / 127
-    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)  # MLAS multiplies by 1/scale
+    amax = b.abs().amax(-1, keepdim=True)
+    scale = amax / 127
+    inverse = torch.where(amax == 0, torch.zeros_like(scale), 127 / amax)  # MLAS: 127 / absmax on every ISA
     return (torch.round(b * inverse) * scale).reshape(x.shape)[..., : shape[-1]]
 
 
@@ -303,9 +304,10 @@ class DeepseekReference(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"reference weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for layer in model.layers:
-            _set_activation_quant(layer, quant)
-        if quant is not None and quant.activations == "int8" and quant.bits.get("lm_head"):
-            _quantize_inputs(model.lm_head, quant.block_size)
+            set_activation_quant(layer, quant)
+        block = quant.projection_activation_block("lm_head") if quant is not None else None
+        if block:
+            quantize_inputs(model.lm_head, block)
         return model.eval()
 
 
@@ -329,35 +331,34 @@ def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=
             layer = DecoderLayer(cfg, i)
         layer.load_state_dict({n: fake_quantize(n, t, quant, i, cfg.expert_ids(i)) for n, t in layer_tensors(reader, i)},
                               strict=True, assign=True)
-        _set_activation_quant(layer, quant)
+        set_activation_quant(layer, quant)
         states = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(states, rope)]
         del layer
     norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     norm.weight = nn.Parameter(reader.get("model.norm.weight", (cfg.hidden_size,)))
     head = fake_quantize("lm_head.weight", reader.lm_head(), quant)
-    act_block = quant.block_size if quant is not None and quant.activations == "int8" and quant.bits.get("lm_head") else None
+    act_block = quant.projection_activation_block("lm_head") if quant is not None else None
     return [(quantize_activations(norm(x)[0], act_block) if act_block else norm(x)[0]) @ head.T for x in states]
 
 
-def _set_activation_quant(layer: "DecoderLayer", quant) -> None:
-    """The activation quantization the quantized bundle's kernels apply: int8 experts, and int4
-    experts with quant.activations == "int8" (QMoE, MoE.activation_quant_block) and, with quant.activations == "int8", the inputs of every
-    quantized projection (MatMulNBits accuracy_level 4), per block of K."""
-    if quant is None or quant.lowering == "qdq":  # DequantizeLinear + MatMul: weight-only, fp activations
+def set_activation_quant(layer: "DecoderLayer", quant) -> None:
+    """The activation rounding the quantized bundle's kernels apply, as core/quant.py answers it:
+    routed experts (QMoE) per width, and the inputs of every quantized projection (MatMulNBits
+    at accuracy_level 4), per block of K."""
+    if quant is None:
         return
     if isinstance(layer.mlp, MoE):
-        ids = layer.mlp.expert_ids
-        # 8-bit QMoE always quantizes its activations; 4-bit does at accuracy_level 4 (activations int8)
-        slots = {s for s, e in enumerate(ids)
-                 if quant.bits_for_expert(layer.layer, e) == 8
-                 or (quant.bits_for_expert(layer.layer, e) and quant.activations == "int8")}
+        blocks = {s: quant.expert_activation_block(quant.bits_for_expert(layer.layer, e))
+                  for s, e in enumerate(layer.mlp.expert_ids)}
+        slots = {s for s, b in blocks.items() if b}
         if slots:
-            layer.mlp.activation_quant_block = quant.block_for("routed_experts")
+            layer.mlp.activation_quant_block = next(blocks[s] for s in slots)
             layer.mlp.activation_quant_slots = slots
-    if quant.activations == "int8":
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear) and quant.bits.get(_linear_part(name)):
-                _quantize_inputs(module, quant.block_size)
+    for name, module in layer.named_modules():
+        part = _linear_part(name)
+        block = quant.projection_activation_block(part) if part and isinstance(module, nn.Linear) else None
+        if block:
+            quantize_inputs(module, block)
 
 
 def _linear_part(module_name: str) -> str | None:
@@ -370,7 +371,7 @@ def _linear_part(module_name: str) -> str | None:
     return None
 
 
-def _quantize_inputs(module: nn.Module, block: int) -> None:
+def quantize_inputs(module: nn.Module, block: int) -> None:
     def hook(mod, args):
         return (quantize_activations(args[0], block),)
 

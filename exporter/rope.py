@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .config import ModelConfig, yarn_mscale
+from dsexport.core.config import ModelConfig, yarn_mscale
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -9,7 +9,6 @@ against the same pruning.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsexport.errors import UserError
+from dsexport.core.errors import UserError
 from dsexport.runtime.validate import Check, Report, Thresholds, match_length, teacher_forced_logits
 
 from .checkpoint import CheckpointReader
-from .config import ModelConfig
 from .reference import DeepseekReference, LatentCache
 
 BUILTIN_TEXT = (
@@ -85,17 +83,11 @@ def _reference_greedy(model: DeepseekReference, prompt: list[int], steps: int) -
 def reference_model_for(engine, checkpoint: Path) -> DeepseekReference:
     """The reference from the checkpoint, with the bundle's compression plan applied."""
     reader = CheckpointReader(checkpoint)
-    bundle_cfg = ModelConfig.from_json(engine.manifest["model"])
-    ckpt_cfg = reader.config
-    if dataclasses.replace(ckpt_cfg, kept_experts=None) != dataclasses.replace(bundle_cfg, kept_experts=None):
+    bundle_cfg = engine.manifest.model
+    if reader.config.unpruned() != bundle_cfg.unpruned():
         raise UserError(f"--reference {checkpoint}: its config.json describes a different model than the bundle's")
-    reader.config = bundle_cfg
-    quant = engine.manifest.get("quantization")
-    if quant:  # the bundle's weights as it computes with them: validate checks the lowering
-        from .quantize import QuantConfig
-
-        quant = QuantConfig.from_json(quant)
-    return DeepseekReference.from_checkpoint(reader, quant)
+    # the bundle's weights as it computes with them (kept experts, quantization): validate checks the lowering
+    return DeepseekReference.from_checkpoint(reader.with_config(bundle_cfg), engine.manifest.quantization)
 
 
 def validate_against_reference(engine, checkpoint: Path, data: Path | None, thresholds: Thresholds,
@@ -144,5 +136,5 @@ def validate_against_reference(engine, checkpoint: Path, data: Path | None, thre
               Check("top1_agreement", agree / total, thresholds.min_top1, "min"),
               Check("perplexity_delta_rel", abs(ppl_delta), thresholds.max_ppl_delta, "max")]
     data_info = {"source": str(data) if data else "builtin", "sequences": len(windows), "tokens": total}
-    return Report(str(engine.directory), "reference", engine.manifest["precision"], metrics, checks, data_info,
+    return Report(str(engine.directory), "reference", engine.manifest.precision, metrics, checks, data_info,
                   time.perf_counter() - start)

@@ -1,82 +1,91 @@
-"""The bundle: a directory with manifest.json, graphs with external data, and tokenizer files.
+"""Reading a bundle: a directory with manifest.json, graphs with external data, tokenizer files.
 
-This module reads and verifies bundles (the exporter writes them, dsexport.exporter.bundle).
-The format is documented in docs/bundle.md; `schema_version` changes whenever a field changes
-meaning, and a runtime refuses versions it does not know.
+A bundle is untrusted input (docs/security.md). `read_bundle` parses the manifest into typed
+dataclasses with every value checked (core/manifest.py), then checks every file the manifest
+names: listed in `files`, a plain name confined to the directory (no `..`, no absolute path, no
+symlink leaving it), a regular file of the listed size, and with `verify` its sha256. The runtime
+opens files only through `Bundle.path`, which returns listed, checked files and nothing else:
+a file dropped into a bundle without being listed is never read. `verify=False` skips only the
+hashing, never the confinement or the listing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 
-from dsexport.errors import BundleError
+from dsexport.core.config import ModelConfig
+from dsexport.core.errors import BundleError
+from dsexport.core.files import confined, sha256_file
+from dsexport.core.jsonio import load_json
+from dsexport.core.manifest import (BUNDLE_FORMAT, MANIFEST_FILE, SCHEMA_VERSION,  # noqa: F401  (re-exported)
+                                    SUPPORTED_SCHEMA_VERSIONS, Manifest)
 
-MANIFEST_FILE = "manifest.json"
-BUNDLE_FORMAT = "dsexport-bundle"
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = (1, 2)
-_HASH_CHUNK = 16 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:
     directory: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
-    def model(self) -> dict:
-        return self.manifest["model"]
+    def model(self) -> ModelConfig:
+        return self.manifest.model
 
-    def graph_path(self, graph: str = "decoder") -> Path:
-        return self.directory / self.manifest["graphs"][graph]["file"]
+    def path(self, name: str, where: str = "manifest") -> Path:
+        """The path of a file the manifest lists; anything else is refused."""
+        if name not in self.manifest.files:
+            raise BundleError(f"{self.directory}: {where} names {name!r}, which the manifest's files do not list "
+                              "(an unlisted file is never read)")
+        return confined(self.directory, name, f"{self.directory / MANIFEST_FILE}: {where}", BundleError)
+
+    def optional_path(self, name: str) -> Path | None:
+        return self.path(name) if name in self.manifest.files else None
 
     def file_sizes(self) -> dict[str, int]:
-        return {name: entry["bytes"] for name, entry in self.manifest["files"].items()}
+        return {name: entry.bytes for name, entry in self.manifest.files.items()}
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = confined(directory, MANIFEST_FILE, str(directory), BundleError, must_exist=False)
+    if not path.is_file():
+        partial = " (a build that did not finish)" if directory.name.startswith(".") else ""
+        raise BundleError(f"{directory}: no {MANIFEST_FILE}; not a complete dsexport bundle{partial}")
+    return Manifest.from_json(load_json(path, BundleError, MAX_MANIFEST_BYTES), str(path))
 
 
 def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read a bundle's manifest; with verify, check every listed file's size and sha256."""
+    """Read a bundle's manifest and check its files; with verify, also their sha256."""
     directory = Path(path)
     if not directory.is_dir():
         raise BundleError(f"bundle directory {directory} does not exist")
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
-        partial = "" if not directory.name.startswith(".") else " (a build that did not finish)"
-        raise BundleError(f"{directory}: no {MANIFEST_FILE}; not a complete dsexport bundle{partial}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{manifest_path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{manifest_path}: not a dsexport bundle manifest")
-    version = manifest.get("schema_version")
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        raise BundleError(f"{manifest_path}: schema_version {version!r} is not supported by this runtime "
-                          f"(supports {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); upgrade dsexport")
-    bundle = Bundle(directory, manifest)
-    if verify:
-        verify_files(bundle)
+    bundle = Bundle(directory, read_manifest(directory))
+    check_files(bundle, verify)
     return bundle
 
 
-def verify_files(bundle: Bundle) -> None:
-    for name, entry in bundle.manifest["files"].items():
-        path = bundle.directory / name
-        if not path.is_file():
-            raise BundleError(f"{path}: listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise BundleError(f"{path}: {size} bytes, the manifest says {entry['bytes']}: the file was modified")
-        if sha256_file(path) != entry["sha256"]:
-            raise BundleError(f"{path}: sha256 does not match the manifest: the file was modified or corrupted")
+def check_files(bundle: Bundle, verify: bool = True, skip: set[str] = frozenset()) -> None:
+    """Every referenced file is listed; every listed file (but `skip`) is confined, of its size, and
+    with verify of its sha256."""
+    manifest = bundle.manifest
+    for name, where in manifest.referenced_files():
+        if name not in manifest.files:
+            raise BundleError(f"{bundle.directory / MANIFEST_FILE}: {where} names {name!r}, which the manifest's files "
+                              "do not list")
+    for name, entry in manifest.files.items():
+        if name in skip:
+            continue
+        file = confined(bundle.directory, name, f"{bundle.directory / MANIFEST_FILE}: files", BundleError,
+                        must_exist=False)
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in the manifest but missing")
+        size = file.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"{file}: its size differs from the manifest's: the file was modified")
+        if verify and sha256_file(file) != entry.sha256:
+            raise BundleError(f"{file}: sha256 does not match the manifest: the file was modified or corrupted")
+
+
+def verify_files(bundle: Bundle, skip: set[str] = frozenset()) -> None:
+    check_files(bundle, True, skip)

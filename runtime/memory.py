@@ -7,7 +7,7 @@ import ctypes.util
 import os
 from pathlib import Path
 
-from dsexport.errors import UserError
+from dsexport.core.errors import UserError
 
 
 def mapped_ranges(path: Path) -> list[tuple[int, int]]:

@@ -20,15 +20,19 @@ from __future__ import annotations
 import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from dsexport.errors import BundleError, UserError
+from dsexport.core.config import ModelConfig
+from dsexport.core.contract import (HIDDEN, LOGITS, layer_of, moe_input_name, present_name, residual_name,
+                                    router_ids_name, router_weights_name)
+from dsexport.core.errors import BundleError, NumericalError, UserError
 
-from .engine import session_options
+from .backends import LoadOptions, token_feed
+from .bundle import Bundle
 from .paging import DEFAULT_POLICY, ExpertCache, ExpertStore, PagingStats, quantize_activations
+from .sessions import choose_providers, open_session, session_options
 
 
 _BLAS_THREAD_SETTERS = ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads64_",
@@ -58,16 +62,18 @@ def single_threaded_blas() -> bool:
 
 
 class PagedBackend:
-    def __init__(self, sessions: list, segments: list[dict], cache: ExpertCache, cfg: dict, num_layers: int,
-                 latent_dim: int, threads: int | None = None):
+    name = "onnxruntime-paged"
+
+    def __init__(self, sessions: list, segments: tuple, cache: ExpertCache, cfg: ModelConfig,
+                 threads: int | None = None):
         self.sessions, self.segments, self.cache = sessions, segments, cache
-        self.stats = cache.stats
-        self.num_layers, self.latent_dim = num_layers, latent_dim
-        self.k = int(cfg["num_experts_per_tok"])
-        self.scoring = cfg.get("scoring_func", "softmax")
+        self.stats_counters = cache.stats
+        self.num_layers, self.latent_dim = cfg.num_hidden_layers, cfg.latent_dim
+        self.k = cfg.num_experts_per_tok
+        self.scoring = cfg.scoring_func
         self._inputs = [[i.name for i in s.get_inputs()] for s in sessions]
         self._outputs = [[o.name for o in s.get_outputs()] for s in sessions]
-        moe = [s["moe_layer"] for s in segments if s["moe_layer"] is not None]
+        moe = [s.moe_layer for s in segments if s.moe_layer is not None]
         self.next_moe = dict(zip(moe, moe[1:]))  # layer -> the MoE layer after it
         self.routers = {i: cache.store.router(i) for i in moe[1:]}  # resident: the prefetcher's predictors
         single_threaded_blas()
@@ -75,61 +81,26 @@ class PagedBackend:
                                            thread_name_prefix="dsexport-experts")
 
     @classmethod
-    def load(cls, directory: Path, manifest: dict, threads: int | None, weights: str, expert_cache_mb: float | None,
-             prefetch: bool, cache_policy: str | None) -> "PagedBackend":
-        from .engine import choose_providers
-        from .memory import lock_mapped_file
-
-        paging = manifest.get("paging")
-        if not paging:
-            raise BundleError(f"{directory}: the manifest marks the decoder paged but has no paging section")
-        options = session_options(manifest, threads)
-        # ONNX Runtime's threads would spin after each segment, taking the cores the experts'
-        # numpy matmuls (and the prefetch reads) run on next
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        store = ExpertStore(directory / paging["file"], paging)
-        largest = max(store.expert_bytes(i) for i in store.layers)
-        k = int(manifest["model"]["num_experts_per_tok"])
-        # what every expert takes in the cache (the store's bytes unless it holds them dequantized)
-        total = sum(store.expert_bytes(i) * int(e["experts"]) for i, e in store.layers.items())
-        mb = expert_cache_mb if expert_cache_mb is not None else paging.get("default_cache_mb")
-        budget = total if mb is None else int(float(mb) * 2**20)
-        if budget < k * largest:
+    def load(cls, bundle: Bundle, options: LoadOptions) -> "PagedBackend":
+        manifest, paging = bundle.manifest, bundle.manifest.paging
+        store = ExpertStore(bundle.path(paging.file, "paging.file"), paging)
+        try:
+            budget = _budget(store, manifest.model.num_experts_per_tok, options.expert_cache_mb, paging.default_cache_mb)
+            # ONNX Runtime's threads would spin after each segment, taking the cores the experts'
+            # numpy matmuls (and the prefetch reads) run on next
+            providers = choose_providers(manifest, ort.get_available_providers(), bundle.directory)
+            sessions = []
+            for seg in manifest.graphs.decoder.segments:
+                sessions.append(open_session(bundle.path(seg.file, "graphs.decoder.segments"),
+                                             session_options(manifest, options.threads, spinning=False), providers,
+                                             options.weights, bundle.path(seg.data, "graphs.decoder.segments")))
+        except BaseException:
             store.close()
-            raise UserError(f"expert cache of {float(mb):g} MB is too small: one token needs {k} experts of a "
-                            f"layer at once ({k * largest / 2**20:.1f} MB); the routed experts total "
-                            f"{total / 2**20:.0f} MB")
-        segments = manifest["graphs"]["decoder"]["segments"]
-        providers = choose_providers(manifest, ort.get_available_providers(), directory)
-        sessions = []
-        for seg in segments:
-            model_path, data_path = directory / seg["file"], directory / seg["data"]
-            for needed in (model_path, data_path):
-                if not needed.is_file():
-                    raise BundleError(f"{needed}: missing from the bundle")
-            seg_options = options
-            buffer = None
-            if weights == "memory":
-                seg_options = ort.SessionOptions()
-                seg_options.graph_optimization_level = options.graph_optimization_level
-                seg_options.intra_op_num_threads = options.intra_op_num_threads
-                seg_options.inter_op_num_threads = options.inter_op_num_threads
-                seg_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                buffer = np.fromfile(data_path, dtype=np.uint8)
-                seg_options.add_external_initializers_from_files_in_memory([data_path.name], [buffer], [buffer.size])
-            try:
-                sessions.append(ort.InferenceSession(str(model_path), seg_options, providers=providers))
-            except Exception as e:
-                raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
-            del buffer
-            if weights == "mlock":
-                lock_mapped_file(data_path)
-        cfg = manifest["model"]
+            raise
         layers = sorted(store.layers)
-        stats = PagingStats(layers, {i: store.layers[i]["experts"] for i in layers})
-        cache = ExpertCache(store, budget, cache_policy or DEFAULT_POLICY, prefetch, stats)
-        latent = int(cfg["kv_lora_rank"]) + int(cfg["qk_rope_head_dim"])
-        return cls(sessions, segments, cache, cfg, int(cfg["num_hidden_layers"]), latent, threads)
+        stats = PagingStats(layers, {i: store.layers[i].experts for i in layers})
+        cache = ExpertCache(store, budget, options.cache_policy or DEFAULT_POLICY, options.prefetch, stats)
+        return cls(sessions, manifest.graphs.decoder.segments, cache, manifest.model, options.threads)
 
     # ---- the engine's backend interface ---------------------------------------------------
     def empty_cache(self, batch: int) -> list[ort.OrtValue]:
@@ -141,36 +112,36 @@ class PagedBackend:
         B, T = input_ids.shape
         self.cache.phase = "prefill" if T > 1 else "decode"
         self.cache.step += 1
-        phase = self.stats.phase[self.cache.phase]
+        phase = self.stats_counters.phase[self.cache.phase]
         phase["tokens"] += B * T
         phase["steps"] += 1
-        common = {
-            "input_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(input_ids, np.int64)),
-            "position_ids": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(position_ids, np.int64)),
-            "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(attention_mask, np.int64)),
-        }
+        common = {name: ort.OrtValue.ortvalue_from_numpy(a)
+                  for name, a in token_feed(input_ids, position_ids, attention_mask).items()}
         present = list(cache)
         hidden = None
         for session, seg, inputs, outputs in zip(self.sessions, self.segments, self._inputs, self._outputs):
             feed = {}
             for name in inputs:
-                if name == "hidden":
+                if name == HIDDEN:
                     feed[name] = ort.OrtValue.ortvalue_from_numpy(hidden)
-                elif name.startswith("past_latent."):
-                    feed[name] = cache[int(name.split(".")[1])]
+                elif layer_of(name, "past_latent") is not None:
+                    feed[name] = cache[layer_of(name, "past_latent")]
                 else:
                     feed[name] = common[name]
             out = dict(zip(outputs, session.run_with_ort_values(outputs, feed)))
-            for i in seg["layers"]:
-                present[i] = out[f"present_latent.{i}"]
-            i = seg["moe_layer"]
+            for i in seg.layers:
+                present[i] = out[present_name(i)]
+            i = seg.moe_layer
             if i is None:
-                return out["logits"].numpy(), present
-            h = out[f"moe_input.{i}"].numpy()  # [N, D]
-            ids = out[f"router_ids.{i}"].numpy()  # [N, k]
-            weights = out[f"router_weights.{i}"].numpy()  # [N, k]
-            residual = out[f"residual.{i}"].numpy()  # [B, T, D]
+                return out[LOGITS].numpy(), present
+            h = out[moe_input_name(i)].numpy()  # [N, D]
+            ids = out[router_ids_name(i)].numpy()  # [N, k]
+            weights = out[router_weights_name(i)].numpy()  # [N, k]
+            residual = out[residual_name(i)].numpy()  # [B, T, D]
             hidden = residual + self.routed(i, h, ids, weights).reshape(residual.shape)
+            if not np.isfinite(hidden).all():
+                raise NumericalError(f"layer {i} of the paged decoder produced non-finite values (NaN/Inf): the "
+                                     "bundle's weights of that layer are corrupt or overflow")
         raise BundleError("the paged decoder has no final segment")
 
     # ---- routed experts -----------------------------------------------------------------
@@ -213,13 +184,14 @@ class PagedBackend:
         slots, votes = np.unique(top, return_counts=True)
         return slots[np.argsort(-votes, kind="stable")][:2 * self.k].tolist()
 
-    def paging_stats(self) -> dict:
+    def stats(self) -> dict:
+        """Expert-cache statistics since the last reset (docs/paging.md)."""
         self.cache.drain()
-        return self.stats.to_json(self.cache)
+        return self.stats_counters.to_json(self.cache)
 
     def reset_stats(self) -> None:
         self.cache.drain()
-        self.stats.reset()
+        self.stats_counters.reset()
 
     def close(self) -> None:
         self._workers.shutdown()
@@ -239,3 +211,17 @@ def _expert_output(expert, x: np.ndarray, weight: np.ndarray, activation_block: 
     if activation_block:
         act = quantize_activations(act, activation_block)
     return (act @ w_down.T) * weight[:, None]
+
+
+def _budget(store: ExpertStore, k: int, requested_mb: float | None, default_mb: float | None) -> int:
+    """The expert cache's bytes: the request, else the bundle's default, else every expert."""
+    largest = max(store.expert_bytes(i) for i in store.layers)
+    total = sum(store.expert_bytes(i) * e.experts for i, e in store.layers.items())
+    mb = requested_mb if requested_mb is not None else default_mb
+    if mb is not None and (not isinstance(mb, (int, float)) or isinstance(mb, bool) or not 0 < mb < 1 << 40):
+        raise UserError(f"expert cache size must be a positive number of MiB, got {mb!r}")
+    budget = total if mb is None else int(float(mb) * 2**20)
+    if budget < k * largest:
+        raise UserError(f"expert cache of {float(mb):g} MB is too small: one token needs {k} experts of a layer at once "
+                        f"({k * largest / 2**20:.1f} MB); the routed experts total {total / 2**20:.0f} MB")
+    return budget

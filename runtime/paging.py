@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dsexport.errors import BundleError, UserError
+from dsexport.core.errors import BundleError, UserError
+from dsexport.core.quant import quantize_activations  # noqa: F401  (the experts' activation rounding)
+from dsexport.core.sections import PagingSection
 
 Key = tuple[int, int]  # (layer, expert slot)
 POLICIES = ("lfu", "lru")
@@ -83,13 +85,13 @@ class QuantLayout:
     """Where a quantized record's parts lie (exporter/paged.py, _StoreWriter._quantized): scales
     float32 of gate_up then down, packed q of both, then (asymmetric) zero points, one byte per block."""
 
-    def __init__(self, entry: dict, zero_points: bool):
-        inter, D = int(entry["intermediate"]), int(entry["hidden"])
+    def __init__(self, entry, zero_points: bool):
+        inter, D = entry.intermediate, entry.hidden
         self.mats = {}
         shapes = {"gate_up": (2 * inter, D), "down": (D, inter)}
         for name, (R, K) in shapes.items():
-            m = entry["quantized"][name]
-            bits, block, Kp = int(m["bits"]), int(m["block"]), int(m["padded"])
+            m = entry.quantized[name]
+            bits, block, Kp = m.bits, m.block, m.padded
             self.mats[name] = dict(rows=R, K=K, bits=bits, block=block, padded=Kp, blocks=Kp // block)
         offset = 0
         for part, size in (("scales", lambda m: m["rows"] * m["blocks"] * 4),
@@ -145,48 +147,46 @@ class QuantizedExpert:
         return result[0], result[1]
 
 
-def quantize_activations(x: np.ndarray, block: int) -> np.ndarray:
-    """What ONNX Runtime 1.32's QMoE does to the expert input and the SwiGLU output when it
-    quantizes activations: int8 per block of the last dim, symmetric, scale = absmax / 127,
-    x * (1 / scale) rounded half to even (MLAS). exporter/reference.quantize_activations is the
-    torch twin; the runtime cannot import it."""
-    n, K = x.shape
-    pad = -K % block  # a last partial block is quantized on its own (zeros do not change its max)
-    if pad:
-        x = np.concatenate([x, np.zeros((n, pad), np.float32)], axis=1)
-    b = x.reshape(n, -1, block)  # [n, nb, B]
-    scale = np.abs(b).max(-1, keepdims=True) / np.float32(127)  # [n, nb, 1]
-    with np.errstate(divide="ignore"):
-        inverse = np.where(scale == 0, np.float32(0), np.float32(1) / scale)
-    return (np.rint(b * inverse) * scale).reshape(n, -1)[:, :K]
-
-
 class ExpertStore:
-    def __init__(self, path: Path, paging: dict, holds: str | None = None):
+    def __init__(self, path: Path, paging: PagingSection, holds: str | None = None):
         if not path.is_file():
             raise BundleError(f"{path}: the expert store is missing from the bundle")
         self.path = path
-        self.layers = {int(i): entry for i, entry in paging["layers"].items()}
-        self.precision = paging.get("precision", "fp32")
-        self.bits = paging.get("bits")
+        self.layers = dict(paging.layers)  # layer -> StoreLayer (core/sections.py)
+        self.precision = paging.precision
+        self.bits = paging.bits
         holds = holds or os.environ.get("DSEXPORT_EXPERT_CACHE_HOLDS") or DEFAULT_HOLDS
         if holds not in HOLDS:
             raise UserError(f"expert cache holds one of {', '.join(HOLDS)}, got {holds!r}")
         self.holds = holds if self.bits else "fp32"
         # int8 activations: the fused QMoE quantizes the expert input and SwiGLU output (its
         # 8-bit path always, its 4-bit path at accuracy_level 4); the expert path emulates that
-        self.activation_block = int(paging["activation_block"]) if paging.get("activations") == "int8" else None
-        self.layouts = {i: QuantLayout(e, bool(paging.get("zero_points"))) for i, e in self.layers.items()
-                        if "quantized" in e}
+        self.activation_block = paging.activation_quant_block
+        self.layouts = {i: QuantLayout(e, paging.zero_points) for i, e in self.layers.items()
+                        if e.quantized is not None}
         for i, layout in self.layouts.items():
             if layout.nbytes != self.record_bytes(i):
                 raise BundleError(f"{path}: layer {i}'s records are {self.record_bytes(i)} bytes, their layout says "
                                   f"{layout.nbytes}")
+        self._check_bounds(path.stat().st_size)
         self._fd = os.open(path, os.O_RDONLY)
+
+    def _check_bounds(self, size: int) -> None:
+        """Every record, router and bias the index names lies inside the file (a short read would
+        otherwise surface mid-generation)."""
+        for i, entry in self.layers.items():
+            if i not in self.layouts and entry.record_bytes != 3 * entry.intermediate * entry.hidden * 4:
+                raise BundleError(f"{self.path}: layer {i}'s fp32 records are not 3 x {entry.intermediate} x "
+                                  f"{entry.hidden} float32 values")
+            spans = [(o, entry.record_bytes) for o in entry.offsets] + [(entry.router, entry.experts * entry.hidden * 4)]
+            if entry.bias is not None:
+                spans.append((entry.bias, entry.experts * 4))
+            if any(offset + length > size for offset, length in spans):
+                raise BundleError(f"{self.path}: layer {i}'s index points past the end of the store")
 
     def record_bytes(self, layer: int) -> int:
         """Bytes of one expert's record in the store: what one read costs."""
-        return int(self.layers[layer]["record_bytes"])
+        return self.layers[layer].record_bytes
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes one expert of the layer takes in the cache: what the budget counts."""
@@ -195,7 +195,7 @@ class ExpertStore:
         return self.record_bytes(layer)
 
     def _pread(self, layer: int, slot: int, buf: np.ndarray) -> None:
-        n = os.preadv(self._fd, [memoryview(buf).cast("B")], self.layers[layer]["offsets"][slot])
+        n = os.preadv(self._fd, [memoryview(buf).cast("B")], self.layers[layer].offsets[slot])
         if n != buf.nbytes:
             raise BundleError(f"{self.path}: short read of expert {slot} of layer {layer} ({n} of {buf.nbytes} bytes)")
 
@@ -204,7 +204,7 @@ class ExpertStore:
         buffer's page faults cost 3-20 ms per expert here, against 1.6-2 ms for the read itself
         (measured on checkpoint M's records), and freed buffers would linger in malloc's arenas."""
         entry = self.layers[layer]
-        inter, D = entry["intermediate"], entry["hidden"]
+        inter, D = entry.intermediate, entry.hidden
         layout = self.layouts.get(layer)
         if layout is None:  # fp32 record
             if buf is None or buf.dtype != np.float32 or buf.size != 3 * inter * D:
@@ -233,13 +233,13 @@ class ExpertStore:
     def router(self, layer: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The layer's router [E, D] and correction bias [E] (kept resident by the prefetcher)."""
         entry = self.layers[layer]
-        E, D = entry["experts"], entry["hidden"]
+        E, D = entry.experts, entry.hidden
         router = np.empty((E, D), np.float32)
-        os.preadv(self._fd, [memoryview(router).cast("B")], entry["router"])
+        os.preadv(self._fd, [memoryview(router).cast("B")], entry.router)
         bias = None
-        if entry.get("bias") is not None:
+        if entry.bias is not None:
             bias = np.empty(E, np.float32)
-            os.preadv(self._fd, [memoryview(bias).cast("B")], entry["bias"])
+            os.preadv(self._fd, [memoryview(bias).cast("B")], entry.bias)
         return router, bias
 
     def close(self) -> None:

@@ -1,11 +1,22 @@
 """Next-token selection over a row of logits, in numpy, with the semantics of transformers'
-logits processors: repetition penalty, then temperature, then top-k, then top-p."""
+logits processors: repetition penalty, then temperature, then top-k, then top-p.
+
+Parameters are checked where they enter (finite, in range), and every row of a batch draws from
+its own random stream, reproducible from (seed, row): row 0 from `seed` itself (so a prompt
+sampled alone and as the first row of a batch agree), row r > 0 from a SeedSequence spawned
+with key (r,).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
+
+from dsexport.core.errors import UserError
+
+MAX_SEED = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,20 +28,34 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        from dsexport.errors import UserError
-
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number, got {value!r}")
+        if not 0 <= self.temperature <= 100:
+            raise UserError(f"temperature must be between 0 and 100, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty <= 100:
+            raise UserError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise UserError(f"seed must be an integer between 0 and {MAX_SEED}, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def row_rng(seed: int | None, row: int) -> np.random.Generator:
+    """The random stream of one row of a batch (see the module docstring)."""
+    if seed is None:
+        return np.random.default_rng()
+    if row == 0:
+        return np.random.default_rng(seed)
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(row,)))
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

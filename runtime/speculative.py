@@ -15,23 +15,25 @@ x_n is chosen but not yet run:
 
 Greedy output is the decoder's own greedy output (up to the float differences of running two
 tokens at once instead of one, which can flip a near-tie). Batch size 1 only; Engine falls
-back to plain decoding for batches.
+back to plain decoding for batches. The stepper runs under the one decode loop
+(runtime/decode.py), which decides text, stops and finish reasons for it as for plain decoding.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
 
-from dsexport.errors import BundleError, ContextLengthError
+from dsexport.core.contract import HIDDEN_STATES, LOGITS, MTP_PAST, MTP_PRESENT
+from dsexport.core.errors import BundleError
 
-from .sampling import sample_token, token_distribution
-from .tokenizer import StreamDecoder
+from .backends import token_feed
+from .bundle import Bundle
+from .decode import RowState, check_finite
+from .sessions import open_session, session_options
+from .sampling import token_distribution
 
 DRAFT_MODES = ("mtp",)
 
@@ -76,31 +78,22 @@ class MTPGraph:
         self.session, self.latent_dim = session, latent_dim
 
     @classmethod
-    def load(cls, directory: Path, manifest: dict) -> "MTPGraph":
-        graph = manifest["graphs"].get("mtp")
+    def load(cls, bundle: Bundle) -> "MTPGraph":
+        graph = bundle.manifest.graphs.mtp
         if graph is None:
-            raise BundleError(f"{directory}: the bundle has no MTP graph (built from a checkpoint without MTP "
+            raise BundleError(f"{bundle.directory}: the bundle has no MTP graph (built from a checkpoint without MTP "
                               "weights, or with --no-mtp); drafting needs one")
-        path = directory / graph["file"]
-        for needed in (path, directory / graph["data"]):
-            if not needed.is_file():
-                raise BundleError(f"{needed}: missing from the bundle")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = bundle.path(graph.file, "graphs.mtp.file")
+        bundle.path(graph.data, "graphs.mtp.data")
+        bundle.path(graph.shared_data, "graphs.mtp.shared_data")
         # One layer on at most 2 tokens: the calling thread alone, and no spinning worker threads
         # competing with the decoder session's, which alternates with this one every step
         # (with the defaults, drafting ran at 0.53x of plain decoding instead of 0.85x, docs/mtp.md).
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            # mtp.onnx also reads the decoder's model.onnx.data (shared embedding and head); ONNX
-            # Runtime maps it from the file, whatever the decoder session's weight mode.
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
-        model = manifest["model"]
-        return cls(session, int(model["kv_lora_rank"]) + int(model["qk_rope_head_dim"]))
+        # mtp.onnx also reads the decoder's model.onnx.data (shared embedding and head); ONNX
+        # Runtime maps it from the file, whatever the decoder session's weight mode.
+        options = session_options(bundle.manifest, None, spinning=False, single_thread=True)
+        session = open_session(path, options, ["CPUExecutionProvider"])
+        return cls(session, bundle.manifest.model.latent_dim)
 
     def empty_cache(self, batch: int = 1) -> ort.OrtValue:
         return _value(np.zeros((batch, 0, self.latent_dim), np.float32), np.float32)
@@ -109,28 +102,10 @@ class MTPGraph:
                 attention_mask: np.ndarray, cache: ort.OrtValue) -> tuple[np.ndarray, ort.OrtValue]:
         """hidden [B, T, D] of tokens t, next_ids [B, T] = tokens t+1, positions of tokens t ->
         logits [B, T, V] for tokens t+2, and the grown cache."""
-        feed = {"hidden_states": _value(hidden, np.float32), "input_ids": _value(next_ids, np.int64),
-                "position_ids": _value(position_ids, np.int64), "attention_mask": _value(attention_mask, np.int64),
-                "past_latent": cache}
-        logits, present = self.session.run_with_ort_values(["logits", "present_latent"], feed)
+        feed = {name: _value(a, np.int64) for name, a in token_feed(next_ids, position_ids, attention_mask).items()}
+        feed.update({HIDDEN_STATES: _value(hidden, np.float32), MTP_PAST: cache})
+        logits, present = self.session.run_with_ort_values([LOGITS, MTP_PRESENT], feed)
         return logits.numpy(), present
-
-
-def decoder_forward(session: ort.InferenceSession, input_ids: np.ndarray, position_ids: np.ndarray,
-                    attention_mask: np.ndarray, cache: list) -> tuple[np.ndarray, np.ndarray, list]:
-    """The decoder graph with its `hidden_states` output: logits [B, T, V], hidden [B, T, D], cache."""
-    feed = {"input_ids": _value(input_ids, np.int64), "position_ids": _value(position_ids, np.int64),
-            "attention_mask": _value(attention_mask, np.int64)}
-    for i, value in enumerate(cache):
-        feed[f"past_latent.{i}"] = value
-    names = ["logits", "hidden_states"] + [f"present_latent.{i}" for i in range(len(cache))]
-    out = session.run_with_ort_values(names, feed)
-    return out[0].numpy(), out[1].numpy(), list(out[2:])
-
-
-def truncate_cache(cache: list, length: int) -> list:
-    """Each layer's cache [B, S, L] cut to its first `length` positions (drops a rejected draft)."""
-    return [_value(value.numpy()[:, :length], np.float32) for value in cache]
 
 
 def accept_or_resample(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[bool, int]:
@@ -146,141 +121,91 @@ def accept_or_resample(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.
     return False, int(rng.choice(p.size, p=residual / total))
 
 
-class _RowOutput:
-    """One sequence's text and finish reason per token, decided as Engine._run decides them."""
+class SpeculativeStepper:
+    """Draft with the MTP graph, verify with the decoder: one or two tokens per decoder run, one
+    sequence (decode_loop drives it like any stepper)."""
 
-    def __init__(self, engine, gen, prompt_len: int):
-        from .engine import TokenEvent, _safe_end, _stop_position
+    def __init__(self, backend, mtp: MTPGraph, row: RowState, stats: DraftStats):
+        if not getattr(backend, "has_hidden_states", False):
+            raise BundleError("the decoder graph has no hidden_states output for the MTP graph")
+        self.backend, self.mtp, self.row, self.stats = backend, mtp, row, stats
+        self.where = "the decoder"
 
-        self._event, self._safe_end, self._stop_position = TokenEvent, _safe_end, _stop_position
-        self.engine, self.gen, self.prompt_len = engine, gen, prompt_len
-        self.decoder = StreamDecoder(engine.tokenizer) if engine.tokenizer else None
-        self.produced, self.emitted, self.done = 0, 0, False
+    def _ones(self, length: int) -> np.ndarray:
+        return np.ones((1, length), np.int64)  # batch 1: no padding
 
-    def push(self, token: int):
-        gen = self.gen
-        self.produced += 1
-        text = ""
-        if self.decoder:
-            self.decoder.push(token)
-            text = self.decoder.text
-        cut = self._stop_position(text, gen.stop)
-        reason = None
-        if token in self.engine.eos_ids and not gen.ignore_eos:
-            reason = "eos"
-        elif cut is not None:
-            reason = "stop"
-        elif self.produced >= gen.max_new_tokens:
-            reason = "length"
-        elif self.prompt_len + self.produced >= self.engine.max_context:
-            reason = "context"
-        self.done = reason is not None
-        if self.done and reason != "stop" and self.decoder:
-            text = self.decoder.final_text
-        end = cut if cut is not None else len(text) if self.done else self._safe_end(text, gen.stop)
-        delta = text[self.emitted:end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return self._event(0, token, delta, reason)
+    def start(self) -> list[list[int]]:
+        row, n = self.row, len(self.row.prompt)
+        logits, hidden, self.cache = self.backend.forward_hidden(np.asarray([row.prompt]), np.arange(n)[None],
+                                                                  self._ones(n), self.backend.empty_cache(1))
+        check_finite(logits[0, -1], self.where)
+        token = row.sample(logits[0, -1])
+        self.length = n  # positions in the decoder's cache; the last chosen token is not yet run
+        self.hidden_prompt = hidden
+        return [[token]]
 
+    def _run_mtp_on_prompt(self) -> None:
+        # the MTP graph over the prompt: (h_t, x_{t+1}) at positions 0..n-1 (x_n: the first generated token)
+        n = len(self.row.prompt)
+        self.mtp_logits, self.mtp_cache = self.mtp.forward(self.hidden_prompt, np.asarray([self.row.seen[1:n + 1]]),
+                                                           np.arange(n)[None], self._ones(n), self.mtp.empty_cache(1))
+        self.stats.mtp_runs += 1
+        self.hidden_prompt = None
 
-class SpeculativeDecoder:
-    """Draft with the MTP graph, verify with the decoder; one prompt at a time."""
+    def advance(self) -> list[list[int]]:
+        row, stats = self.row, self.stats
+        if self.hidden_prompt is not None:
+            self._run_mtp_on_prompt()
+        last, length = row.seen[-1], self.length
+        if row.remaining == 1:  # one token left: a draft could not be used
+            logits, _, self.cache = self.backend.forward_hidden(np.asarray([[last]]), np.asarray([[length]]),
+                                                                self._ones(length + 1), self.cache)
+            stats.decoder_runs += 1
+            self.length += 1
+            check_finite(logits[0, -1], self.where)
+            return [[row.sample(logits[0, -1])]]
+        draft, q = self._draft()
+        stats.drafted += 1
+        logits, hidden, verified = self.backend.forward_hidden(np.asarray([[last, draft]]),
+                                                               np.asarray([[length, length + 1]]),
+                                                               self._ones(length + 2), self.cache)
+        stats.decoder_runs += 1
+        check_finite(logits[0], self.where)
+        accepted, token = self._verify(logits[0, 0], draft, q)
+        stats.accepted += accepted
+        if not accepted:
+            self.length += 1
+            self.cache = self.backend.truncate(verified, self.length)  # drop the draft's entry
+            self._update_mtp(hidden[:, :1], [token], [self.length - 1])
+            return [[token]]
+        self.cache, self.length = verified, length + 2
+        history = row.seen + [token]
+        second = row.sample_after(logits[0, 1], history)
+        self._update_mtp(hidden, [token, second], [length, length + 1])
+        return [[token, second]]
 
-    def __init__(self, engine, mtp: MTPGraph):
-        outputs = {o["name"] for o in engine.manifest["graphs"]["decoder"].get("outputs", [])}
-        if "hidden_states" not in outputs:
-            raise BundleError(f"{engine.directory}: the decoder graph has no hidden_states output for the MTP graph")
-        self.engine, self.mtp = engine, mtp
-        self.last_stats: DraftStats | None = None
+    def _update_mtp(self, hidden: np.ndarray, next_tokens: list[int], positions: list[int]) -> None:
+        """The MTP graph on the (hidden state, next token) pairs the decoder just kept: its cache
+        only ever holds accepted positions."""
+        self.mtp_logits, self.mtp_cache = self.mtp.forward(hidden, np.asarray([next_tokens]), np.asarray([positions]),
+                                                           self._ones(positions[-1] + 1), self.mtp_cache)
+        self.stats.mtp_runs += 1
 
-    def _draft(self, logits: np.ndarray, gen, rng, seen: list[int]) -> tuple[int, np.ndarray | None]:
+    def _draft(self) -> tuple[int, np.ndarray | None]:
         """The draft token and the distribution q it was drawn from (None: greedy, q one-hot)."""
-        history = np.asarray(seen) if gen.sampling.repetition_penalty != 1.0 else None
-        if gen.sampling.greedy:
-            return sample_token(logits, gen.sampling, rng, history), None
-        q = token_distribution(logits, gen.sampling, history)
-        return int(rng.choice(q.size, p=q)), q
+        row, logits = self.row, self.mtp_logits[0, -1]
+        if row.gen.sampling.greedy:
+            return row.sample(logits), None
+        q = token_distribution(logits, row.gen.sampling, row.history())
+        return int(row.rng.choice(q.size, p=q)), q
 
-    def _verify(self, logits: np.ndarray, draft: int, q: np.ndarray | None, gen, rng,
-                seen: list[int]) -> tuple[bool, int]:
-        history = np.asarray(seen) if gen.sampling.repetition_penalty != 1.0 else None
-        if gen.sampling.greedy:  # p and q both one-hot: the rule reduces to equality
-            target = sample_token(logits, gen.sampling, rng, history)
+    def _verify(self, logits: np.ndarray, draft: int, q: np.ndarray | None) -> tuple[bool, int]:
+        row = self.row
+        if row.gen.sampling.greedy:  # p and q both one-hot: the rule reduces to equality
+            target = row.sample(logits)
             return target == draft, target
-        p = token_distribution(logits, gen.sampling, history)
+        p = token_distribution(logits, row.gen.sampling, row.history())
         if q is None:
             q = np.zeros_like(p)
             q[draft] = 1.0
-        return accept_or_resample(p, q, draft, rng)
-
-    def _pick(self, logits: np.ndarray, gen, rng, seen: list[int]) -> int:
-        history = np.asarray(seen) if gen.sampling.repetition_penalty != 1.0 else None
-        return sample_token(logits, gen.sampling, rng, history)
-
-    def run(self, prompt: list[int], gen, timings: dict) -> Iterator:
-        engine, mtp = self.engine, self.mtp
-        session = engine.session
-        n = len(prompt)
-        if n >= engine.max_context:
-            raise ContextLengthError(f"the prompt has {n} tokens; the context holds {engine.max_context} "
-                                     "(raise --max-context up to the model's limit, or shorten the prompt)")
-        rng = np.random.default_rng(gen.sampling.seed)
-        row = _RowOutput(engine, gen, n)
-        stats = self.last_stats = timings["draft_stats"] = DraftStats()
-        seen = list(prompt)
-        ones = lambda length: np.ones((1, length), np.int64)  # noqa: E731  (batch 1: no padding)
-
-        start = time.perf_counter()
-        logits, hidden, cache = decoder_forward(session, np.asarray([prompt]), np.arange(n)[None], ones(n),
-                                                engine.empty_cache(1))  # [1, n, V], [1, n, D]
-        timings["prefill_s"] = time.perf_counter() - start
-        timings["prefill_tokens"] = n
-        token = self._pick(logits[0, -1], gen, rng, seen)
-        seen.append(token)
-        yield row.push(token)
-        decode_start = time.perf_counter()
-        timings["ttft_s"] = decode_start - start
-        length = n  # positions in the decoder's cache; seen[length] is chosen but not yet run
-        if not row.done:  # the MTP graph over the prompt: (h_t, x_{t+1}) at positions 0..n-1
-            mtp_logits, mtp_cache = mtp.forward(hidden, np.asarray([seen[1:]]), np.arange(n)[None], ones(n),
-                                                mtp.empty_cache(1))
-            stats.mtp_runs += 1
-        while not row.done:
-            if gen.max_new_tokens - row.produced == 1:  # one token left: a draft could not be used
-                logits, hidden, cache = decoder_forward(session, np.asarray([[seen[-1]]]), np.asarray([[length]]),
-                                                        ones(length + 1), cache)
-                stats.decoder_runs += 1
-                length += 1
-                token = self._pick(logits[0, -1], gen, rng, seen)
-                seen.append(token)
-                yield row.push(token)
-                break
-            draft, q = self._draft(mtp_logits[0, -1], gen, rng, seen)
-            stats.drafted += 1
-            logits, hidden, verified = decoder_forward(session, np.asarray([[seen[-1], draft]]),
-                                                       np.asarray([[length, length + 1]]), ones(length + 2), cache)
-            stats.decoder_runs += 1
-            accepted, token = self._verify(logits[0, 0], draft, q, gen, rng, seen)
-            stats.accepted += accepted
-            seen.append(token)
-            yield row.push(token)
-            if row.done:
-                break
-            if accepted:
-                cache, length = verified, length + 2
-                token = self._pick(logits[0, 1], gen, rng, seen)
-                seen.append(token)
-                yield row.push(token)
-                if row.done:
-                    break
-                # [1, 2, D] hidden states of x_n, x_{n+1} with their next tokens x_{n+1}, x_{n+2}
-                mtp_logits, mtp_cache = mtp.forward(hidden, np.asarray([seen[-2:]]),
-                                                    np.asarray([[length - 2, length - 1]]), ones(length), mtp_cache)
-            else:
-                length += 1
-                cache = truncate_cache(verified, length)  # drop the draft's entry
-                mtp_logits, mtp_cache = mtp.forward(hidden[:, :1], np.asarray([[token]]), np.asarray([[length - 1]]),
-                                                    ones(length), mtp_cache)
-            stats.mtp_runs += 1
-        timings["decode_s"] = stats.decode_s = time.perf_counter() - decode_start
-        timings["decode_steps"] = stats.decode_tokens = row.produced - 1
+        return accept_or_resample(p, q, draft, row.rng)

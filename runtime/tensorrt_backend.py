@@ -22,7 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dsexport.errors import BundleError, EngineUnavailable, InternalError, UserError
+from dsexport.core.contract import LOGITS, past_name, present_name
+from dsexport.core.errors import BundleError, EngineUnavailable, InternalError, UserError
+from dsexport.core.sections import EnginesSection
+
+from .backends import token_feed
+from .bundle import Bundle
 
 # Jetson boards whose GPU is known from /proc/device-tree/model when nothing else answers.
 _JETSON_CC = (("Thor", "11.0"), ("Orin", "8.7"), ("Xavier", "7.2"))
@@ -52,18 +57,17 @@ def _trt_version(version: str) -> str:
     return ".".join(str(version).split(".")[:3])
 
 
-def engine_mismatch(manifest: dict, trt_version: str, gpu: str, compute_capability: str) -> str | None:
+def engine_mismatch(engines: EnginesSection | None, trt_version: str, gpu: str, compute_capability: str) -> str | None:
     """Why the bundle's engines cannot run here, in one line, or None when they can.
 
     TensorRT engines are tied to the TensorRT release (major.minor.patch) and to the GPU's
     compute capability. The GPU name is reported but not compared: every Jetson Orin module
     calls its GPU "Orin", and boards of one compute capability share a JetPack.
     """
-    engines = manifest.get("engines")
-    if not engines:
+    if engines is None:
         return "the bundle has no TensorRT engines: build them on this device with `dsexport engine BUNDLE`"
-    built_trt, built_cc = _trt_version(engines.get("tensorrt_version", "?")), engines.get("compute_capability")
-    built_on = f"TensorRT {built_trt} on {engines.get('gpu', 'an unknown GPU')} (compute capability {built_cc})"
+    built_trt, built_cc = _trt_version(engines.tensorrt_version), engines.compute_capability
+    built_on = f"TensorRT {built_trt} on {engines.gpu or 'an unknown GPU'} (compute capability {built_cc})"
     here = f"this device has TensorRT {_trt_version(trt_version)} and {gpu} ({compute_capability})"
     rebuild = "rebuild them here with `dsexport engine BUNDLE --force`"
     if built_trt != _trt_version(trt_version):
@@ -108,14 +112,14 @@ def _text(value) -> str:
     return str(value).strip()
 
 
-def select_profile(profiles: list[dict], shapes: dict[str, tuple]) -> int | None:
+def select_profile(profiles, shapes: dict[str, tuple]) -> int | None:
     """Index of the first optimization profile whose [min, max] range holds every given shape."""
     for index, profile in enumerate(profiles):
         ok = True
         for name, shape in shapes.items():
             rng = profile.get(name)
-            if rng is None or len(rng["min"]) != len(shape) or not all(
-                    lo <= s <= hi for lo, s, hi in zip(rng["min"], shape, rng["max"])):
+            if rng is None or len(rng.min) != len(shape) or not all(
+                    lo <= s <= hi for lo, s, hi in zip(rng.min, shape, rng.max)):
                 ok = False
                 break
         if ok:
@@ -227,7 +231,7 @@ class DeviceTensor:
 class _Runner:
     """One engine, its execution context, and its I/O description."""
 
-    def __init__(self, trt, cuda: _Cuda, engine, graph: str, profiles: list[dict]):
+    def __init__(self, trt, cuda: _Cuda, engine, graph: str, profiles):
         self.trt, self.cuda, self.engine, self.graph, self.profiles = trt, cuda, engine, graph, profiles
         self.context = engine.create_execution_context()
         if self.context is None:
@@ -302,24 +306,24 @@ def _np_dtype(trt, dtype) -> np.dtype:
 
 
 class TensorRTBackend:
+    name = "tensorrt"
+
     def __init__(self, trt, cuda: _Cuda, runtime, logger, runners: dict[str, _Runner], num_layers: int,
                  latent_dim: int):
         self.trt, self.cuda, self._runtime, self._logger = trt, cuda, runtime, logger
         self.runners = runners
         self.num_layers, self.latent_dim = num_layers, latent_dim
-        self.cache_dtype = runners["decoder"].dtypes["past_latent.0"]
+        self.cache_dtype = runners["decoder"].dtypes[past_name(0)]
         self._scratch: dict[str, DeviceTensor] = {}
 
     @classmethod
-    def load(cls, bundle) -> "TensorRTBackend":
-        manifest, directory = bundle.manifest, Path(bundle.directory)
-        plan = (manifest.get("tensorrt") or {}).get("engine_plan")
-        if not plan:
-            raise BundleError(f"{directory}: not a TensorRT bundle (no tensorrt.engine_plan in the manifest)")
+    def load(cls, bundle: Bundle, options=None) -> "TensorRTBackend":
+        if bundle.manifest.tensorrt is None:
+            raise BundleError(f"{bundle.directory}: not a TensorRT bundle (no tensorrt.engine_plan in the manifest)")
         trt = import_tensorrt()
         cuda = _Cuda()
         try:
-            return cls._load(trt, cuda, manifest, plan, directory)
+            return cls._load(trt, cuda, bundle)
         except BaseException:
             try:
                 cuda.close()
@@ -328,32 +332,33 @@ class TensorRTBackend:
             raise
 
     @classmethod
-    def _load(cls, trt, cuda: _Cuda, manifest: dict, plan: dict, directory: Path) -> "TensorRTBackend":
-        reason = engine_mismatch(manifest, trt.__version__, cuda.gpu, cuda.cc)
+    def _load(cls, trt, cuda: _Cuda, bundle: Bundle) -> "TensorRTBackend":
+        manifest, directory = bundle.manifest, bundle.directory
+        plan = manifest.tensorrt.engine_plan
+        reason = engine_mismatch(manifest.engines, trt.__version__, cuda.gpu, cuda.cc)
         if reason:
             raise BundleError(f"{directory}: {reason}")
-        model = manifest["model"]
-        layers, latent = int(model["num_hidden_layers"]), int(model["kv_lora_rank"]) + int(model["qk_rope_head_dim"])
-        io = {"input_ids", "position_ids", "attention_mask", "logits"} | {
-            f"{kind}_latent.{i}" for kind in ("past", "present") for i in range(layers)}
+        model = manifest.model
+        layers, latent = model.num_hidden_layers, model.latent_dim
+        io = set(manifest.graphs.decoder.contract.input_names()) | {LOGITS} | {present_name(i) for i in range(layers)}
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         runners = {}
-        for graph, rel in manifest["engines"]["files"].items():
-            path = directory / rel
-            if not path.is_file():
-                raise BundleError(f"{path}: missing from the bundle (run `dsexport engine {directory}`)")
+        for graph, rel in manifest.engines.files.items():
+            path = bundle.path(rel, f"engines.files.{graph}")
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BundleError(f"{path}: TensorRT {trt.__version__} cannot load this engine (see the TensorRT log); "
                                   f"rebuild it with `dsexport engine {directory} --force`")
-            runners[graph] = _Runner(trt, cuda, engine, graph, plan["graphs"][graph]["profiles"])
+            if graph not in plan.graphs:
+                raise BundleError(f"{directory}: the engine plan has no {graph!r} graph")
+            runners[graph] = _Runner(trt, cuda, engine, graph, plan.graphs[graph].profiles)
             if set(runners[graph].names) != io:
                 odd = sorted(set(runners[graph].names) ^ io)
                 raise BundleError(f"{path}: the engine's inputs and outputs are not the graph contract's ({odd[0]})")
         if "decoder" not in runners:
             raise BundleError(f"{directory}: the manifest lists no decoder engine")
-        if len({r.dtypes["past_latent.0"] for r in runners.values()}) != 1:
+        if len({r.dtypes[past_name(0)] for r in runners.values()}) != 1:
             raise BundleError(f"{directory}: the engines disagree on the cache dtype")
         return cls(trt, cuda, runtime, logger, runners, layers, latent)
 
@@ -378,9 +383,9 @@ class TensorRTBackend:
         past = cache[0].shape[1]
         # one engine; its optimization profiles cover decode (1 new token) and prompts (2..chunk)
         runner = self.runners["decoder"]
-        host = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
+        host = token_feed(input_ids, position_ids, attention_mask)
         shapes = {name: tuple(np.shape(value)) for name, value in host.items()}
-        shapes.update({f"past_latent.{i}": c.shape for i, c in enumerate(cache)})
+        shapes.update({past_name(i): c.shape for i, c in enumerate(cache)})
         profile = select_profile(runner.profiles, shapes)
         if profile is None:
             raise UserError(f"{new} new tokens after {past} cached (batch {batch}) fit no optimization profile of the "
@@ -388,14 +393,13 @@ class TensorRTBackend:
         arrays = {name: np.ascontiguousarray(value, dtype=runner.dtypes[name]) for name, value in host.items()}
         inputs = {name: self._upload(name, array) for name, array in arrays.items()}
         for i, c in enumerate(cache):
-            inputs[f"past_latent.{i}"] = (c.ptr, c.shape)
-        outputs = {"logits": None, **{f"present_latent.{i}": None for i in range(self.num_layers)}}
+            inputs[past_name(i)] = (c.ptr, c.shape)
+        outputs = {LOGITS: None, **{present_name(i): None for i in range(self.num_layers)}}
         runner.run(profile, inputs, outputs)
-        logits = outputs.pop("logits")
+        logits = outputs.pop(LOGITS)
         host_logits = logits.numpy()  # synchronizes the stream: inputs and cache are no longer in use
         logits.free()
-        return host_logits.astype(np.float32, copy=False), [outputs[f"present_latent.{i}"]
-                                                            for i in range(self.num_layers)]
+        return host_logits.astype(np.float32, copy=False), [outputs[present_name(i)] for i in range(self.num_layers)]
 
     def close(self) -> None:
         if getattr(self, "cuda", None) is None or self.cuda.closed:

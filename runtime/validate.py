@@ -9,12 +9,15 @@ prove its engine still computes the model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
+
+from dsexport.core.errors import BundleError
+from dsexport.core.jsonio import Fields, check_float, load_json
+from dsexport.core.manifest import Manifest
 
 GOLDEN_FILE = "golden.json"
 GOLDEN_SCHEMA = 1
@@ -33,19 +36,15 @@ class Thresholds:
     max_ppl_delta: float  # relative: |ppl_bundle / ppl_reference - 1|
 
     @classmethod
-    def for_bundle(cls, manifest: dict, backend: str = "onnxruntime") -> "Thresholds":
+    def for_bundle(cls, manifest: Manifest, backend: str = "onnxruntime") -> "Thresholds":
         """What a bundle is held to: a TensorRT engine at its precision; ONNX Runtime at fp32's
-        limits, except where the bundle's kernels quantize activations to int8 (quantized bundles
-        with activations "int8", and ONNX Runtime's 8-bit QMoE always): there a rounding that
-        lands on a tie in one implementation and not the other moves later logits (by up to 0.16
-        on the embedded model, 1.14 on a random test model), so the logit limit is the build's
+        limits, except where the bundle's kernels round activations to int8 (core/quant.py:
+        QuantSpec.rounds_activations): there a rounding that lands on a tie in one implementation
+        and not the other moves later logits, so the logit limit is the build's
         (ACTIVATION_QUANT_LOGIT_TOL) and perplexity may move 2e-3 (docs/quantization.md)."""
         if backend == "tensorrt":
-            return cls.for_precision(manifest["precision"])
-        quant = manifest.get("quantization")
-        if quant and quant.get("lowering", "ort") == "ort" and (
-                quant.get("activations") == "int8" or quant["bits"].get("routed_experts") == 8
-                or any(b == 8 for widths in quant.get("expert_bits", {}).values() for b in widths.values())):
+            return cls.for_precision(manifest.precision)
+        if manifest.rounds_activations:
             return cls(max_logit_diff=ACTIVATION_QUANT_LOGIT_TOL, min_top1=0.99, max_ppl_delta=2e-3)
         return cls.for_precision("fp32")
 
@@ -133,10 +132,10 @@ def check_golden(engine, golden: dict, max_logit_diff: float) -> tuple[dict, lis
     logit tolerance (a legitimate near-tie), which is counted.
     """
     worst, diffs, agree, total, excused, greedy = 0.0, [], 0, 0, 0, []
-    for case in golden["cases"]:
-        prompt, output = case["prompt_ids"], case["output_ids"]
+    for case in golden.cases:
+        prompt, output = case.prompt_ids, case.output_ids
         logits = teacher_forced_logits(engine, prompt + output)[len(prompt) - 1:-1]  # predicts output
-        top_ids, top_vals = np.asarray(case["top_ids"]), np.asarray(case["top_logits"], np.float32)
+        top_ids, top_vals = case.top_ids, case.top_logits
         got = np.take_along_axis(logits, top_ids, axis=1)
         diff = np.abs(got - top_vals)
         worst = max(worst, float(diff.max()))
@@ -154,25 +153,70 @@ def check_golden(engine, golden: dict, max_logit_diff: float) -> tuple[dict, lis
                "greedy_divergences_at_near_ties": excused}
     checks = [Check("max_abs_logit_diff", worst, max_logit_diff, "max"),
               Check("greedy_match_fraction", float(min(greedy)), 1.0, "min")]
-    return metrics, checks, {"source": GOLDEN_FILE, "sequences": len(golden["cases"]), "tokens": total}
+    return metrics, checks, {"source": GOLDEN_FILE, "sequences": len(golden.cases), "tokens": total}
 
 
-def load_golden(directory: Path) -> dict | None:
-    path = Path(directory) / GOLDEN_FILE
-    if not path.is_file():
+@dataclasses.dataclass(frozen=True)
+class GoldenCase:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    top_ids: np.ndarray  # [new, k] int64: the reference's top-k ids at every continuation position
+    top_logits: np.ndarray  # [new, k] float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Golden:
+    new_tokens: int
+    top_k: int
+    cases: list[GoldenCase]
+
+    @classmethod
+    def read(cls, data, file: str, vocab_size: int) -> "Golden":
+        """A golden file with every value checked: ids in the vocabulary, shapes consistent, logits finite."""
+        f = Fields(data, file, BundleError)
+        if f.raw("schema", None) != GOLDEN_SCHEMA:
+            f.fail(f"schema {f.raw('schema', None)!r} is not supported (supports {GOLDEN_SCHEMA})")
+        top_k = f.int("top_k", lo=2, hi=1024)
+        cases = []
+        for c in f.objs("cases", max_len=1024):
+            prompt = list(c.ints("prompt_ids", lo=0, hi=vocab_size - 1, max_len=1 << 16))
+            output = list(c.ints("output_ids", lo=0, hi=vocab_size - 1, max_len=1 << 16))
+            ids = c.int_lists("top_ids", lo=0, hi=vocab_size - 1, max_len=1 << 16)
+            rows = c.list("top_logits", max_len=1 << 16)
+            if not prompt or not output:
+                c.fail("a case needs a prompt and an output")
+            if len(ids) != len(output) or len(rows) != len(output) or any(len(r) != top_k for r in ids):
+                c.fail(f"top_ids/top_logits must have one row of {top_k} per output token")
+            if any(not isinstance(r, list) or len(r) != top_k for r in rows):
+                c.fail(f"every row of top_logits must hold {top_k} numbers", "top_logits")
+            logits = [[check_float(v, f"{c.where('top_logits')}[{i}]", BundleError) for v in row]
+                      for i, row in enumerate(rows)]
+            cases.append(GoldenCase(prompt, output, np.asarray(ids, np.int64), np.asarray(logits, np.float32)))
+        if not cases:
+            f.fail("no cases")
+        return cls(f.int("new_tokens", lo=1, hi=1 << 16), top_k, cases)
+
+
+def load_golden(engine) -> Golden | None:
+    """The bundle's golden outputs, if its manifest lists them."""
+    name = engine.manifest.golden_file
+    if name is None:
         return None
-    return json.loads(path.read_text())
+    path = engine.bundle.path(name, "golden.file")
+    return Golden.read(load_json(path, BundleError), str(path), engine.config.vocab_size)
 
 
 def validate_golden(engine, max_logit_diff: float) -> Report:
-    from dsexport.errors import BundleError
-
     start = time.perf_counter()
-    golden = load_golden(engine.directory)
+    golden = load_golden(engine)
     if golden is None:
         raise BundleError(f"{engine.directory}: the bundle has no {GOLDEN_FILE}; validate with --reference CKPT")
-    if golden.get("schema") != GOLDEN_SCHEMA:
-        raise BundleError(f"{GOLDEN_FILE}: schema {golden.get('schema')!r} is not supported (supports {GOLDEN_SCHEMA})")
     metrics, checks, data = check_golden(engine, golden, max_logit_diff)
-    return Report(str(engine.directory), "golden", engine.manifest["precision"], metrics, checks, data,
+    return Report(str(engine.directory), "golden", engine.manifest.precision, metrics, checks, data,
                   time.perf_counter() - start)
+
+
+def failed_report(engine, mode: str, reason: str) -> Report:
+    """A report of a bundle that could not be compared because it computes NaN/Inf: it fails."""
+    return Report(str(engine.directory), mode, engine.manifest.precision, {"error": reason},
+                  [Check("finite_logits", 0.0, 1.0, "min")], {"source": mode, "sequences": 0, "tokens": 0})

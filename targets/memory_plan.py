@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsexport.exporter.config import ModelConfig, parameter_counts, weight_bytes
+from dsexport.core.config import ModelConfig, parameter_counts
+from dsexport.core.quant import QuantSpec, expert_bytes, weight_bytes
 
+from .quantization import preset_spec
 from .registry import Target
 
-# Bytes per weight, block scales included (int8/int4: one fp16 scale per 32 weights).
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0 + 2 / 32, "int4": 0.5 + 2 / 32,
+# Bytes per weight of precisions without a QuantSpec (TensorRT fp16/bf16 engines, Thor's fp8/fp4,
+# planned only), and a rough figure of the quantized presets for ordering them; a plan of an
+# int8/int4 bundle counts its QuantSpec's real bytes (core/quant.py: weight_bytes).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0 + 4 / 32, "int4": 0.5 + 4 / 32,
                     "fp4": 0.5 + 1 / 16}
+PRESET = "preset"  # plan_memory's default: the target's spec for the precision with default flags
 # ORT format (phones) is one flatbuffer with every weight embedded: 32-bit offsets cap it
 # (exporter/ort_mobile.py; onnxruntime 1.32 cannot put weights outside it).
 FORMAT_LIMIT_BYTES = {"onnxruntime-mobile": 2**31 - 1}
@@ -28,10 +33,6 @@ CANNOT_PAGE = {
     "onnxruntime-mobile": "phones run one .ort file with every weight inside; paged segment graphs are not "
                           "converted to ORT format yet",
 }
-# The expert store holds routed experts at their precision (exporter/paged.py): fp32, or int8/int4
-# with one float32 scale per block of 32 at most (the block may be larger: a little less)
-PAGED_STORE_BYTES_PER_WEIGHT = {None: 4.0, 8: 1.0 + 4 / 32, 4: 0.5 + 4 / 32}
-ROUTED_BITS = {"int8": 8, "int4": 4}  # the presets' routed experts (exporter/quantize.PRESETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +76,23 @@ class MemoryPlan:
                 "margin_bytes": self.margin_bytes, "decode_estimate": self.decode_estimate()}
 
 
-def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, batch: int = 1) -> MemoryPlan:
-    from dsexport.exporter.quantize import PRESETS
-
+def model_bytes(cfg: ModelConfig, target: Target, precision: str, quant: QuantSpec | None) -> tuple[int, int]:
+    """(weight bytes, bytes a decoded token reads): a quantized bundle at its spec's real bytes
+    (as ONNX Runtime holds them after repacking, on ONNX Runtime targets), else bytes per weight."""
+    if quant is not None:
+        return weight_bytes(cfg, quant, resident=target.backend != "tensorrt")
     total, active = parameter_counts(cfg)
     per_weight = BYTES_PER_WEIGHT[precision]
-    weights, decode_bytes = int(total * per_weight), int(active * per_weight)
-    if precision in ("int8", "int4"):  # what the quantizer writes: parts at their bits, the rest fp32
-        # TensorRT: int8 per output channel, int4 per block (exporter/qdq.py); fp32 scales everywhere
-        weights, decode_bytes = weight_bytes(cfg, PRESETS[precision], 32, 4,
-                                             per_channel_bits=(8,) if target.backend == "tensorrt" else ())
+    return int(total * per_weight), int(active * per_weight)
+
+
+def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, batch: int = 1,
+                quant: QuantSpec | None | str = PRESET) -> MemoryPlan:
+    """The plan for a bundle of `cfg` (its kept experts) at `quant` (default: the target's preset
+    for the precision)."""
+    if quant == PRESET:
+        quant = preset_spec(target, precision)
+    weights, decode_bytes = model_bytes(cfg, target, precision, quant)
     cache_dtype = 4 if precision == "fp32" else 2
     kv = cfg.latent_dim * cfg.num_hidden_layers * context * batch * cache_dtype
     t = min(PREFILL_CHUNK, context) * batch
@@ -108,38 +116,39 @@ def plan_memory(cfg: ModelConfig, target: Target, precision: str, context: int, 
     )
 
 
-def routed_expert_weights(cfg: ModelConfig) -> int:
-    return sum(cfg.num_experts(i) for i in range(cfg.num_hidden_layers)) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+def routed_expert_bytes(cfg: ModelConfig, quant: QuantSpec | None) -> int:
+    """Bytes of every routed expert the config keeps, at the spec's widths."""
+    return int(sum(expert_bytes(cfg, quant, i, e) for i in cfg.moe_layers for e in cfg.expert_ids(i)))
 
 
-def paging_plan(cfg: ModelConfig, target: Target, plan: MemoryPlan, routed_bits: int | None | str = "preset") -> dict:
+def paging_plan(cfg: ModelConfig, target: Target, plan: MemoryPlan, quant: QuantSpec | None | str = PRESET) -> dict:
     """Expert paging on this target: can its backend page, and what expert cache the usable memory
     leaves once everything else (non-expert weights, cache, activations, overhead) is resident.
-    It fits when the cache holds at least one token's routed experts in every MoE layer.
-    routed_bits: the store's width (None: fp32); "preset": the plan's precision's."""
+    It fits when the cache holds at least one token's routed experts in every MoE layer. The store
+    holds routed experts at the spec's width (exporter/paged.py)."""
     reason = CANNOT_PAGE.get(target.backend)
     if reason:
         return {"can_page": False, "reason": reason}
-    if routed_bits == "preset":
-        routed_bits = ROUTED_BITS.get(plan.precision)
-    per_weight = PAGED_STORE_BYTES_PER_WEIGHT[routed_bits]
-    routed = routed_expert_weights(cfg)
-    moe_layers = sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * per_weight
-    resident = plan.total_bytes - int(routed * BYTES_PER_WEIGHT[plan.precision])
-    minimum = int(cfg.num_experts_per_tok * moe_layers * expert)
-    out = {"can_page": routed > 0, "store_bytes": int(routed * per_weight),
-           "store_precision": f"int{routed_bits}" if routed_bits else "fp32",
+    if quant == PRESET:
+        quant = preset_spec(target, plan.precision)
+    store = routed_expert_bytes(cfg, quant)
+    resident_experts = int(sum(expert_bytes(cfg, quant, i, e, resident=True) for i in cfg.moe_layers
+                               for e in cfg.expert_ids(i)))
+    bits = quant.bits.get("routed_experts") if quant is not None else None
+    largest = max((expert_bytes(cfg, quant, i, e) for i in cfg.moe_layers for e in cfg.expert_ids(i)), default=0)
+    resident = plan.total_bytes - resident_experts
+    minimum = int(cfg.num_experts_per_tok * len(cfg.moe_layers) * largest)
+    out = {"can_page": store > 0, "store_bytes": store, "store_precision": f"int{bits}" if bits else "fp32",
            "resident_bytes": resident, "min_cache_bytes": minimum, "cache_bytes": None, "fits": None}
-    if not routed:
+    if not store:
         out["reason"] = "the model has no routed experts"
     elif plan.usable_bytes is not None:
-        cache = min(plan.usable_bytes - resident, out["store_bytes"])
+        cache = min(plan.usable_bytes - resident, store)
         out.update(cache_bytes=max(cache, 0), fits=cache >= minimum)
     return out
 
 
-def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> list[str]:
+def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan, quant: QuantSpec | None | str = PRESET) -> list[str]:
     """What would make a plan that does not fit, fit."""
     if plan.fits is not False:
         return []
@@ -152,14 +161,17 @@ def suggestions(cfg: ModelConfig, target: Target, plan: MemoryPlan) -> list[str]
         if p.fits and BYTES_PER_WEIGHT[precision] < BYTES_PER_WEIGHT[plan.precision]:
             out.append(f"--precision {precision} (needs {p.total_bytes / 1e9:.2f} GB)")
             break
-    short = plan_memory(cfg, target, plan.precision, 512)
+    short = plan_memory(cfg, target, plan.precision, 512, quant=quant)
     if short.fits and plan.context > 512:
         out.append("a shorter --max-context (512 tokens fits)")
-    routed_bytes = routed_expert_weights(cfg) * BYTES_PER_WEIGHT[plan.precision]
+    if quant == PRESET:
+        quant = preset_spec(target, plan.precision)
+    routed_bytes = routed_expert_bytes(cfg, quant) if quant is not None else (
+        routed_expert_bytes(cfg, None) * BYTES_PER_WEIGHT[plan.precision] / 4)
     over = max(-plan.margin_bytes, plan.weights_bytes - (plan.format_limit_bytes or plan.weights_bytes))
     if 0 < over < routed_bytes:
         out.append(f"pruning at least {over / routed_bytes:.0%} of routed experts (--prune with --calib)")
-    paging = paging_plan(cfg, target, plan)  # where the backend cannot page, `dsexport plan` says why
+    paging = paging_plan(cfg, target, plan, quant)  # where the backend cannot page, `dsexport plan` says why
     if paging["can_page"] and paging["fits"]:
         out.append(f"expert paging (build --paged; the default here): a {paging['cache_bytes'] / 1e9:.2f} GB cache of "
                    f"the {paging['store_bytes'] / 1e9:.2f} GB {paging['store_precision']} expert store (docs/paging.md)")

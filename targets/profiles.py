@@ -3,8 +3,10 @@ export (targets/tensorrt_check.py) and the device build (targets/tensorrt_engine
 
 from __future__ import annotations
 
+from dsexport.core.sections import ShapeRange
 
-def profile_problems(graph: str, inputs: dict[str, list[int]], profiles: list[dict]) -> list[str]:
+
+def profile_problems(graph: str, inputs: dict[str, list[int]], profiles) -> list[str]:
     """Dynamic-shape rule: every profile gives min <= opt <= max for every dynamic input (-1
     dims), matches fixed dims, and names only inputs. Used at export on the ONNX graph and on
     the device on the parsed TensorRT network (targets/tensorrt_engine.py)."""
@@ -18,7 +20,9 @@ def profile_problems(graph: str, inputs: dict[str, list[int]], profiles: list[di
                 if -1 in dims:
                     problems.append(f"{where} has no shape range for the dynamic input {name} {dims}")
                 continue
-            lo, opt, hi = (list(rng.get(key, [])) for key in ("min", "opt", "max"))
+            if isinstance(rng, dict):  # a profile as the manifest's JSON holds it
+                rng = ShapeRange(*(tuple(rng.get(key, ())) for key in ("min", "opt", "max")))
+            lo, opt, hi = list(rng.min), list(rng.opt), list(rng.max)
             if not len(lo) == len(opt) == len(hi) == len(dims):
                 problems.append(f"{where}: {name} has rank {len(dims)}, its range is {lo} / {opt} / {hi}")
             elif any(not 0 <= a <= b <= c or (d != -1 and not a == b == c == d) for d, a, b, c in zip(dims, lo, opt, hi)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from dsexport.errors import UserError
+from dsexport.core.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,18 @@ class Target:
     context_default: int = 4096  # context the build plans for (memory plan, TensorRT profiles)
     onnx_opset: int = 17  # the graphs' opset (TensorRT 8.5 parses up to 17)
     attention_lowering: str = "mla-latent"  # MLA on the latent cache, W_UK/W_UV absorbed, standard ops
+
+
+# The MoE lowerings the exporter writes (exporter/lowering.py registers their emitters; a test
+# checks that the two agree): name -> whether it serves prompts (False: decode only, its cost
+# grows as tokens x k x expert bytes).
+MOE_LOWERINGS = {"ort-moe": True, "gather": False, "dense": True}
+
+
+def check_lowering(name: str) -> str:
+    if name not in MOE_LOWERINGS:
+        raise UserError(f"unknown MoE lowering {name!r}; available: {', '.join(sorted(MOE_LOWERINGS))}")
+    return name
 
 
 TARGETS: dict[str, Target] = {}

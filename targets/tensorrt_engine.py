@@ -1,7 +1,7 @@
 """Build a bundle's TensorRT engines on the device itself (`dsexport engine BUNDLE`).
 
 Engines are tied to the GPU and the TensorRT release, so they cannot be built on the export
-machine: the bundle carries ONNX graphs and an engine plan (`manifest["tensorrt"]["engine_plan"]`,
+machine: the bundle carries ONNX graphs and an engine plan (`manifest.tensorrt.engine_plan`,
 written at export time), and this module turns the plan into `engines/*.plan` on the device,
 then records them in the manifest with their checksums (docs/engine.md).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fnmatch
-import json
 import os
 import re
 import tempfile
@@ -28,8 +27,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dsexport.errors import BundleError, InternalError, UserError
-from dsexport.runtime.bundle import MANIFEST_FILE, Bundle, read_bundle, sha256_file, verify_files
+from dsexport.core.errors import BundleError, InternalError, UserError
+from dsexport.core.files import atomic_write, confined, sha256_file
+from dsexport.core.jsonio import dump_json
+from dsexport.core.manifest import MANIFEST_FILE, FileEntry, Manifest
+from dsexport.core.sections import EngineGraph, EnginePlan, EnginesSection
+from dsexport.runtime.bundle import Bundle, read_bundle, verify_files
 from dsexport.runtime.tensorrt_backend import device_info, engine_mismatch, import_tensorrt
 
 from .profiles import profile_problems
@@ -43,55 +46,39 @@ WEAK_TYPING_FLAGS = PRECISION_FLAGS + ("OBEY_PRECISION_CONSTRAINTS", "PREFER_PRE
 _UNIQUE_SUFFIX = re.compile(r"_\d+$")  # onnx-tensorrt names extra layers of one node NAME_1, NAME_2, ...
 
 
-def _relative(value, where: str) -> str:
-    path = Path(str(value))
-    if not str(value) or path.is_absolute() or ".." in path.parts:
-        raise BundleError(f"{where}: {value!r} is not a path inside the bundle")
-    return path.as_posix()
-
-
-def engine_plan(manifest: dict, directory: Path) -> dict:
-    """The manifest's engine plan, checked for the fields this module relies on."""
-    plan = (manifest.get("tensorrt") or {}).get("engine_plan")
-    if not isinstance(plan, dict):
+def engine_plan(manifest: Manifest, directory: Path) -> EnginePlan:
+    """The manifest's engine plan (its file names were checked when the manifest was read)."""
+    if manifest.tensorrt is None:
         raise BundleError(f"{directory}: the manifest has no tensorrt.engine_plan; the bundle was not exported for a "
                           "TensorRT target (dsexport build --target jetson-...)")
-    where = "tensorrt.engine_plan"
-    if plan.get("precision") not in PRECISIONS:
-        raise BundleError(f"{where}.precision: {plan.get('precision')!r} is not one of {', '.join(PRECISIONS)}")
-    graphs = plan.get("graphs")
-    if not isinstance(graphs, dict) or "decoder" not in graphs:
-        raise BundleError(f"{where}.graphs: no decoder graph")
-    for name, graph in graphs.items():
-        for key in ("file", "engine", "profiles"):
-            if not graph.get(key):
-                raise BundleError(f"{where}.graphs.{name}: no {key!r}")
-        _relative(graph["file"], f"{where}.graphs.{name}.file")
-        _relative(graph["engine"], f"{where}.graphs.{name}.engine")
-    if plan.get("timing_cache"):
-        _relative(plan["timing_cache"], f"{where}.timing_cache")
+    plan = manifest.tensorrt.engine_plan
+    if plan.precision not in PRECISIONS:
+        raise BundleError(f"tensorrt.engine_plan.precision: {plan.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if "decoder" not in plan.graphs:
+        raise BundleError("tensorrt.engine_plan.graphs: no decoder graph")
     return plan
 
 
-def check_profiles(graph: str, inputs: dict[str, list[int]], profiles: list[dict]) -> None:
+def check_profiles(graph: str, inputs: dict[str, list[int]], profiles) -> None:
     """Every profile gives a valid range for every dynamic network input (-1 dims), and names only inputs."""
     problems = profile_problems(graph, inputs, profiles)
     if problems:
         raise BundleError(problems[0])
 
 
-def builder_flags(plan: dict, available: set[str], trt_version: str) -> list[str]:
-    """The BuilderFlag names to set; a clear error where this TensorRT lacks one the plan needs."""
-    flags = list(plan.get("builder_flags") or [])
+def builder_flags(plan, available: set[str], trt_version: str) -> list[str]:
+    """The BuilderFlag names to set (plan: an EnginePlan); a clear error where this TensorRT lacks
+    one the plan needs."""
+    flags = list(plan.builder_flags or [])
     precision = [f for f in flags if f in PRECISION_FLAGS]
-    if plan.get("strongly_typed") and precision:
+    if plan.strongly_typed and precision:
         raise BundleError(f"tensorrt.engine_plan: a strongly typed plan cannot ask for {', '.join(precision)} "
                           "(the graph carries the precision)")
     missing = [f for f in flags if f not in available]
     weak = [f for f in missing if f in WEAK_TYPING_FLAGS]
     if weak:
         raise UserError(f"TensorRT {trt_version} has no BuilderFlag.{weak[0]} (TensorRT 11 builds only strongly "
-                        f"typed networks): the graph must carry the {plan['precision']} precision itself (casts, "
+                        f"typed networks): the graph must carry the {plan.precision} precision itself (casts, "
                         "Q/DQ); export the bundle with a strongly typed plan for this TensorRT")
     if missing:
         raise UserError(f"TensorRT {trt_version} has no BuilderFlag.{missing[0]}, which the engine plan asks for")
@@ -122,22 +109,16 @@ def _write_temp(path: Path, data) -> Path:
     return Path(tmp)
 
 
-def _atomic_write(path: Path, data) -> None:
-    os.replace(_write_temp(path, data), path)
-
-
-def record_engines(manifest: dict, directory: Path, engines: dict[str, str], written: list[str],
-                   trt_version: str, gpu: str, compute_capability: str, precision: str) -> dict:
+def record_engines(manifest: Manifest, directory: Path, engines: dict[str, str], written: list[str],
+                   trt_version: str, gpu: str, compute_capability: str, precision: str) -> Manifest:
     """The manifest with its `engines` section and the checksums of the files just written."""
-    out = {**manifest, "files": dict(manifest.get("files", {}))}
-    out["engines"] = {
-        "tensorrt_version": trt_version, "gpu": gpu, "compute_capability": compute_capability,
-        "built_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "precision": precision, "files": dict(engines),
-    }
+    files = dict(manifest.files)
     for rel in written:
-        out["files"][rel] = {"bytes": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
-    return out
+        files[rel] = FileEntry((directory / rel).stat().st_size, sha256_file(directory / rel))
+    section = EnginesSection(trt_version, gpu, str(compute_capability),
+                             datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), precision,
+                             dict(engines))
+    return dataclasses.replace(manifest, engines=section, files=files)
 
 
 def _logger(trt, log: Callable[[str], None]):
@@ -188,56 +169,55 @@ class _Build:
     trt: object
     builder: object
     logger: object
-    plan: dict
+    plan: EnginePlan
     flags: list[str]
     cache_bytes: bytes
     log: Callable[[str], None]
+    bundle: Bundle
 
 
-def _build_graph(b: _Build, name: str, graph: dict, directory: Path):
+def _build_graph(b: _Build, name: str, graph: EngineGraph, directory: Path):
     trt, plan, log = b.trt, b.plan, b.log
     creation = trt.NetworkDefinitionCreationFlag
     flags = 0
     if hasattr(creation, "EXPLICIT_BATCH"):  # 8.x: ONNX needs it; 10.x: ignored
         flags |= 1 << int(creation.EXPLICIT_BATCH)
-    if plan.get("strongly_typed"):
+    if plan.strongly_typed:
         if not hasattr(creation, "STRONGLY_TYPED"):
             raise UserError(f"TensorRT {trt.__version__} cannot build strongly typed networks (TensorRT 10 or later "
                             "can); use a bundle exported for this TensorRT")
         flags |= 1 << int(creation.STRONGLY_TYPED)
     network = b.builder.create_network(flags)
     parser = trt.OnnxParser(network, b.logger)
-    path = directory / graph["file"]
-    if not path.is_file():
-        raise BundleError(f"{path}: missing from the bundle")
+    path = b.bundle.path(graph.file, f"tensorrt.engine_plan.graphs.{name}.file")
     # parse_from_file, not parse(bytes): external data (model.onnx.data) resolves beside the model file
     if not parser.parse_from_file(str(path)):
         raise BundleError(f"{path.name}: TensorRT {trt.__version__}'s ONNX parser rejected the graph: "
                           f"{_parser_errors(parser)}")
     inputs = {network.get_input(i).name: [int(d) for d in network.get_input(i).shape]
               for i in range(network.num_inputs)}
-    check_profiles(name, inputs, graph["profiles"])
+    check_profiles(name, inputs, graph.profiles)
 
     config = b.builder.create_builder_config()
     if hasattr(config, "set_memory_pool_limit"):  # 8.4+
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan["workspace_bytes"]))
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_bytes))
     else:
-        config.max_workspace_size = int(plan["workspace_bytes"])
+        config.max_workspace_size = int(plan.workspace_bytes)
     for flag in b.flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if hasattr(trt.BuilderFlag, "TF32"):
-        (config.set_flag if plan.get("tf32") else config.clear_flag)(trt.BuilderFlag.TF32)
-    patterns = list(plan.get("fp32_layers") or [])
-    if patterns and plan["precision"] != "fp32" and not plan.get("strongly_typed"):
+        (config.set_flag if plan.tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
+    patterns = list(plan.fp32_layers or [])
+    if patterns and plan.precision != "fp32" and not plan.strongly_typed:
         if not hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"):
             raise UserError(f"TensorRT {trt.__version__} has no per-layer precision (TensorRT 11 builds only strongly "
                             "typed networks): the graph must carry its FP32 layers itself")
         _pin_fp32(trt, network, patterns, log)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    for profile in graph["profiles"]:
+    for profile in graph.profiles:
         p = b.builder.create_optimization_profile()
         for tensor, rng in profile.items():
-            p.set_shape(tensor, rng["min"], rng["opt"], rng["max"])
+            p.set_shape(tensor, list(rng.min), list(rng.opt), list(rng.max))
         config.add_optimization_profile(p)
     try:
         cache = config.create_timing_cache(b.cache_bytes)
@@ -258,18 +238,18 @@ def _build_graph(b: _Build, name: str, graph: dict, directory: Path):
     return serialized
 
 
-def build_engines(bundle_dir: Path, log: Callable[[str], None] = print, force: bool = False) -> dict:
+def build_engines(bundle_dir: Path, log: Callable[[str], None] = print, force: bool = False) -> EnginesSection:
     """Build every engine of the bundle's plan on this GPU; returns the manifest's new `engines` section."""
     bundle = read_bundle(bundle_dir, verify=False)
     directory, manifest = bundle.directory, bundle.manifest
     plan = engine_plan(manifest, directory)
-    targets = {name: _relative(g["engine"], name) for name, g in plan["graphs"].items()}
-    cache_rel = _relative(plan["timing_cache"], "timing_cache") if plan.get("timing_cache") else None
+    targets = {name: g.engine for name, g in plan.graphs.items()}
+    cache_rel = plan.timing_cache
     existing = [rel for rel in targets.values() if (directory / rel).exists()]
-    built = manifest.get("engines")
-    if built and not force:
-        raise UserError(f"{directory}: engines already built (TensorRT {built.get('tensorrt_version')} on "
-                        f"{built.get('gpu')}, {built.get('built_utc')}); pass --force to rebuild them")
+    built = manifest.engines
+    if built is not None and not force:
+        raise UserError(f"{directory}: engines already built (TensorRT {built.tensorrt_version} on {built.gpu}, "
+                        f"{built.built_utc}); pass --force to rebuild them")
     if existing and not force:
         raise UserError(f"{directory}: {', '.join(existing)} exist but the manifest lists no engines (an unfinished "
                         "build?); pass --force to rebuild them")
@@ -277,26 +257,25 @@ def build_engines(bundle_dir: Path, log: Callable[[str], None] = print, force: b
     trt = import_tensorrt("`dsexport engine`")
     flags = builder_flags(plan, {n for n in dir(trt.BuilderFlag) if n.isupper()}, trt.__version__)
     gpu, cc = device_info()
-    checked = str(plan.get("tensorrt", "")).split(".")
+    checked = str(plan.tensorrt).split(".")
     if trt.__version__.split(".")[:len(checked)] != checked:
-        log(f"warning: the graphs were checked against TensorRT {plan.get('tensorrt')}; this is {trt.__version__}")
+        log(f"warning: the graphs were checked against TensorRT {plan.tensorrt}; this is {trt.__version__}")
     # The graphs and their weights must be the ones exported (engines from an earlier build are replaced).
     outputs = set(targets.values()) | ({cache_rel} if cache_rel else set())
-    verify_files(Bundle(directory, {**manifest, "files": {k: v for k, v in manifest.get("files", {}).items()
-                                                          if k not in outputs}}))
+    verify_files(bundle, skip=outputs)
 
     logger = _logger(trt, log)
-    state = _Build(trt, trt.Builder(logger), logger, plan, flags, b"", log)
+    state = _Build(trt, trt.Builder(logger), logger, plan, flags, b"", log, bundle)
     if cache_rel and (directory / cache_rel).is_file():
-        state.cache_bytes = (directory / cache_rel).read_bytes()
-    log(f"building on {gpu} (compute capability {cc}) with TensorRT {trt.__version__}, precision {plan['precision']}")
+        state.cache_bytes = confined(directory, cache_rel, "tensorrt.engine_plan.timing_cache", BundleError).read_bytes()
+    log(f"building on {gpu} (compute capability {cc}) with TensorRT {trt.__version__}, precision {plan.precision}")
     # Every engine goes to a temp file first and all are renamed into place only once all are built,
     # so a failed (re)build leaves the previous engines and manifest as they were.
     pending: dict[str, Path] = {}
     try:
-        for name, graph in plan["graphs"].items():
+        for name, graph in plan.graphs.items():
             start = time.perf_counter()
-            log(f"{name}: {graph['file']} -> {targets[name]} ({len(graph['profiles'])} optimization profile(s))")
+            log(f"{name}: {graph.file} -> {targets[name]} ({len(graph.profiles)} optimization profile(s))")
             serialized = _build_graph(state, name, graph, directory)
             pending[targets[name]] = _write_temp(directory / targets[name], serialized)
             del serialized  # the host copy of an engine is as large as its weights
@@ -309,6 +288,6 @@ def build_engines(bundle_dir: Path, log: Callable[[str], None] = print, force: b
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)
     written = list(targets.values()) + ([cache_rel] if cache_rel else [])
-    updated = record_engines(manifest, directory, targets, written, trt.__version__, gpu, cc, plan["precision"])
-    _atomic_write(directory / MANIFEST_FILE, (json.dumps(updated, indent=2) + "\n").encode())
-    return updated["engines"]
+    updated = record_engines(manifest, directory, targets, written, trt.__version__, gpu, cc, plan.precision)
+    atomic_write(directory / MANIFEST_FILE, dump_json(updated.to_json()) + "\n")
+    return updated.engines

@@ -9,11 +9,13 @@ the prefill chunk and the workspace, both sized from the device's usable memory.
 
 from __future__ import annotations
 
-from dsexport.errors import UserError
-from dsexport.exporter.config import ModelConfig
+from dsexport.core.config import ModelConfig
+from dsexport.core.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_name
+from dsexport.core.errors import UserError
+from dsexport.core.sections import EngineGraph, EnginePlan, ShapeRange
 
 from .registry import Target
-from .tensorrt_check import parser_version
+from .tensorrt_versions import parser_version
 
 # Node-name patterns (ONNX node names of exporter/export.py) kept in FP32 under an FP16 build:
 # RMSNorm's mean of squares overflows FP16 at DeepSeek widths, and the router's scores, top-k
@@ -42,54 +44,46 @@ def prefill_tokens(cfg: ModelConfig, target: Target, precision: str) -> int:
     return tokens
 
 
-def _shapes(min_: list[int], opt: list[int], max_: list[int]) -> dict:
-    return {"min": min_, "opt": opt, "max": max_}
+def _shapes(min_: list[int], opt: list[int], max_: list[int]) -> ShapeRange:
+    return ShapeRange(tuple(min_), tuple(opt), tuple(max_))
 
 
 def _profile(cfg: ModelConfig, batch: int, seq: tuple[int, int, int], past: tuple[int, int, int]) -> dict:
     L = cfg.latent_dim
     tokens = _shapes([1, seq[0]], [1, seq[1]], [batch, seq[2]])
-    profile = {"input_ids": tokens, "position_ids": tokens,
-               "attention_mask": _shapes([1, seq[0] + past[0]], [1, seq[1] + past[1]], [batch, seq[2] + past[2]])}
+    profile = {INPUT_IDS: tokens, POSITION_IDS: tokens,
+               ATTENTION_MASK: _shapes([1, seq[0] + past[0]], [1, seq[1] + past[1]], [batch, seq[2] + past[2]])}
     for i in range(cfg.num_hidden_layers):
-        profile[f"past_latent.{i}"] = _shapes([1, past[0], L], [1, past[1], L], [batch, past[2], L])
+        profile[past_name(i)] = _shapes([1, past[0], L], [1, past[1], L], [batch, past[2], L])
     return profile
 
 
 def engine_plan(cfg: ModelConfig, target: Target, precision: str, tensorrt: str, context: int,
-                graph_file: str, batch: int = 1) -> dict:
+                graph_file: str, batch: int = 1) -> EnginePlan:
     parser = parser_version(tensorrt)
     if precision not in ENGINE_PRECISIONS:
         raise UserError(f"precision {precision} for TensorRT engines arrives with quantization (Q/DQ in the graph); "
                         f"available now: {', '.join(ENGINE_PRECISIONS)}")
     if parser.strongly_typed_only and precision == "fp16":
+        others = "/".join(v for v in (target.device.tensorrt if target.device else ()) if v != parser.name) or "10.13"
         raise UserError(f"TensorRT {parser.name} builds only strongly typed networks, so {precision} must be carried "
-                        f"in the graph, which this dsexport does not do yet; use --precision fp32 or "
-                        f"--tensorrt {'/'.join(v for v in (target.device.tensorrt if target.device else ()) if v != parser.name) or '10.13'}")
+                        f"in the graph, which this dsexport does not do yet; use --precision fp32 or --tensorrt {others}")
     chunk = min(prefill_tokens(cfg, target, precision), context - 1)
     usable = target.device.usable_gb * 1e9 if target.device else 16e9
     opt_past = min(512, context // 2)
     # One engine, two optimization profiles: decode (one new token; the If takes the `gather`
     # branch) and prompts (2..chunk new tokens; the `dense` branch). Weights are in it once.
-    plan_graphs = {"decoder": {"file": graph_file, "engine": "engines/decoder.plan", "profiles": [
-        _profile(cfg, batch, (1, 1, 1), (0, opt_past, context - 1)),
-        _profile(cfg, batch, (2, min(128, chunk), chunk), (0, 0, context - chunk)),
-    ]}}
+    profiles = (_profile(cfg, batch, (1, 1, 1), (0, opt_past, context - 1)),
+                _profile(cfg, batch, (2, min(128, chunk), chunk), (0, 0, context - chunk)))
     fp16_flags = precision in ("fp16", "int8", "int4") and not parser.strongly_typed_only
-    return {
-        "tensorrt": parser.name,
-        "precision": precision,
-        "strongly_typed": parser.strongly_typed_only,
+    return EnginePlan(
+        tensorrt=parser.name, precision=precision, strongly_typed=parser.strongly_typed_only,
         # Q/DQ weights: the INT8 (and for INT4 weights the INT4, TensorRT 10+) flag lets a weakly
         # typed network select quantized layers (not checked on a device)
-        "builder_flags": (["FP16", *QUANT_FLAGS.get(precision, ()), "OBEY_PRECISION_CONSTRAINTS"] if fp16_flags else []),
-        "tf32": False,  # TF32 is on by default on Ampere+ (Orin): an fp32 layer must stay fp32
-        "fp32_layers": list(FP32_LAYERS) if fp16_flags else [],
-        "workspace_bytes": int(min(1 << 30, WORKSPACE_SHARE * usable)) // (1 << 20) << 20,
-        "timing_cache": "engines/timing.cache",
-        "int64_io_as_int32": not parser.int64_native,
-        "context": context,
-        "max_batch": batch,
-        "prefill_tokens": chunk,
-        "graphs": plan_graphs,
-    }
+        builder_flags=tuple(["FP16", *QUANT_FLAGS.get(precision, ()), "OBEY_PRECISION_CONSTRAINTS"] if fp16_flags else []),
+        tf32=False,  # TF32 is on by default on Ampere+ (Orin): an fp32 layer must stay fp32
+        fp32_layers=tuple(FP32_LAYERS) if fp16_flags else (),
+        workspace_bytes=int(min(1 << 30, WORKSPACE_SHARE * usable)) // (1 << 20) << 20,
+        timing_cache="engines/timing.cache", int64_io_as_int32=not parser.int64_native, context=context,
+        max_batch=batch, prefill_tokens=chunk,
+        graphs={"decoder": EngineGraph(graph_file, "engines/decoder.plan", profiles)})

@@ -32,7 +32,7 @@ class Artifacts:
 
     def export(self, variant: str, seed: int = 0, lowering: str = "ort-moe") -> Path:
         """A bundle for the x86-cpu target, with its MoE lowering or another one."""
-        from dsexport.exporter.bundle import BuildConfig, build_bundle
+        from dsexport.build import BuildConfig, build_bundle
 
         path = self.root / f"export_{variant}_{seed}_{lowering}"
         if not (path / "manifest.json").is_file():
@@ -41,7 +41,7 @@ class Artifacts:
 
     def export_target(self, variant: str, seed: int = 0, target: str = "jetson-orin-nano-8gb") -> Path:
         """A bundle of the checkpoint built for another target (e.g. a TensorRT one)."""
-        from dsexport.exporter.bundle import BuildConfig, build_bundle
+        from dsexport.build import BuildConfig, build_bundle
 
         path = self.root / f"export_{variant}_{seed}_{target}"
         if not (path / "manifest.json").is_file():

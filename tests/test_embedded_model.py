@@ -14,7 +14,7 @@ from dsexport import EMBEDDED_MODEL
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.build import BuildConfig, build_bundle
 
     out = tmp_path_factory.mktemp("embedded") / "demo"
     build_bundle(BuildConfig(EMBEDDED_MODEL, out))
@@ -73,7 +73,7 @@ def test_it_predicts_held_out_english_far_better_than_unigram(bundle):
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     ppl = float(np.exp(-np.take_along_axis(logp, np.asarray(window[1:])[:, None], 1).mean()))
-    counts = np.bincount(ids, minlength=engine.config["vocab_size"]) + 1.0  # in-sample: a generous baseline
+    counts = np.bincount(ids, minlength=engine.config.vocab_size) + 1.0  # in-sample: a generous baseline
     unigram = float(np.exp(-np.log(counts / counts.sum())[window[1:]].mean()))
     assert ppl < unigram / 3, (ppl, unigram)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsexport.exporter.checkpoint import CheckpointReader
-from dsexport.exporter.bundle import BuildConfig, build_bundle
+from dsexport.build import BuildConfig, build_bundle
 from dsexport.exporter.reference import DeepseekReference
 from dsexport.runtime import Engine
 
@@ -41,7 +41,7 @@ def test_export_with_per_layer_expert_counts_matches_the_reference(artifacts, tm
 
     engine = Engine.load(tmp_path / "b", threads=2)
     for layer, ids in plan.items():
-        assert engine.manifest["model"]["kept_experts"][layer] == ids
+        assert engine.manifest.to_json()["model"]["kept_experts"][layer] == ids
     prompt = np.random.default_rng(5).integers(3, cfg.vocab_size, size=12).tolist()
     output = engine.generate(prompt, max_new_tokens=32, ignore_eos=True).output_ids
     tokens = prompt + output
@@ -55,7 +55,7 @@ def test_export_with_per_layer_expert_counts_matches_the_reference(artifacts, tm
 
 
 def test_a_plan_below_top_k_is_refused(artifacts):
-    from dsexport.errors import UserError
+    from dsexport.core.errors import UserError
 
     cfg = CheckpointReader(artifacts.checkpoint("v3_noaux_tc")).config
     with pytest.raises(UserError, match="need at least top-k = 3"):

@@ -31,7 +31,7 @@ def test_runtime_imports_no_torch_and_nothing_from_the_build_side():
 def test_runtime_dependencies_are_the_edge_set():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {d.split("=")[0].split(">")[0].split("<")[0].strip() for d in project["dependencies"]}
-    assert names == {"numpy", "onnxruntime", "tokenizers", "safetensors"}
+    assert names == {"numpy", "onnxruntime", "tokenizers", "safetensors", "click", "jinja2"}
     assert any(d.startswith("onnxruntime==") for d in project["dependencies"]), "onnxruntime is pinned"
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsexport.errors import CheckpointError
+from dsexport.core.errors import CheckpointError
 from dsexport.exporter.checkpoint import CheckpointReader
-from dsexport.exporter.config import load_config, parse_config
+from dsexport.core.config import load_config, parse_config
 from dsexport.exporter.reference import DeepseekReference
 
 # DeepSeek-V3's released config.json (the keys that matter), as shipped: rope_scaling + rope_theta.

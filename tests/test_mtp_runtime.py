@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dsexport import EMBEDDED_MODEL
-from dsexport.errors import BundleError
+from dsexport.core.errors import BundleError
 
 # Measured on the embedded model (greedy): 0.71 over benchmarks/mtp.py's 16 test-split prompts,
 # 0.68 over the 4 prompts below (0.52-0.81 per prompt); the goal is 0.60.
@@ -18,7 +18,7 @@ NEAR_TIE = 2e-3  # a greedy difference is allowed only where plain decoding's to
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.build import BuildConfig, build_bundle
 
     out = tmp_path_factory.mktemp("mtp") / "embedded"
     build_bundle(BuildConfig(EMBEDDED_MODEL, out))  # the embedded model has MTP weights: included by default
@@ -187,10 +187,10 @@ def test_run_cli_reports_drafting(bundle, run_cli):
 def test_quantized_bundles_share_the_quantized_head_and_draft_the_same_tokens(tmp_path):
     """int4 (head int8): the MTP block is quantized like the decoder's layers, the head's packed
     weights are the decoder's, and the graph matches the MTPModule on the same dequantized weights."""
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.build import BuildConfig, build_bundle
     from dsexport.runtime import Engine
 
-    manifest = build_bundle(BuildConfig(EMBEDDED_MODEL, tmp_path / "int4", precision="int4")).manifest
+    manifest = build_bundle(BuildConfig(EMBEDDED_MODEL, tmp_path / "int4", precision="int4")).manifest.to_json()
     mtp = manifest["graphs"]["mtp"]
     assert {"lm_head.qweight", "lm_head.scales"} <= set(mtp["shared_weights"])
     assert mtp["verify"]["max_logit_diff"] <= 1e-3 and mtp["verify"]["incremental_max_diff"] <= 1e-3

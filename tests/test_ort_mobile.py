@@ -16,8 +16,9 @@ import onnxruntime as ort
 import pytest
 
 import dsexport.targets.mobile as mobile
-from dsexport.errors import BundleError, UserError
+from dsexport.core.errors import BundleError, UserError
 from dsexport.exporter import ort_mobile
+from dsexport.core.files import sha256_file
 from dsexport.exporter.ort_mobile import CONFIG_FILE, ORT_FILE, convert_to_ort
 from dsexport.runtime import Engine
 from dsexport.targets import TARGETS
@@ -35,6 +36,10 @@ def _convert_copy(src: Path, dst: Path, style: str = "Fixed") -> dict:
     decoder = manifest["graphs"]["decoder"]
     decoder.pop("data")
     decoder.update(info)
+    for name in ("model.onnx", "model.onnx.data"):  # the manifest lists the files the bundle has
+        manifest["files"].pop(name)
+    for name in (info["file"], info["required_operators"]):
+        manifest["files"][name] = {"bytes": (dst / name).stat().st_size, "sha256": sha256_file(dst / name)}
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return info
 
@@ -240,6 +245,6 @@ def test_build_for_a_phone_makes_an_ort_bundle_with_the_x86_tokens(artifacts, en
     x86 = engines(artifacts.export("v2_group_limited"))
     phone = Engine.load(out, threads=2)
     rng = np.random.default_rng(3)
-    for prompt in ([7], rng.integers(0, int(x86.config["vocab_size"]), 23).tolist()):
+    for prompt in ([7], rng.integers(0, int(x86.config.vocab_size), 23).tolist()):
         assert phone.generate(prompt, max_new_tokens=24, ignore_eos=True).output_ids == \
             x86.generate(prompt, max_new_tokens=24, ignore_eos=True).output_ids

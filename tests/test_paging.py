@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from dsexport.errors import UserError
+from dsexport.core.errors import UserError
 
 PROMPT = list(range(3, 30))
 
 
 def paged_bundle(artifacts, variant: str):
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.build import BuildConfig, build_bundle
 
     path = artifacts.root / f"paged_{variant}"
     if not (path / "manifest.json").is_file():
@@ -41,7 +41,7 @@ def test_paged_bundle_matches_the_fused_bundle_within_parity_tolerance(artifacts
 
     fused = Engine.load(artifacts.export(variant), verify=False)
     paged = Engine.load(paged_bundle(artifacts, variant), verify=False)
-    manifest = paged.manifest
+    manifest = paged.manifest.to_json()
     assert manifest["graphs"]["decoder"]["paged"] and manifest["export"]["moe_lowering"] == "paged"
     assert not (paged.directory / "model.onnx").exists()
     steps = fused.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
@@ -106,8 +106,8 @@ def test_a_target_too_small_for_every_expert_gets_a_paged_bundle_by_default(arti
     """An ONNX Runtime target whose memory holds the model without its routed experts."""
     import dataclasses
 
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
-    from dsexport.exporter.config import load_config
+    from dsexport.build import BuildConfig, build_bundle
+    from dsexport.core.config import load_config
     from dsexport.targets import registry
     from dsexport.targets.memory_plan import paging_plan, plan_memory
 
@@ -120,7 +120,7 @@ def test_a_target_too_small_for_every_expert_gets_a_paged_bundle_by_default(arti
     small = dataclasses.replace(base, name="tiny-cpu", device=registry.Device(1, usable, 10), context_default=64)
     monkeypatch.setitem(registry.TARGETS, "tiny-cpu", small)
     result = build_bundle(BuildConfig(ckpt, tmp_path / "b", target="tiny-cpu"))
-    m = result.manifest
+    m = result.manifest.to_json()
     assert m["graphs"]["decoder"]["paged"] and m["memory_plan"]["paging"]["chosen"]
     assert m["paging"]["default_cache_mb"] * 2**20 == pytest.approx(2 * paging["min_cache_bytes"], rel=0.01)
 
@@ -141,7 +141,7 @@ def test_cli_run_prints_paging_stats(artifacts, run_cli):
 
 def quantized_bundles(artifacts, activations: str, paged: bool):
     """int4 bundles of v3_noaux_tc: the paged one stores its routed experts at int4."""
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.build import BuildConfig, build_bundle
 
     path = artifacts.root / f"int4_{activations}_{'paged' if paged else 'fused'}"
     if not (path / "manifest.json").is_file():
@@ -158,7 +158,7 @@ def test_int4_paged_bundle_matches_the_fused_int4_bundle(artifacts, activations)
 
     fused = Engine.load(quantized_bundles(artifacts, activations, paged=False), verify=False)
     paged = Engine.load(quantized_bundles(artifacts, activations, paged=True), verify=False)
-    p = paged.manifest["paging"]
+    p = paged.manifest.to_json()["paging"]
     assert (p["precision"], p["bits"], p["block"], p["scheme"], p["activations"]) == ("int4", 4, 32, "absmax",
                                                                                       activations)
     steps = fused.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids

@@ -109,14 +109,14 @@ def test_gather_lowering_matches_transformers_on_decode(artifacts):
 
 def test_expert_shards_compute_the_same_model(artifacts, tmp_path):
     """moe_shards (here 4: each expert split in four slices, k x4) is exact: same tokens, same logits."""
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.build import BuildConfig, build_bundle
     from dsexport.runtime import Engine
 
     variant = "v3_noaux_tc"
     hf = artifacts.hf_model(variant)
     build_bundle(BuildConfig(artifacts.checkpoint(variant), tmp_path / "b", moe_shards=4))
     engine = Engine.load(tmp_path / "b", threads=2)
-    assert engine.manifest["export"]["moe_shards"] == 4
+    assert engine.manifest.to_json()["export"]["moe_shards"] == 4
     prompt = _prompt(4, 11, hf.config.vocab_size)
     expected = _oracle_continuation(hf, prompt, 32)
     assert engine.generate(prompt, max_new_tokens=32, ignore_eos=True).output_ids == expected

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from dsexport.calibration.profile import calibrate, load_profile
+from dsexport.calibration.profile import load_profile
+from dsexport.calibration.run import calibrate
 from dsexport.calibration.pruning import PruneConfig, plan_pruning
-from dsexport.errors import UserError
-from dsexport.exporter.bundle import BuildConfig, build_bundle
+from dsexport.core.errors import UserError
+from dsexport.build import BuildConfig, build_bundle
 from dsexport.exporter.checkpoint import CheckpointReader
 from dsexport.exporter.reference import DeepseekReference, route
 from dsexport.runtime import Engine
@@ -52,7 +53,7 @@ def test_profile_counts_are_what_the_reference_routes(artifacts, profiles):
     from dsexport.calibration.data import load_sequences
     from dsexport.runtime.tokenizer import BundleTokenizer
 
-    sequences, _ = load_sequences([profile.data[0]["path"]], BundleTokenizer(reader.dir), profile.samples, profile.seq_len)
+    sequences, _ = load_sequences([profile.data[0]["path"]], BundleTokenizer.from_directory(reader.dir), profile.samples, profile.seq_len)
     captured = {}
     hooks = [model.layers[lp.layer].mlp.register_forward_pre_hook(
         lambda mod, args, i=lp.layer: captured.setdefault(i, []).append(args[0].reshape(-1, cfg.hidden_size)))
@@ -96,7 +97,7 @@ def test_pruned_bundle_generates_what_the_pruned_reference_generates(artifacts, 
         reader.config = reader.config.with_kept_experts(plan.kept)
         reference = DeepseekReference.from_checkpoint(reader)
         engine = Engine.load(out, threads=2)
-        assert engine.manifest["pruning"]["layers"][str(min(plan.kept))]["kept"] == plan.kept[min(plan.kept)]
+        assert engine.manifest.to_json()["pruning"]["layers"][str(min(plan.kept))]["kept"] == plan.kept[min(plan.kept)]
         prompt = np.random.default_rng(7).integers(3, cfg.vocab_size, size=10).tolist()
         output = engine.generate(prompt, max_new_tokens=24, ignore_eos=True).output_ids
         with torch.no_grad():

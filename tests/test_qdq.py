@@ -16,8 +16,8 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from dsexport.errors import UserError
-from dsexport.exporter.bundle import BuildConfig, build_bundle
+from dsexport.core.errors import UserError
+from dsexport.build import BuildConfig, build_bundle
 from dsexport.exporter.checkpoint import CheckpointReader
 from dsexport.exporter.quantize import QuantConfig
 from dsexport.exporter.reference import DeepseekReference
@@ -43,7 +43,7 @@ def _dq_nodes(graph):
 def test_tensorrt_quantized_bundle_equals_the_dequantized_reference(artifacts, tmp_path, variant, precision):
     ckpt = artifacts.checkpoint(variant)
     out = tmp_path / "b"
-    manifest = build_bundle(BuildConfig(ckpt, out, target=JETSON, precision=precision, max_context=64)).manifest
+    manifest = build_bundle(BuildConfig(ckpt, out, target=JETSON, precision=precision, max_context=64)).manifest.to_json()
     quant = QuantConfig.from_json(manifest["quantization"])
     assert quant.lowering == "qdq" and quant.scheme == "symmetric" and quant.per_channel_bits == (8,)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dsexport.errors import BundleError, ContextLengthError, UserError
+from dsexport.core.errors import BundleError, ContextLengthError, UserError
 from dsexport.runtime import Engine, SamplingParams
 from dsexport.runtime.sampling import apply_repetition_penalty, sample_token
 
@@ -105,11 +105,18 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(engine):
         assert result.output_ids == engine.generate(prompt, max_new_tokens=32, ignore_eos=True).output_ids
 
 
-def test_batched_sampling_equals_alone_with_the_same_seed(engine):
+def test_batched_sampling_gives_each_row_its_own_reproducible_stream(engine):
+    """Row r of a seeded batch samples from the stream of (seed, r): row 0 is the prompt sampled
+    alone with the seed, a row is the same whatever the other rows are, and two rows of the
+    same prompt are two different samples (one stream for all rows made them identical)."""
     prompts = ["The quick brown fox", "Only the chosen ones run"]
     kw = dict(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
     batch = engine.generate_batch(prompts, **kw)
-    assert [r.output_ids for r in batch] == [engine.generate(p, **kw).output_ids for p in prompts]
+    assert batch[0].output_ids == engine.generate(prompts[0], **kw).output_ids
+    assert [r.output_ids for r in engine.generate_batch(prompts, **kw)] == [r.output_ids for r in batch]
+    assert engine.generate_batch([prompts[1], prompts[1]], **kw)[1].output_ids == batch[1].output_ids
+    twins = engine.generate_batch([prompts[0], prompts[0]], **kw)
+    assert twins[0].output_ids == batch[0].output_ids and twins[1].output_ids != twins[0].output_ids
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error(artifacts):
@@ -136,9 +143,12 @@ def test_loading_a_directory_without_manifest_fails_clearly(tmp_path):
 
 
 def test_execution_providers_follow_the_target_where_this_onnxruntime_has_them(tmp_path):
-    from dsexport.runtime.engine import choose_providers
+    from types import SimpleNamespace
 
-    trt = {"target": {"execution_providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}, "precision": "fp16"}
+    from dsexport.runtime.sessions import choose_providers
+
+    trt = SimpleNamespace(target=SimpleNamespace(execution_providers=("TensorrtExecutionProvider", "CUDAExecutionProvider")),
+                          precision="fp16")
     assert choose_providers(trt, ["CPUExecutionProvider"], tmp_path) == ["CPUExecutionProvider"]  # this machine
     gpu = choose_providers(trt, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], tmp_path)
     assert [p if isinstance(p, str) else p[0] for p in gpu] == \

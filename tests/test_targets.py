@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dsexport.exporter.config import parameter_counts, parse_config
+from dsexport.core.config import parameter_counts, parse_config
 from dsexport.targets import TARGETS, get_target
 from dsexport.targets.memory_plan import BYTES_PER_WEIGHT, plan_memory, suggestions
 

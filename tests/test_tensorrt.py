@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsexport.errors import BundleError, InternalError, UserError
+from dsexport.core.errors import BundleError, InternalError, UserError
+from dsexport.core.manifest import Manifest
+from dsexport.core.sections import EnginesSection, ShapeRange
 from dsexport.runtime.bundle import read_bundle
 from dsexport.runtime.tensorrt_backend import engine_mismatch, select_profile
 from dsexport.targets.tensorrt_engine import (build_engines, builder_flags, check_profiles, engine_plan, fp32_layer,
@@ -33,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_TRT = "TensorRT is not installed: engine build and TensorRT generation need the device"
 
 
-def _manifest(trt="10.3.0.30", gpu="Orin", cc="8.7") -> dict:
-    return {"engines": {"tensorrt_version": trt, "gpu": gpu, "compute_capability": cc, "files": {}}}
+def _manifest(trt="10.3.0.30", gpu="Orin", cc="8.7") -> EnginesSection:
+    return EnginesSection(trt, gpu, cc, "2026-12-01T00:00:00+00:00", "fp16", {})
 
 
 # ---- pure parts ---------------------------------------------------------------------------------
@@ -46,13 +48,13 @@ def test_engine_mismatch_requires_the_same_tensorrt_release_and_compute_capabili
     assert "TensorRT 10.3.0" in reason and "10.4.0" in reason and "--force" in reason and "\n" not in reason
     reason = engine_mismatch(_manifest(), "10.3.0.30", "NVIDIA H200", "9.0")
     assert "compute capability 8.7" in reason and "9.0" in reason and "NVIDIA H200" in reason
-    assert "dsexport engine" in engine_mismatch({}, "10.3.0", "Orin", "8.7")
+    assert "dsexport engine" in engine_mismatch(None, "10.3.0", "Orin", "8.7")
     assert engine_mismatch(_manifest(cc="unknown"), "10.3.0", "Orin", "8.7") is None  # TensorRT itself refuses
 
 
 def test_select_profile_picks_the_first_range_holding_every_shape():
-    prof = lambda lo, hi: {"input_ids": {"min": [1, lo], "opt": [1, lo], "max": [1, hi]},
-                           "past_latent.0": {"min": [1, 0, 8], "opt": [1, 0, 8], "max": [1, 64, 8]}}
+    prof = lambda lo, hi: {"input_ids": ShapeRange((1, lo), (1, lo), (1, hi)),
+                           "past_latent.0": ShapeRange((1, 0, 8), (1, 0, 8), (1, 64, 8))}
     profiles = [prof(2, 16), prof(2, 128)]
     assert select_profile(profiles, {"input_ids": (1, 8), "past_latent.0": (1, 0, 8)}) == 0
     assert select_profile(profiles, {"input_ids": (1, 100), "past_latent.0": (1, 64, 8)}) == 1
@@ -63,26 +65,25 @@ def test_select_profile_picks_the_first_range_holding_every_shape():
 
 def test_check_profiles_names_the_uncovered_dynamic_input():
     inputs = {"input_ids": [-1, -1], "past_latent.0": [-1, -1, 8]}
-    good = {"input_ids": {"min": [1, 1], "opt": [1, 1], "max": [1, 1]},
-            "past_latent.0": {"min": [1, 0, 8], "opt": [1, 4, 8], "max": [1, 9, 8]}}
+    good = {"input_ids": ShapeRange((1, 1), (1, 1), (1, 1)),
+            "past_latent.0": ShapeRange((1, 0, 8), (1, 4, 8), (1, 9, 8))}
     check_profiles("decoder", inputs, [good])
     with pytest.raises(BundleError, match="past_latent.0"):
         check_profiles("decoder", inputs, [{"input_ids": good["input_ids"]}])
     with pytest.raises(BundleError, match="does not fit"):  # a static dim must be exact
-        check_profiles("decoder", inputs, [{**good, "past_latent.0": {"min": [1, 0, 8], "opt": [1, 0, 9],
-                                                                       "max": [1, 9, 9]}}])
+        check_profiles("decoder", inputs, [{**good, "past_latent.0": ShapeRange((1, 0, 8), (1, 0, 9), (1, 9, 9))}])
     with pytest.raises(BundleError, match="not an input"):
         check_profiles("decoder", inputs, [{**good, "nope": good["input_ids"]}])
 
 
 def test_builder_flags_refuse_fp16_on_a_tensorrt_without_weak_typing():
-    plan = {"precision": "fp16", "strongly_typed": False, "builder_flags": ["FP16", "OBEY_PRECISION_CONSTRAINTS"]}
-    assert builder_flags(plan, {"FP16", "OBEY_PRECISION_CONSTRAINTS", "TF32"}, "10.3.0") == plan["builder_flags"]
+    plan = types.SimpleNamespace(precision="fp16", strongly_typed=False, builder_flags=("FP16", "OBEY_PRECISION_CONSTRAINTS"))
+    assert builder_flags(plan, {"FP16", "OBEY_PRECISION_CONSTRAINTS", "TF32"}, "10.3.0") == list(plan.builder_flags)
     with pytest.raises(UserError, match="strongly typed.*must carry the fp16 precision") as e:
         builder_flags(plan, {"TF32", "DEBUG"}, "11.4.0")  # TensorRT 11's BuilderFlag
     assert "BuilderFlag.FP16" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(BundleError, match="strongly typed plan"):
-        builder_flags({**plan, "strongly_typed": True}, {"FP16"}, "10.3.0")
+        builder_flags(types.SimpleNamespace(**{**vars(plan), "strongly_typed": True}), {"FP16"}, "10.3.0")
 
 
 def test_fp32_layer_patterns_match_onnx_node_names_and_parser_suffixes():
@@ -92,19 +93,20 @@ def test_fp32_layer_patterns_match_onnx_node_names_and_parser_suffixes():
     assert fp32_layer("n_layers.3_mlp_down", patterns) is None
 
 
-def test_engine_plan_errors_name_the_bundle_problem(tmp_path):
+def test_engine_plan_errors_name_the_bundle_problem(artifacts, jetson_bundle, tmp_path):
     with pytest.raises(BundleError, match="no tensorrt.engine_plan"):
-        engine_plan({"graphs": {}}, tmp_path)
-    plan = {"precision": "fp16", "graphs": {"decoder": {"file": "model.onnx", "engine": "../x.plan", "profiles": [{}]}}}
+        engine_plan(read_bundle(artifacts.export("v3_noaux_tc")).manifest, tmp_path)
+    manifest = json.loads((jetson_bundle / "manifest.json").read_text())
+    manifest["tensorrt"]["engine_plan"]["graphs"]["decoder"]["engine"] = "../x.plan"
     with pytest.raises(BundleError, match="not a path inside the bundle"):
-        engine_plan({"tensorrt": {"engine_plan": plan}}, tmp_path)
+        Manifest.from_json(manifest)
 
 
 # ---- without TensorRT --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def jetson_bundle(artifacts) -> Path:
     """A bundle exported for a TensorRT target: one graph (decode and prompt MoE branches) and an engine plan."""
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.build import BuildConfig, build_bundle
 
     path = artifacts.root / "trt_jetson_v3_noaux_tc"
     if not (path / "manifest.json").is_file():
@@ -126,7 +128,7 @@ def test_build_engines_without_tensorrt_is_a_one_line_user_error(bundle_copy, mo
 
 
 def test_loading_the_tensorrt_backend_without_tensorrt_says_so(bundle_copy, monkeypatch):
-    from dsexport.errors import EngineUnavailable
+    from dsexport.core.errors import EngineUnavailable
     from dsexport.runtime import Engine
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
@@ -323,10 +325,10 @@ def test_build_engines_writes_engines_cache_and_checksummed_manifest(bundle_copy
     lines: list[str] = []
     engines = build_engines(bundle_copy, log=lines.append)
     plan = json.loads((bundle_copy / "manifest.json").read_text())["tensorrt"]["engine_plan"]
-    assert engines["files"] == {"decoder": "engines/decoder.plan"}
-    assert (engines["gpu"], engines["compute_capability"], engines["tensorrt_version"]) == ("Orin", "8.7", "10.3.0.30")
+    assert engines.files == {"decoder": "engines/decoder.plan"}
+    assert (engines.gpu, engines.compute_capability, engines.tensorrt_version) == ("Orin", "8.7", "10.3.0.30")
     bundle = read_bundle(bundle_copy, verify=True)  # the new files are checksummed
-    assert {"engines/decoder.plan", "engines/timing.cache"} <= set(bundle.manifest["files"])
+    assert {"engines/decoder.plan", "engines/timing.cache"} <= set(bundle.manifest.to_json()["files"])
     assert (bundle_copy / "engines" / "timing.cache").read_bytes() == b"+"  # written by the (one) engine build
     network, config = record[0]
     assert network.flags == 1  # EXPLICIT_BATCH where the enum has it
@@ -338,7 +340,7 @@ def test_build_engines_writes_engines_cache_and_checksummed_manifest(bundle_copy
     assert not [f for f in (bundle_copy / "engines").iterdir() if f.name.startswith(".")]  # no temp files left
     with pytest.raises(UserError, match="--force"):
         build_engines(bundle_copy, log=lines.append)
-    assert build_engines(bundle_copy, log=lines.append, force=True)["files"] == engines["files"]
+    assert build_engines(bundle_copy, log=lines.append, force=True).files == engines.files
     before = {f.name: f.read_bytes() for f in [*(bundle_copy / "engines").iterdir(), bundle_copy / "manifest.json"]}
     record["fail"] = True
     with pytest.raises(InternalError, match="could not build the decoder engine: Requested amount of GPU memory"):
@@ -356,7 +358,7 @@ def test_build_engines_on_tensorrt_11_asks_for_a_strongly_typed_graph(bundle_cop
 @pytest.mark.parametrize("version,int_type,pooled", [("10.3.0.30", "int64", True), ("8.5.2.2", "int32", False)])
 def test_backend_generates_what_onnxruntime_generates(bundle_copy, monkeypatch, version, int_type, pooled):
     from dsexport.runtime import Engine
-    from dsexport.targets.tensorrt_engine import _atomic_write
+    from dsexport.core.files import atomic_write
 
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     model = manifest["model"]
@@ -364,9 +366,11 @@ def test_backend_generates_what_onnxruntime_generates(bundle_copy, monkeypatch, 
     for role, graph in manifest["tensorrt"]["engine_plan"]["graphs"].items():
         spec = {"onnx": str(bundle_copy / graph["file"]), "vocab": model["vocab_size"],
                 "latent": model["kv_lora_rank"] + model["qk_rope_head_dim"]}
-        _atomic_write(bundle_copy / graph["engine"], json.dumps(spec).encode())
+        (bundle_copy / graph["engine"]).parent.mkdir(exist_ok=True)
+        atomic_write(bundle_copy / graph["engine"], json.dumps(spec).encode())
         files[role] = graph["engine"]
-    manifest = record_engines(manifest, bundle_copy, files, list(files.values()), version, "Orin", "8.7", "fp16")
+    manifest = record_engines(Manifest.from_json(manifest), bundle_copy, files, list(files.values()), version, "Orin",
+                              "8.7", "fp16").to_json()
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     cudart = FakeCudart(pooled)
     install(monkeypatch, fake_tensorrt(version, int_type), cudart)
@@ -401,7 +405,7 @@ def device():
         import tensorrt
     except ImportError:
         pytest.skip(NO_TRT)
-    from dsexport.errors import EngineUnavailable
+    from dsexport.core.errors import EngineUnavailable
     from dsexport.runtime.tensorrt_backend import _cudart, device_info
 
     if _cudart() is None:
@@ -414,7 +418,7 @@ def device():
 
 @pytest.fixture(scope="module")
 def device_bundle(device, artifacts, tmp_path_factory) -> Path:
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.build import BuildConfig, build_bundle
 
     trt, _ = device
     path = tmp_path_factory.mktemp("trt") / "bundle"

@@ -133,17 +133,17 @@ def test_jetson_bundle_passes_the_tensorrt_10_3_check_and_carries_an_engine_plan
 
 
 def test_tensorrt_versions_change_the_plan(artifacts, tmp_path):
-    from dsexport.errors import UserError
-    from dsexport.exporter.bundle import BuildConfig, build_bundle
+    from dsexport.core.errors import UserError
+    from dsexport.build import BuildConfig, build_bundle
 
     ckpt = artifacts.checkpoint("v2_greedy")
-    old = build_bundle(BuildConfig(ckpt, tmp_path / "jp5", target=JETSON, tensorrt="8.5")).manifest
+    old = build_bundle(BuildConfig(ckpt, tmp_path / "jp5", target=JETSON, tensorrt="8.5")).manifest.to_json()
     assert old["tensorrt"]["engine_plan"]["int64_io_as_int32"] and old["tensorrt"]["checked_against"] == "8.5"
     with pytest.raises(UserError, match="strongly typed"):
         build_bundle(BuildConfig(ckpt, tmp_path / "thor", target="jetson-thor", tensorrt="11"))
     assert not (tmp_path / "thor").exists()
     thor = build_bundle(BuildConfig(ckpt, tmp_path / "thor", target="jetson-thor", tensorrt="11", precision="fp32"))
-    plan = thor.manifest["tensorrt"]["engine_plan"]
+    plan = thor.manifest.to_json()["tensorrt"]["engine_plan"]
     assert plan["strongly_typed"] and plan["builder_flags"] == [] and plan["tf32"] is False
 
 
@@ -154,7 +154,7 @@ def test_tensorrt_graphs_generate_the_x86_bundles_tokens(artifacts, variant):
     jetson = Engine.load(artifacts.export_target(variant, target=JETSON))
     x86 = Engine.load(artifacts.export(variant))
     rng = np.random.default_rng(1)
-    vocab = int(x86.config["vocab_size"])
+    vocab = int(x86.config.vocab_size)
     prompts = [[5], rng.integers(0, vocab, 9).tolist(), rng.integers(0, vocab, 40).tolist()]
     for prompt in prompts:
         ids = np.array([prompt])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsexport.exporter.bundle import BuildConfig, build_bundle
+from dsexport.build import BuildConfig, build_bundle
 
 VARIANT = "v3_noaux_tc"
 

@@ -1,6 +1,6 @@
 """Quality figures of a trained checkpoint on its held-out test splits.
 
-    python training/report.py dsexport/assets/deepseek-tiny [--windows 24] [--json]
+    python training/report.py src/dsexport/assets/deepseek-tiny [--windows 24] [--json]
 
 Prints parameters (total, read per token), test-split perplexity of each corpus against a
 unigram baseline (token frequencies of the same tokenizer on the training split, add-one
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dsexport.exporter.checkpoint import CheckpointReader
-from dsexport.exporter.config import parameter_counts
+from dsexport.core.config import parameter_counts
 from dsexport.exporter.mtp import MTPModule
 from dsexport.exporter.reference import MoE, DeepseekReference, route
 

@@ -1,7 +1,7 @@
 """Train the embedded DeepSeek-V3-style model with dsexport's own reference model, on 2 CPU cores.
 
     apt-get install -y bible-kjv bible-kjv-text      # the English corpus (public domain)
-    python training/train.py --out dsexport/assets/deepseek-tiny --steps 3000 --seed 0
+    python training/train.py --out src/dsexport/assets/deepseek-tiny --steps 3000 --seed 0
 
 Architecture: DeepSeek-V3 scaled down: MLA with q-LoRA and YaRN, a dense first layer, then
 MoE layers with 1 shared + 16 routed experts, top-2, noaux_tc routing whose correction bias is
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import DOC_SEPARATOR, write_corpora  # noqa: E402
 
-from dsexport.exporter.config import parse_config  # noqa: E402
+from dsexport.core.config import parse_config  # noqa: E402
 from dsexport.exporter.hf_format import save_hf_checkpoint  # noqa: E402
 from dsexport.exporter.mtp import MTPModule  # noqa: E402
 from dsexport.exporter.reference import MoE, DeepseekReference  # noqa: E402

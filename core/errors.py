@@ -23,6 +23,10 @@ class BundleError(UserError):
     exit_code = 4
 
 
+class NumericalError(BundleError):
+    """A graph produced NaN or Inf: the bundle's weights are corrupt, or a computation overflowed."""
+
+
 class ContextLengthError(UserError):
     """A prompt (plus the tokens asked for) does not fit in the context."""
 
@@ -37,3 +41,9 @@ class EngineUnavailable(UserError):
 
 class InternalError(Exception):
     """An invariant of dsexport itself failed. Report it; it is not the user's input."""
+
+
+class OutputError(UserError):
+    """The output cannot be written: no space left, no permission, a path that must not be replaced."""
+
+    exit_code = 6

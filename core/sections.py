@@ -1,0 +1,335 @@
+"""The manifest's sections other than the model and the graphs, typed (core/manifest.py holds
+the whole). Each section reads itself from JSON with every value checked (`read`) and writes the
+JSON it came from (`to_json`), so a manifest round-trips and a reader never indexes by string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dsexport.core.config import MAX_EXPERTS, MAX_LAYERS, ModelConfig
+from .files import check_name
+from .jsonio import Fields
+from .quant import ACTIVATIONS, BLOCK_SIZES, LOWERINGS, PARTS, SCHEMES, QuantSpec
+
+MAX_BYTES = 1 << 50  # a petabyte: any size a manifest states must be below this
+SHA256_HEX = 64
+
+
+def read_quantization(f: Fields) -> QuantSpec:
+    bits = {}
+    for part, value in (f.mapping("bits") or {}).items():
+        if part not in PARTS or value not in (4, 8) or isinstance(value, bool):
+            f.fail(f"bits: {part}={value!r}; parts are {', '.join(PARTS)}, bits 4 or 8", "bits")
+        bits[part] = value
+    expert_bits = {}
+    for layer, widths in f.items("expert_bits", {}, max_len=MAX_LAYERS):
+        if not layer.isdigit() or int(layer) >= MAX_LAYERS:
+            widths.fail(f"layer {layer!r} is not a layer index")
+        expert_bits[int(layer)] = {}
+        for e, b in widths.data.items():
+            if not e.isdigit() or int(e) >= MAX_EXPERTS or b not in (4, 8) or isinstance(b, bool):
+                widths.fail(f"expert {e!r}: width {b!r}; expert ids are integers, widths 4 or 8")
+            expert_bits[int(layer)][int(e)] = b
+    block = f.int("block_size")
+    if block not in BLOCK_SIZES:
+        f.fail(f"{block} is not one of {', '.join(map(str, BLOCK_SIZES))}", "block_size")
+    expert_block = f.int("expert_block_size", None)
+    if expert_block is not None and expert_block not in BLOCK_SIZES:
+        f.fail(f"{expert_block} is not one of {', '.join(map(str, BLOCK_SIZES))}", "expert_block_size")
+    per_channel = f.ints("per_channel_bits", (), lo=4, hi=8, max_len=2)
+    for key in ("symmetric", "scale_dtype", "method"):  # derived, written for readers of the JSON
+        f.raw(key, None)
+    return QuantSpec(bits, block, expert_block, f.str("activations", "fp32", choices=ACTIVATIONS), expert_bits,
+                     f.str("scheme", "absmax", choices=SCHEMES), tuple(per_channel),
+                     f.str("lowering", "ort", choices=LOWERINGS))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeRange:
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineGraph:
+    file: str
+    engine: str
+    profiles: tuple[dict[str, ShapeRange], ...]
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "engine": self.engine,
+                "profiles": [{name: r.to_json() for name, r in p.items()} for p in self.profiles]}
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginePlan:
+    """What `dsexport engine` does on the device (targets/tensorrt_plan.py decides it)."""
+    tensorrt: str
+    precision: str
+    strongly_typed: bool
+    builder_flags: tuple[str, ...]
+    tf32: bool
+    fp32_layers: tuple[str, ...]
+    workspace_bytes: int
+    timing_cache: str | None
+    int64_io_as_int32: bool
+    context: int
+    max_batch: int
+    prefill_tokens: int
+    graphs: dict[str, EngineGraph]
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(builder_flags=list(self.builder_flags), fp32_layers=list(self.fp32_layers),
+                   graphs={name: g.to_json() for name, g in self.graphs.items()})
+        return out
+
+    @classmethod
+    def read(cls, f: Fields) -> "EnginePlan":
+        graphs = {}
+        for name, g in f.items("graphs", max_len=8):
+            profiles = []
+            for p in g.objs("profiles", max_len=16):
+                ranges = {}
+                for tensor, r in p.entries(max_len=4 * MAX_LAYERS):
+                    ranges[tensor] = ShapeRange(*(r.ints(k, lo=0, hi=1 << 31, max_len=8) for k in ("min", "opt", "max")))
+                profiles.append(ranges)
+            graphs[name] = EngineGraph(check_name(g.str("file"), g.where("file"), f.error),
+                                       check_name(g.str("engine"), g.where("engine"), f.error), tuple(profiles))
+        timing = f.str("timing_cache", None)
+        return cls(f.str("tensorrt", max_len=32), f.str("precision", max_len=16), f.bool("strongly_typed"),
+                   f.strs("builder_flags", max_len=16), f.bool("tf32"), f.strs("fp32_layers", max_len=256),
+                   f.int("workspace_bytes", lo=0, hi=MAX_BYTES),
+                   check_name(timing, f.where("timing_cache"), f.error) if timing else None,
+                   f.bool("int64_io_as_int32"), f.int("context", lo=1, hi=1 << 24), f.int("max_batch", lo=1, hi=1 << 16),
+                   f.int("prefill_tokens", lo=1, hi=1 << 24), graphs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTSection:
+    route: str
+    checked_against: str
+    checks: dict  # {TensorRT version: {graph: {ok, errors, nodes}}}: a report, shown as it is
+    engine_plan: EnginePlan
+
+    def to_json(self) -> dict:
+        return {"route": self.route, "checked_against": self.checked_against, "checks": self.checks,
+                "engine_plan": self.engine_plan.to_json()}
+
+    def check_ok(self, version: str) -> dict[str, bool]:
+        return {role: bool(r.get("ok")) for role, r in self.checks.get(version, {}).items()}
+
+    @classmethod
+    def read(cls, f: Fields) -> "TensorRTSection":
+        checks = {}
+        for version, graphs in f.items("checks", max_len=16):
+            checks[version] = {}
+            for role, r in graphs.entries(max_len=8):
+                checks[version][role] = {"ok": r.bool("ok"), "errors": r.list("errors", max_len=1 << 16),
+                                         "nodes": r.int("nodes", lo=0, hi=1 << 31)}
+        return cls(f.str("route", max_len=32), f.str("checked_against", max_len=32), checks,
+                   EnginePlan.read(f.obj("engine_plan")))
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginesSection:
+    """Written on the device by `dsexport engine`."""
+    tensorrt_version: str
+    gpu: str
+    compute_capability: str
+    built_utc: str
+    precision: str
+    files: dict[str, str]  # graph -> engine file
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "files": dict(self.files)}
+
+    @classmethod
+    def read(cls, f: Fields) -> "EnginesSection":
+        files = {g: check_name(v, f"{f.where('files')}.{g}", f.error) for g, v in (f.mapping("files", max_len=8)).items()}
+        return cls(f.str("tensorrt_version", max_len=64), f.str("gpu", max_len=256), str(f.raw("compute_capability")),
+                   f.str("built_utc", max_len=64), f.str("precision", max_len=16), files)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreMatrix:
+    bits: int
+    block: int
+    padded: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayer:
+    """One MoE layer's records in the paged bundle's expert store (exporter/paged.py)."""
+    experts: int
+    intermediate: int
+    hidden: int
+    record_bytes: int
+    offsets: tuple[int, ...]
+    router: int
+    bias: int | None
+    groups: tuple[int, ...]
+    quantized: dict[str, StoreMatrix] | None = None  # "gate_up", "down"
+
+    def to_json(self) -> dict:
+        out = {"experts": self.experts, "intermediate": self.intermediate, "hidden": self.hidden,
+               "record_bytes": self.record_bytes, "offsets": list(self.offsets), "router": self.router,
+               "bias": self.bias, "groups": list(self.groups)}
+        if self.quantized is not None:
+            out["quantized"] = {k: m.to_json() for k, m in self.quantized.items()}
+        return out
+
+    @classmethod
+    def read(cls, f: Fields) -> "StoreLayer":
+        experts = f.int("experts", lo=1, hi=MAX_EXPERTS)
+        quantized = None
+        if f.has("quantized"):
+            q = f.obj("quantized")
+            quantized = {}
+            for name in ("gate_up", "down"):
+                m = q.obj(name)
+                bits, block = m.int("bits"), m.int("block", lo=1, hi=1 << 20)
+                if bits not in (4, 8):
+                    m.fail(f"{bits} bits; the store holds 4 or 8", "bits")
+                quantized[name] = StoreMatrix(bits, block, m.int("padded", lo=1, hi=1 << 20))
+        offsets = f.ints("offsets", lo=0, hi=MAX_BYTES, max_len=MAX_EXPERTS)
+        if len(offsets) != experts:
+            f.fail(f"{len(offsets)} offsets for {experts} experts", "offsets")
+        groups = f.ints("groups", (), lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS)
+        return cls(experts, f.int("intermediate", lo=1, hi=1 << 20), f.int("hidden", lo=1, hi=1 << 20),
+                   f.int("record_bytes", lo=1, hi=1 << 40), offsets, f.int("router", lo=0, hi=MAX_BYTES),
+                   f.int("bias", None, lo=0, hi=MAX_BYTES), groups, quantized)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagingSection:
+    """A paged bundle's expert store (docs/paging.md)."""
+    version: int
+    file: str
+    align: int
+    precision: str
+    bits: int | None
+    block: int | None
+    scheme: str | None
+    zero_points: bool
+    activations: str
+    record: str
+    layers: dict[int, StoreLayer]
+    routed_expert_bytes: int
+    store_bytes: int
+    non_expert_bytes: int
+    default_cache_mb: float | None
+    activation_block: int | None = None
+
+    @property
+    def activation_quant_block(self) -> int | None:
+        """The block the store's experts round activations in (the fused QMoE's behavior), or None."""
+        return self.activation_block if self.activations == "int8" else None
+
+    def to_json(self) -> dict:
+        out = {"version": self.version, "file": self.file, "align": self.align, "precision": self.precision,
+               "bits": self.bits, "block": self.block, "scheme": self.scheme, "zero_points": self.zero_points,
+               "activations": self.activations}
+        if self.activation_block is not None:
+            out["activation_block"] = self.activation_block
+        out.update(record=self.record, layers={str(i): layer.to_json() for i, layer in self.layers.items()},
+                   routed_expert_bytes=self.routed_expert_bytes, store_bytes=self.store_bytes,
+                   non_expert_bytes=self.non_expert_bytes, default_cache_mb=self.default_cache_mb)
+        return out
+
+    @classmethod
+    def read(cls, f: Fields, cfg: ModelConfig) -> "PagingSection":
+        layers = {}
+        for name, entry in f.items("layers", max_len=MAX_LAYERS):
+            if not name.isdigit() or not cfg.is_moe_layer(int(name)) or int(name) >= cfg.num_hidden_layers:
+                entry.fail(f"layer {name!r} is not a MoE layer of the model")
+            layer = StoreLayer.read(entry)
+            if (layer.experts, layer.hidden, layer.intermediate) != (cfg.num_experts(int(name)), cfg.hidden_size,
+                                                                      cfg.moe_intermediate_size):
+                entry.fail("its experts' count or shapes differ from the model's")
+            layers[int(name)] = layer
+        bits = f.int("bits", None)
+        if bits not in (None, 4, 8):
+            f.fail(f"{bits} bits; the store holds fp32, 8 or 4", "bits")
+        return cls(f.int("version", lo=1, hi=1), check_name(f.str("file"), f.where("file"), f.error),
+                   f.int("align", lo=1, hi=1 << 20), f.str("precision", choices=("fp32", "int8", "int4")), bits,
+                   f.int("block", None, lo=1, hi=1 << 20), f.str("scheme", None, choices=SCHEMES),
+                   f.bool("zero_points", False), f.str("activations", "fp32", choices=ACTIVATIONS),
+                   f.str("record", "", max_len=1024), layers, f.int("routed_expert_bytes", lo=0, hi=MAX_BYTES),
+                   f.int("store_bytes", lo=0, hi=MAX_BYTES), f.int("non_expert_bytes", lo=0, hi=MAX_BYTES),
+                   f.float("default_cache_mb", None, lo=0.0, lo_open=True, hi=1e12),
+                   f.int("activation_block", None, lo=1, hi=1 << 20))
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningRecord:
+    """How the kept experts were chosen (calibration/pruning.py), for `inspect` and users."""
+    fraction: float
+    criterion: str
+    scope: str
+    removed_experts: int
+    routed_experts: int
+    bytes_saved: int
+    bytes_per_expert: int
+    refused_removals: int
+    layers: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]  # layer -> (kept, removed)
+    calibration: dict | None = None  # the profile's model identity and data sources, as recorded
+    method: str = "drop"
+
+    @property
+    def calibration_paths(self) -> list[str]:
+        data = (self.calibration or {}).get("data") or []
+        return [str(d.get("path")) for d in data if isinstance(d, dict)]
+
+    def to_json(self) -> dict:
+        out = {"fraction": self.fraction, "criterion": self.criterion, "scope": self.scope,
+               "removed_experts": self.removed_experts, "routed_experts": self.routed_experts,
+               "bytes_saved": self.bytes_saved, "bytes_per_expert": self.bytes_per_expert,
+               "refused_removals": self.refused_removals,
+               "layers": {str(i): {"kept": list(k), "removed": list(r)} for i, (k, r) in self.layers.items()}}
+        if self.method != "drop":
+            out["method"] = self.method
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return out
+
+    @classmethod
+    def read(cls, f: Fields) -> "PruningRecord":
+        layers = {}
+        for name, entry in f.items("layers", max_len=MAX_LAYERS):
+            if not name.isdigit():
+                entry.fail(f"layer {name!r} is not a layer index")
+            layers[int(name)] = (entry.ints("kept", lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS),
+                                 entry.ints("removed", lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS))
+        calibration = f.mapping("calibration", None)
+        return cls(f.float("fraction", lo=0.0, hi=1.0), f.str("criterion", max_len=64), f.str("scope", max_len=64),
+                   f.int("removed_experts", lo=0, hi=MAX_EXPERTS * MAX_LAYERS),
+                   f.int("routed_experts", lo=0, hi=MAX_EXPERTS * MAX_LAYERS), f.int("bytes_saved", lo=0, hi=MAX_BYTES),
+                   f.int("bytes_per_expert", lo=0, hi=MAX_BYTES), f.int("refused_removals", 0, lo=0, hi=1 << 30),
+                   layers, calibration, f.str("method", "drop", max_len=32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    parameters: int
+    active_parameters_per_token: int
+    weight_bytes: int
+    decode_weight_bytes_per_token: int
+    cache_bytes_per_token: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def read(cls, f: Fields) -> "Stats":
+        return cls(*(f.int(k, lo=0, hi=MAX_BYTES) for k in (
+            "parameters", "active_parameters_per_token", "weight_bytes", "decode_weight_bytes_per_token",
+            "cache_bytes_per_token")))

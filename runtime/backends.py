@@ -1,0 +1,92 @@
+"""Runtime backends: what runs a bundle's decoder, chosen by name from a registry.
+
+    onnxruntime         the decoder graph in ONNX Runtime (.onnx with external data, or .ort)   runtime/ort_backend.py
+    onnxruntime-paged   segment graphs in ONNX Runtime, routed experts from the store          runtime/paged_backend.py
+    tensorrt            the engines `dsexport engine` built on this device                     runtime/tensorrt_backend.py
+
+Every backend has the same small interface, which the one decode loop (runtime/decode.py) drives:
+
+    backend.empty_cache(batch) -> cache              one opaque value per layer
+    backend.forward(ids, positions, mask, cache) -> (logits [B, T, V] float32 numpy, cache)
+    backend.close()
+
+and, where it can, `forward_hidden` (also returns the final-normed hidden states the MTP graph
+reads), `truncate(cache, length)` (drops trailing positions: a rejected draft) and
+`stats()` / `reset_stats()` (expert paging). The decoder's feed is built here, from the
+contract's names (core/contract.py), for every backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable, Protocol
+
+import numpy as np
+
+from dsexport.core.contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_name
+from dsexport.core.errors import UserError
+
+from .bundle import Bundle
+
+USER_BACKENDS = ("onnxruntime", "tensorrt")  # what Engine.load(backend=...) and --backend take
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    threads: int | None = None
+    weights: str = "mmap"
+    expert_cache_mb: float | None = None  # paged bundles (docs/paging.md)
+    prefetch: bool = True
+    cache_policy: str | None = None
+
+
+class Backend(Protocol):
+    name: str
+    num_layers: int
+    latent_dim: int
+
+    def empty_cache(self, batch: int) -> list: ...
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                cache: list) -> tuple[np.ndarray, list]: ...
+
+    def close(self) -> None: ...
+
+
+_REGISTRY: dict[str, tuple[str, str]] = {  # name -> (module, class); imported when chosen
+    "onnxruntime": ("dsexport.runtime.ort_backend", "OrtBackend"),
+    "onnxruntime-paged": ("dsexport.runtime.paged_backend", "PagedBackend"),
+    "tensorrt": ("dsexport.runtime.tensorrt_backend", "TensorRTBackend"),
+}
+
+
+def register(name: str, module: str, cls: str) -> None:
+    _REGISTRY[name] = (module, cls)
+
+
+def backend_name(bundle: Bundle, requested: str) -> str:
+    """The registry entry for a bundle and the user's --backend."""
+    if requested not in USER_BACKENDS:
+        raise UserError(f"backend must be one of {', '.join(USER_BACKENDS)}, got {requested!r}")
+    if requested == "onnxruntime" and bundle.manifest.is_paged:
+        return "onnxruntime-paged"
+    return requested
+
+
+def load_backend(bundle: Bundle, requested: str, options: LoadOptions) -> Backend:
+    name = backend_name(bundle, requested)
+    module, cls = _REGISTRY[name]
+    loader: Callable = getattr(importlib.import_module(module), cls).load
+    return loader(bundle, options)
+
+
+def token_feed(input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+               dtype=np.int64) -> dict[str, np.ndarray]:
+    """The decoder's token inputs as contiguous arrays (int64, or the engine's int32)."""
+    return {INPUT_IDS: np.ascontiguousarray(input_ids, dtype), POSITION_IDS: np.ascontiguousarray(position_ids, dtype),
+            ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype)}
+
+
+def cache_feed(cache: list) -> dict:
+    return {past_name(i): value for i, value in enumerate(cache)}
