@@ -24,7 +24,8 @@ import numpy as np
 
 from dsexport.core.errors import UserError
 from dsexport.runtime import Engine
-from dsexport.runtime.validate import load_golden, match_length, teacher_forced_logits
+from dsexport.runtime.golden import load_golden
+from dsexport.runtime.validate import match_length, teacher_forced_logits
 from dsexport.table import format_table
 
 
@@ -68,22 +69,23 @@ def main() -> int:
     try:
         ort = Engine.load(args.bundle, threads=args.threads)
         trt = Engine.load(args.bundle, backend="tensorrt")
-        golden = load_golden(args.bundle)
+        golden = load_golden(ort)
         if golden is None:
             raise UserError(f"{args.bundle}: no golden.json to compare on")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engines = trt.manifest.get("engines", {})
-    precision = engines.get("precision", trt.manifest.get("precision"))
+    engines = trt.manifest.engines
+    precision = engines.precision if engines else trt.manifest.precision
     tie_gap = args.tie_gap if args.tie_gap is not None else (2e-3 if precision == "fp32" else 0.1)
 
-    cases = [compare_case(ort, trt, c["prompt_ids"], c["output_ids"], tie_gap) for c in golden["cases"]]
-    prompt = golden["cases"][0]["prompt_ids"]
+    cases = [compare_case(ort, trt, c.prompt_ids, c.output_ids, tie_gap) for c in golden.cases]
+    prompt = golden.cases[0].prompt_ids
     speed = {"onnxruntime": decode_speed(ort, prompt, args.decode_tokens),
              "tensorrt": decode_speed(trt, prompt, args.decode_tokens)}
     failed = any(c["disagree"] or c["greedy"].startswith("differs") for c in cases)
-    summary = {"bundle": str(args.bundle), "tensorrt": engines.get("tensorrt_version"), "gpu": engines.get("gpu"),
+    summary = {"bundle": str(args.bundle), "tensorrt": engines.tensorrt_version if engines else None,
+               "gpu": engines.gpu if engines else None,
                "precision": precision, "tie_gap": tie_gap,
                "max_abs_logit_diff": max(c["max_abs_logit_diff"] for c in cases),
                "argmax_agreement": sum(c["argmax_agree"] for c in cases) / sum(c["positions"] for c in cases),

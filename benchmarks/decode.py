@@ -20,10 +20,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
+
+from dsexport.runtime.bundle import read_bundle
 from bandwidth import copy_bandwidth
 
 HWM = 'int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024'
@@ -122,9 +123,9 @@ def main() -> None:
         b = build(args.checkpoint, args.bundle, args.precision)
         print(f"build: {b['seconds']:.1f} s, peak RSS {b['peak_rss'] / 1e9:.2f} GB = "
               f"{b['peak_rss'] / ckpt_bytes:.2f}x the checkpoint ({ckpt_bytes / 1e9:.2f} GB on disk)")
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    bytes_per_token = manifest["stats"]["decode_weight_bytes_per_token"]
-    vocab = manifest["model"]["vocab_size"]
+    manifest = read_bundle(args.bundle, verify=False).manifest
+    bytes_per_token = manifest.stats.decode_weight_bytes_per_token
+    vocab = manifest.model.vocab_size
     prompt = np.random.default_rng(0).integers(3, min(vocab, 300), size=args.prompt_tokens).tolist()
 
     ours = dsexport_generate(args.bundle, prompt, args.new_tokens, args.threads, args.runs)

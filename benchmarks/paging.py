@@ -112,17 +112,18 @@ def main() -> None:
                     help="what the cache holds of a quantized store (both: extra runs holding fp32)")
     args = ap.parse_args()
 
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
-    paging = manifest["paging"]
-    store_precision = paging.get("precision", "fp32")
+    from dsexport.runtime.bundle import read_bundle
+
+    paging = read_bundle(args.bundle, verify=False).manifest.paging
+    store_precision = paging.precision
     if args.precision and args.precision != store_precision:
         raise SystemExit(f"{args.bundle} stores its experts at {store_precision}, not {args.precision}: build it with "
                          f"--paged --precision {args.precision}")
-    total, non_expert = paging["routed_expert_bytes"], paging["non_expert_bytes"]
+    total, non_expert = paging.routed_expert_bytes, paging.non_expert_bytes
     cache_mb = total * args.fraction / 2**20
     prompt = [int(x) for x in __import__("numpy").random.default_rng(0).integers(3, 30000, args.prompt_tokens)]
-    print(f"{store_precision} store ({paging.get('scheme') or 'float32'}, block {paging.get('block')}, "
-          f"activations {paging.get('activations', 'fp32')}); "
+    print(f"{store_precision} store ({paging.scheme or 'float32'}, block {paging.block}, "
+          f"activations {paging.activations}); "
           f"routed experts {total / 1e9:.2f} GB in the store, non-expert weights {non_expert / 1e9:.2f} GB "
           f"(segments, memory-mapped); cache {args.fraction:.0%} = {cache_mb:.0f} MiB; {args.prompt_tokens}-token "
           f"prompt, {args.new_tokens} new tokens, {args.threads} threads; store pages "
@@ -137,7 +138,7 @@ def main() -> None:
     rows, reference = [], None
     for name, mb, policy, prefetch, held in settings:
         if args.cold:
-            drop_page_cache(args.bundle / paging["file"])
+            drop_page_cache(args.bundle / paging.file)
         r = paged_run(args.bundle, prompt, args.new_tokens, args.threads, mb, policy, prefetch, held)
         reference = reference or r["output_ids"]
         s = r["stats"]

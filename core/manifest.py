@@ -237,12 +237,28 @@ class Manifest:
         out.update(self.extra)
         return out
 
+    def seal(self) -> str:
+        """See `manifest_seal`."""
+        return manifest_seal(self.to_json())
+
     def with_files(self, files: dict[str, FileEntry]) -> "Manifest":
         return dataclasses.replace(self, files=dict(files))
 
     @classmethod
     def from_json(cls, data: Any, file: str = MANIFEST_FILE) -> "Manifest":
         return _read_manifest(Fields(data, file, BundleError))
+
+
+def manifest_seal(data: dict) -> str:
+    """sha256 of a manifest's JSON but `files` and `engines` (which checksums and the device's engine
+    build change). The golden file records it, and the manifest's checksum of the golden file
+    covers that: a manifest changed in any other field no longer verifies."""
+    import hashlib
+    import json
+
+    body = {k: v for k, v in data.items() if k not in ("files", "engines")}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ---- reading ------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def _entry(path: Path, name: str, entry) -> TensorEntry:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: its header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in ITEM_BYTES:
+    if not isinstance(dtype, str) or dtype not in ITEM_BYTES:
         raise CheckpointError(f"{where}: unknown dtype {str(dtype)[:20]!r}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):

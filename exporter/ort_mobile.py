@@ -136,6 +136,45 @@ def _write_config(tool_config: Path, dest: Path, ort_file: str, style: str, ort_
     dest.write_text("\n".join(header + entries) + "\n")
 
 
+def _run_converter(graph: Path, work: Path, optimization_style: str) -> None:
+    """onnxruntime's own converter, writing one .ort model and its operator config into work."""
+    import onnxruntime
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # the tool prints its progress
+            convert_onnx_models_to_ort(graph, output_dir=work, optimization_styles=[OptimizationStyle[optimization_style]],
+                                       target_platform=TARGET_PLATFORM, enable_type_reduction=TYPE_REDUCTION)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InternalError(f"onnxruntime {onnxruntime.__version__} could not convert {graph} to ORT format: "
+                            f"{first}") from e
+
+
+def _collect(work: Path, graph: Path, bundle_dir: Path, ort_file: str, ops: set, weight_bytes: int,
+             optimization_style: str) -> None:
+    """Check what the converter wrote and move the model and its config into the bundle."""
+    import onnxruntime
+    from onnxruntime.tools.reduced_build_config_parser import parse_config
+
+    models, configs = sorted(work.glob("*.ort")), sorted(work.glob("*.config"))
+    if len(models) != 1 or len(configs) != 1:
+        raise InternalError(f"ORT conversion of {graph} wrote {[p.name for p in models + configs]}, expected one "
+                            ".ort model and one .config")
+    size = models[0].stat().st_size
+    if size > ORT_FORMAT_MAX_BYTES:  # the check before converting estimates; this is the file itself
+        raise InternalError(f"{graph}: the ORT-format model came out at {size} bytes, over the 2 GiB flatbuffer "
+                            f"cap, though its weights are {weight_bytes} bytes")
+    _write_config(configs[0], work / CONFIG_FILE, ort_file, optimization_style, onnxruntime.__version__)
+    required, _ = parse_config(str(work / CONFIG_FILE), TYPE_REDUCTION)  # the build's own parser reads it
+    kept = {(domain, op) for domain, opsets in (required or {}).items() for names in opsets.values() for op in names}
+    if ("com.microsoft", "MoE") in ops and ("com.microsoft", "MoE") not in kept:
+        raise InternalError(f"{CONFIG_FILE} for {graph} lacks com.microsoft MoE, which the graph uses")
+    os.replace(models[0], bundle_dir / ort_file)
+    os.replace(work / CONFIG_FILE, bundle_dir / CONFIG_FILE)
+
+
 def convert_to_ort(bundle_dir: Path, graph_file: str = "model.onnx", data_file: str = "model.onnx.data",
                    optimization_style: str = "Fixed") -> dict:
     """Convert bundle_dir's ONNX decoder to `model.ort` and `required_operators.config`, then remove
@@ -150,8 +189,6 @@ def convert_to_ort(bundle_dir: Path, graph_file: str = "model.onnx", data_file: 
         raise UserError(f"optimization style must be one of {', '.join(OPTIMIZATION_STYLES)}, "
                         f"got {optimization_style!r}")
     import onnxruntime
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-    from onnxruntime.tools.reduced_build_config_parser import parse_config
 
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it logs an INFO line per config
     bundle_dir = Path(bundle_dir)
@@ -168,52 +205,20 @@ def convert_to_ort(bundle_dir: Path, graph_file: str = "model.onnx", data_file: 
     if missing:
         raise BundleError(f"{bundle_dir / missing[0]}: external data of {graph_file} is missing")
     _check_fits(graph, weight_bytes, graph.stat().st_size)
-
     work = Path(tempfile.mkdtemp(prefix=".ort-convert-", dir=bundle_dir))
     try:
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log):  # the tool prints its progress
-                convert_onnx_models_to_ort(graph, output_dir=work,
-                                           optimization_styles=[OptimizationStyle[optimization_style]],
-                                           target_platform=TARGET_PLATFORM, enable_type_reduction=TYPE_REDUCTION)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InternalError(f"onnxruntime {onnxruntime.__version__} could not convert {graph} to ORT format: "
-                                f"{first}") from e
-        models, configs = sorted(work.glob("*.ort")), sorted(work.glob("*.config"))
-        if len(models) != 1 or len(configs) != 1:
-            raise InternalError(f"ORT conversion of {graph} wrote {[p.name for p in models + configs]}, expected one "
-                                ".ort model and one .config")
-        size = models[0].stat().st_size
-        if size > ORT_FORMAT_MAX_BYTES:  # the check above estimates; this is the file itself
-            raise InternalError(f"{graph}: the ORT-format model came out at {size} bytes, over the 2 GiB flatbuffer "
-                                f"cap, though its weights are {weight_bytes} bytes")
-        _write_config(configs[0], work / CONFIG_FILE, ort_file, optimization_style, onnxruntime.__version__)
-        required, _ = parse_config(str(work / CONFIG_FILE), TYPE_REDUCTION)  # the build's own parser reads it
-        kept = {(domain, op) for domain, opsets in (required or {}).items()
-                for names in opsets.values() for op in names}
-        if ("com.microsoft", "MoE") in ops and ("com.microsoft", "MoE") not in kept:
-            raise InternalError(f"{CONFIG_FILE} for {graph} lacks com.microsoft MoE, which the graph uses")
-        os.replace(models[0], bundle_dir / ort_file)
-        os.replace(work / CONFIG_FILE, bundle_dir / CONFIG_FILE)
+        _run_converter(graph, work, optimization_style)
+        _collect(work, graph, bundle_dir, ort_file, ops, weight_bytes, optimization_style)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
     # The bundle ships only the ORT model: the ONNX graph and its weights go.
     graph.unlink()
     for name in {data_file, *locations}:
         (bundle_dir / name).unlink(missing_ok=True)
     return {
-        "file": ort_file,
-        "format": "ort",
-        "required_operators": CONFIG_FILE,
-        "optimization_style": optimization_style,
-        "onnxruntime_version": onnxruntime.__version__,
-        "bytes": (bundle_dir / ort_file).stat().st_size,
-        "target_platform": TARGET_PLATFORM,
-        "type_reduction": TYPE_REDUCTION,
+        "file": ort_file, "format": "ort", "required_operators": CONFIG_FILE, "optimization_style": optimization_style,
+        "onnxruntime_version": onnxruntime.__version__, "bytes": (bundle_dir / ort_file).stat().st_size,
+        "target_platform": TARGET_PLATFORM, "type_reduction": TYPE_REDUCTION,
         # session config entries the app must set for this model (docs/mobile.md)
         "session_config": {RUNTIME_OPT_ENTRY: "1"} if optimization_style == "Runtime" else {},
     }
-

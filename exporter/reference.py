@@ -109,6 +109,8 @@ class MoE(nn.Module):
         # Calibration hook: recorder(expert slot, routing weights [n], expert output norms [n])
         # for the n tokens routed to that expert in this call (dsexport.calibration).
         self.recorder = None
+        # Routing hook: route_recorder(expert slots [N, k]) for every call (validate, golden coverage).
+        self.route_recorder = None
         # int8 experts: ONNX Runtime's QMoE kernel quantizes the expert inputs and the SwiGLU
         # output to int8, symmetric, per block of this many values; the reference does the same
         # so that a quantized bundle can be checked exactly (exporter/quantize.py).
@@ -125,6 +127,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, idx = route(x @ self.router.T, self.bias, self.cfg, self.groups)  # [N, k], [N, k]
+        if self.route_recorder is not None:
+            self.route_recorder(idx)
         out = torch.zeros_like(x)
         # Loop over the experts that received tokens: exact, and cheap for prefill.
         flat_idx = idx.flatten()
@@ -180,6 +184,26 @@ class LatentCache:
     @property
     def length(self) -> int:
         return next(iter(self.layers.values())).shape[1] if self.layers else 0
+
+
+class ForcedLatents(LatentCache):
+    """A whole sequence's latents from elsewhere (a bundle's cache): attention reads these instead
+    of the ones the reference computes, which are kept in `own` for comparison. Each position is
+    then computed from the same keys and values as the bundle, so a difference at one position
+    (e.g. an int8 rounding that went the other way) stays at that position (exporter/validate.py)."""
+
+    def __init__(self, latents: list[torch.Tensor]):
+        super().__init__()
+        self.forced = latents
+        self.own: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, new: torch.Tensor) -> torch.Tensor:
+        self.own[layer] = new
+        return self.forced[layer]
+
+    @property
+    def length(self) -> int:
+        return 0  # the forced latents cover the whole sequence: no past
 
 
 class MLA(nn.Module):
@@ -312,11 +336,13 @@ class DeepseekReference(nn.Module):
 
 
 @torch.no_grad()
-def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=None) -> list[torch.Tensor]:
+def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=None,
+                    routes: dict[int, list] | None = None) -> list[torch.Tensor]:
     """Full-sequence reference logits [T, V] per sequence, holding one decoder layer at a time.
 
     What a build uses to record golden outputs: memory stays at one layer plus activations,
-    whatever the model's size. quant: the bundle's QuantConfig (the dequantized model).
+    whatever the model's size. quant: the bundle's QuantSpec (the dequantized model). routes:
+    filled with {MoE layer: [expert slots [T, k] per sequence]}.
     """
     from .quantize import fake_quantize
 
@@ -332,6 +358,9 @@ def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=
         layer.load_state_dict({n: fake_quantize(n, t, quant, i, cfg.expert_ids(i)) for n, t in layer_tensors(reader, i)},
                               strict=True, assign=True)
         set_activation_quant(layer, quant)
+        if routes is not None and isinstance(layer.mlp, MoE):
+            routes[i] = []
+            layer.mlp.route_recorder = lambda idx, i=i: routes[i].append(idx.numpy().copy())
         states = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(states, rope)]
         del layer
     norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

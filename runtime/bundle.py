@@ -19,7 +19,7 @@ from dsexport.core.errors import BundleError
 from dsexport.core.files import confined, sha256_file
 from dsexport.core.jsonio import load_json
 from dsexport.core.manifest import (BUNDLE_FORMAT, MANIFEST_FILE, SCHEMA_VERSION,  # noqa: F401  (re-exported)
-                                    SUPPORTED_SCHEMA_VERSIONS, Manifest)
+                                    SUPPORTED_SCHEMA_VERSIONS, Manifest, manifest_seal)
 
 MAX_MANIFEST_BYTES = 16 << 20
 
@@ -47,12 +47,14 @@ class Bundle:
         return {name: entry.bytes for name, entry in self.manifest.files.items()}
 
 
-def read_manifest(directory: Path) -> Manifest:
+def read_manifest(directory: Path) -> tuple[Manifest, dict]:
+    """The typed manifest and the JSON it was read from."""
     path = confined(directory, MANIFEST_FILE, str(directory), BundleError, must_exist=False)
     if not path.is_file():
         partial = " (a build that did not finish)" if directory.name.startswith(".") else ""
         raise BundleError(f"{directory}: no {MANIFEST_FILE}; not a complete dsexport bundle{partial}")
-    return Manifest.from_json(load_json(path, BundleError, MAX_MANIFEST_BYTES), str(path))
+    data = load_json(path, BundleError, MAX_MANIFEST_BYTES)
+    return Manifest.from_json(data, str(path)), data
 
 
 def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
@@ -60,9 +62,30 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
     directory = Path(path)
     if not directory.is_dir():
         raise BundleError(f"bundle directory {directory} does not exist")
-    bundle = Bundle(directory, read_manifest(directory))
+    manifest, data = read_manifest(directory)
+    bundle = Bundle(directory, manifest)
     check_files(bundle, verify)
+    if verify:
+        check_seal(bundle, data)
     return bundle
+
+
+def check_seal(bundle: Bundle, data: dict) -> None:
+    """The manifest is the one its build sealed: the golden file (whose checksum the manifest holds)
+    records a hash of every manifest field but `files` and `engines` (golden schema 2)."""
+    name = bundle.manifest.golden_file
+    if name is None:
+        if data.get("schema_version") == 1:  # early bundles had no golden outputs
+            return
+        raise BundleError(f"{bundle.directory / MANIFEST_FILE}: no golden section, so the manifest cannot be verified "
+                          "(every build writes one); rebuild the bundle, or load it with --no-verify")
+    golden = load_json(bundle.path(name, "golden.file"), BundleError)
+    seal = golden.get("manifest_seal") if isinstance(golden, dict) else None
+    if seal is None:  # bundles of dsexport 0.1.0 carry no seal
+        return
+    if seal != manifest_seal(data):
+        raise BundleError(f"{bundle.directory / MANIFEST_FILE}: the manifest was modified after the build (it no longer "
+                          "matches the seal in its golden outputs)")
 
 
 def check_files(bundle: Bundle, verify: bool = True, skip: set[str] = frozenset()) -> None:

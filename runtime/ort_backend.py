@@ -64,6 +64,12 @@ class OrtBackend:
         out = self.session.run_with_ort_values(names, self._feed(input_ids, position_ids, attention_mask, cache))
         return out[0].numpy(), out[1].numpy(), list(out[2:])
 
+    def cache_to_host(self, cache: list) -> list[np.ndarray]:
+        return [value.numpy() for value in cache]
+
+    def cache_from_host(self, arrays: list[np.ndarray]) -> list[ort.OrtValue]:
+        return [ort_value(np.ascontiguousarray(a, np.float32)) for a in arrays]
+
     def truncate(self, cache: list, length: int) -> list:
         """Each layer's cache [B, S, L] cut to its first `length` positions."""
         return [ort_value(np.ascontiguousarray(value.numpy()[:, :length])) for value in cache]

@@ -107,6 +107,12 @@ class PagedBackend:
         zeros = np.zeros((batch, 0, self.latent_dim), np.float32)
         return [ort.OrtValue.ortvalue_from_numpy(zeros) for _ in range(self.num_layers)]
 
+    def cache_to_host(self, cache: list) -> list[np.ndarray]:
+        return [value.numpy() for value in cache]
+
+    def cache_from_host(self, arrays: list[np.ndarray]) -> list[ort.OrtValue]:
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32)) for a in arrays]
+
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                 cache: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
         B, T = input_ids.shape

@@ -365,6 +365,20 @@ class TensorRTBackend:
     def empty_cache(self, batch: int) -> list[DeviceTensor]:
         return [DeviceTensor(self.cuda, (batch, 0, self.latent_dim), self.cache_dtype) for _ in range(self.num_layers)]
 
+    def cache_to_host(self, cache: list) -> list[np.ndarray]:
+        return [c.numpy() for c in cache]
+
+    def cache_from_host(self, arrays: list[np.ndarray]) -> list[DeviceTensor]:
+        out = []
+        for a in arrays:
+            a = np.ascontiguousarray(a, self.cache_dtype)
+            t = DeviceTensor(self.cuda, a.shape, a.dtype)
+            if a.nbytes:
+                self.cuda.copy(t.ptr, a.ctypes.data, a.nbytes, "h2d")
+            out.append(t)
+        self.cuda.sync()
+        return out
+
     def _upload(self, name: str, array: np.ndarray) -> tuple[int, tuple]:
         """Copy a host input into a reused device buffer (grown when too small)."""
         buf = self._scratch.get(name)

@@ -29,8 +29,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 MAX_TOKENIZER_BYTES = 256 << 20
 MAX_TEMPLATE_CHARS = 1 << 20
-TEMPLATE_LINE_BUDGET = 2_000_000  # template lines executed per render; real templates use thousands
-TEMPLATE_SECONDS = 5.0
+TEMPLATE_LINE_BUDGET = 1_000_000  # template lines executed per render; real templates use thousands
+TEMPLATE_SECONDS = 2.0
 TEMPLATE_OUTPUT_CHARS = 4 << 20
 _SENTINEL = "\x00dsexport-content-{}\x00"
 
@@ -67,14 +67,36 @@ class _Budget:
         return self.line
 
 
+def _sandbox_class():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class LimitedSandbox(ImmutableSandboxedEnvironment):
+        """The immutable sandbox, with `*` and `**` checked before they run: `'x' * 10**10` or
+        `9 ** 9 ** 9` would exhaust memory or time in one step, before any output limit applies."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * max(n, 0) > TEMPLATE_OUTPUT_CHARS:
+                        raise TemplateError("the chat template builds a value larger than its output limit")
+            if operator == "**" and isinstance(right, (int, float)) and isinstance(left, (int, float)) and (
+                    abs(right) > 64 or abs(left) > 2**64):
+                raise TemplateError("the chat template computes a power too large to be a template's business")
+            return super().call_binop(context, operator, left, right)
+
+    return LimitedSandbox
+
+
 def render_template(source: str, variables: dict) -> str:
     """Render a chat template in the sandbox, within the budget."""
     try:
         from jinja2 import TemplateError as JinjaError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+        from jinja2.sandbox import SecurityError
     except ImportError:  # pragma: no cover - a dependency of dsexport
         raise BundleError("chat templates need jinja2 (pip install jinja2)") from None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True, autoescape=False)
     budget, previous = _Budget(), sys.gettrace()
     try:
         template = env.from_string(source)
@@ -93,7 +115,10 @@ def render_template(source: str, variables: dict) -> str:
         raise TemplateError(f"the chat template tried something the sandbox forbids ({str(e)[:200]})") from None
     except JinjaError as e:
         raise TemplateError(f"the chat template cannot be rendered ({type(e).__name__}: {str(e)[:200]})") from None
-    except (OverflowError, RecursionError, TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+    except TemplateError:
+        raise
+    except (OverflowError, RecursionError, TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError,
+            IndexError, MemoryError) as e:
         raise TemplateError(f"the chat template failed ({type(e).__name__}: {str(e)[:200]})") from None
 
 

@@ -23,7 +23,6 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dsexport.core.errors import UserError

@@ -140,14 +140,17 @@ def make_request(model_dir, target, out_dir=None, overwrite=False, **flags):
 @click.option("--target", default="x86-cpu", show_default=True, help="Device target (`dsexport targets`).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out, once the new one is complete.")
+@click.option("--allow-no-tokenizer", is_flag=True,
+              help="Build from a checkpoint without tokenizer.json (the bundle then takes token ids only).")
 @build_options
-def build(model_dir, target, out_dir, overwrite, **flags) -> None:
+def build(model_dir, target, out_dir, overwrite, allow_no_tokenizer, **flags) -> None:
     """Export a checkpoint into a bundle for a target."""
     require_build_side("build")
     from dsexport.build.pipeline import build_bundle
     from dsexport.build.plan import resolve_plan
 
-    request, profile = make_request(model_dir, target, out_dir, overwrite, **flags)
+    request, profile = make_request(model_dir, target, out_dir, overwrite, allow_no_tokenizer=allow_no_tokenizer,
+                                    **flags)
     plan = resolve_plan(request, profile)
     if plan.pruning:
         click.echo(f"pruning {plan.pruning.removed_experts} of {plan.pruning.routed_experts} routed experts by "

@@ -241,19 +241,22 @@ def engine(bundle: Path, force: bool) -> None:
 @click.option("--max-logit-diff", type=float, default=None, help="Fail above this max |logit difference|.")
 @click.option("--min-top1", type=float, default=None, help="Fail below this top-1 agreement.")
 @click.option("--max-ppl-delta", type=float, default=None, help="Fail above this relative perplexity change.")
+@click.option("--max-quality-loss", type=float, default=None,
+              help="Compressed bundles: fail when perplexity exceeds the original model's by more than this fraction "
+                   "(default by the narrowest weights: 0.5% unquantized, 1% int8, 3% int4; docs/validate.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--junit", type=click.Path(path_type=Path), default=None, help="Also write JUnit XML here.")
 @click.option("--threads", default=None, type=click.IntRange(1, 1024))
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
               help="onnxruntime: the bundle's ONNX graphs (any machine); tensorrt: its engines, on the device.")
-def validate(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1, max_ppl_delta, as_json, junit,
-             threads, backend) -> None:
+def validate(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1, max_ppl_delta, max_quality_loss,
+             as_json, junit, threads, backend) -> None:
     """Check that a bundle still is the model. Exit 0 pass, 1 fail, 2 bad input, 3 cannot run here."""
     try:
         if reference is not None:
             require_build_side("validate --reference")
         report = _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1, max_ppl_delta,
-                                 threads, backend)
+                                 max_quality_loss, threads, backend)
     except EngineUnavailable:
         raise
     except UserError as e:  # validate's contract: every input problem is exit code 2
@@ -272,10 +275,11 @@ def validate(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1
         raise ValidationFailed()
 
 
-def _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1, max_ppl_delta, threads,
-                    backend):
+def _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, min_top1, max_ppl_delta,
+                    max_quality_loss, threads, backend):
     from dsexport.runtime import Engine
-    from dsexport.runtime.validate import Thresholds, failed_report, validate_golden
+    from dsexport.runtime.golden import validate_golden
+    from dsexport.runtime.validate import Thresholds, failed_report, quality_budget
 
     engine = Engine.load(bundle, threads=threads, backend=backend)  # a modified file is bad input, not a fail
     limits = Thresholds.for_bundle(engine.manifest, backend)
@@ -283,10 +287,14 @@ def _run_validation(bundle, reference, data, samples, seq_len, max_logit_diff, m
     limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     try:
         if reference is None:
-            return validate_golden(engine, limits.max_logit_diff)
+            m = engine.manifest
+            compressed = m.quantization is not None or m.model.kept_experts is not None
+            budget = max_quality_loss if max_quality_loss is not None else quality_budget(m) if compressed else None
+            return validate_golden(engine, limits, budget)
         from dsexport.exporter.validate import validate_against_reference
 
-        return validate_against_reference(engine, reference, data, limits, seq_len=seq_len, samples=samples)
+        return validate_against_reference(engine, reference, data, limits, seq_len=seq_len, samples=samples,
+                                          max_quality_loss=max_quality_loss)
     except NumericalError as e:  # the bundle computes NaN/Inf: it is not the model
         return failed_report(engine, "reference" if reference else "golden", str(e))
     except EngineUnavailable:
