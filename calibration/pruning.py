@@ -33,7 +33,7 @@ import numpy as np
 from dsexport.core.config import ModelConfig
 from dsexport.core.errors import UserError
 from dsexport.core.quant import QuantSpec, expert_bytes
-from dsexport.core.sections import PruningRecord
+from dsexport.core.sections import PRUNE_METHODS, PruningRecord
 
 from .profile import Profile
 
@@ -47,6 +47,7 @@ class PruneConfig:
     fraction: float
     criterion: str = DEFAULT_CRITERION
     scope: str = "global"
+    method: str = "drop"  # "merge": removed experts are merged into the most similar kept ones (calibration/merging.py)
 
     def __post_init__(self):
         if not 0 < self.fraction < 1:
@@ -55,6 +56,8 @@ class PruneConfig:
             raise UserError(f"--prune-by must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.scope not in SCOPES:
             raise UserError(f"--prune-scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.method not in PRUNE_METHODS:
+            raise UserError(f"--prune-method must be one of {', '.join(PRUNE_METHODS)}, got {self.method!r}")
 
 
 @dataclasses.dataclass
@@ -76,7 +79,7 @@ class PruningPlan:
                              sum(len(k) + len(self.removed[layer]) for layer, k in self.kept.items()),
                              self.bytes_saved, self.bytes_per_expert, self.skipped,
                              {layer: (tuple(self.kept[layer]), tuple(self.removed[layer])) for layer in self.kept},
-                             calibration)
+                             calibration, self.config.method)
 
     def to_json(self, profile: Profile | None = None) -> dict:
         return self.to_record(profile).to_json()

@@ -9,9 +9,10 @@ import dataclasses
 
 from dsexport.core.config import MAX_EXPERTS, MAX_LAYERS, ModelConfig
 from .files import check_name
-from .jsonio import Fields
+from .jsonio import Fields, check_float
 from .quant import ACTIVATIONS, BLOCK_SIZES, LOWERINGS, PARTS, SCHEMES, QuantSpec
 
+PRUNE_METHODS = ("drop", "merge")
 MAX_BYTES = 1 << 50  # a petabyte: any size a manifest states must be below this
 SHA256_HEX = 64
 
@@ -270,8 +271,39 @@ class PagingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertMerge:
+    """One kept expert that absorbed removed ones (exporter/merge.py): its weights become
+    weight x its own + sum(w x aligned source)."""
+    into: int
+    weight: float
+    sources: tuple[tuple[int, float], ...]  # (removed expert id, coefficient)
+
+    def to_json(self) -> dict:
+        return {"into": self.into, "weight": self.weight, "sources": [[e, w] for e, w in self.sources]}
+
+    @classmethod
+    def read(cls, f: Fields, kept: set[int], removed: set[int]) -> "ExpertMerge":
+        into = f.int("into", lo=0, hi=MAX_EXPERTS)
+        if into not in kept:
+            f.fail(f"expert {into} is not kept", "into")
+        sources = []
+        for i, pair in enumerate(f.list("sources", max_len=MAX_EXPERTS)):
+            where = f"{f.where('sources')}[{i}]"
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int)
+                    and not isinstance(pair[0], bool) and pair[0] in removed):
+                raise f.error(f"{where}: expected [removed expert id, coefficient]")
+            sources.append((pair[0], check_float(pair[1], where, f.error, lo=0.0, hi=1.0)))
+        weight = f.float("weight", lo=0.0, hi=1.0)
+        if not sources or abs(weight + sum(w for _, w in sources) - 1.0) > 1e-6:
+            f.fail("a merge needs sources and coefficients that sum to 1", "sources")
+        return cls(into, weight, tuple(sources))
+
+
+@dataclasses.dataclass(frozen=True)
 class PruningRecord:
-    """How the kept experts were chosen (calibration/pruning.py), for `inspect` and users."""
+    """How the kept experts were chosen (calibration/pruning.py), for `inspect` and users; with
+    --prune-method merge, which removed experts each kept one absorbed (the export and the
+    reference both apply it)."""
     fraction: float
     criterion: str
     scope: str
@@ -282,7 +314,8 @@ class PruningRecord:
     refused_removals: int
     layers: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]  # layer -> (kept, removed)
     calibration: dict | None = None  # the profile's model identity and data sources, as recorded
-    method: str = "drop"
+    method: str = "drop"  # "drop" | "merge"
+    merges: dict[int, tuple[ExpertMerge, ...]] = dataclasses.field(default_factory=dict)  # layer -> merges
 
     @property
     def calibration_paths(self) -> list[str]:
@@ -290,11 +323,15 @@ class PruningRecord:
         return [str(d.get("path")) for d in data if isinstance(d, dict)]
 
     def to_json(self) -> dict:
+        layers = {}
+        for i, (k, r) in self.layers.items():
+            layers[str(i)] = {"kept": list(k), "removed": list(r)}
+            if self.merges.get(i):
+                layers[str(i)]["merged"] = [m.to_json() for m in self.merges[i]]
         out = {"fraction": self.fraction, "criterion": self.criterion, "scope": self.scope,
                "removed_experts": self.removed_experts, "routed_experts": self.routed_experts,
                "bytes_saved": self.bytes_saved, "bytes_per_expert": self.bytes_per_expert,
-               "refused_removals": self.refused_removals,
-               "layers": {str(i): {"kept": list(k), "removed": list(r)} for i, (k, r) in self.layers.items()}}
+               "refused_removals": self.refused_removals, "layers": layers}
         if self.method != "drop":
             out["method"] = self.method
         if self.calibration is not None:
@@ -303,18 +340,29 @@ class PruningRecord:
 
     @classmethod
     def read(cls, f: Fields) -> "PruningRecord":
-        layers = {}
+        layers, merges = {}, {}
         for name, entry in f.items("layers", max_len=MAX_LAYERS):
             if not name.isdigit():
                 entry.fail(f"layer {name!r} is not a layer index")
-            layers[int(name)] = (entry.ints("kept", lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS),
-                                 entry.ints("removed", lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS))
+            kept = entry.ints("kept", lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS)
+            removed = entry.ints("removed", lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS)
+            layers[int(name)] = (kept, removed)
+            if entry.has("merged"):
+                merged = tuple(ExpertMerge.read(m, set(kept), set(removed))
+                               for m in entry.objs("merged", max_len=MAX_EXPERTS))
+                sources = [e for m in merged for e, _ in m.sources]
+                if len(set(sources)) != len(sources) or len({m.into for m in merged}) != len(merged):
+                    entry.fail("an expert is merged twice", "merged")
+                merges[int(name)] = merged
         calibration = f.mapping("calibration", None)
+        method = f.str("method", "drop", choices=PRUNE_METHODS)
+        if merges and method != "merge":
+            f.fail("merged experts are listed but the method is not merge", "method")
         return cls(f.float("fraction", lo=0.0, hi=1.0), f.str("criterion", max_len=64), f.str("scope", max_len=64),
                    f.int("removed_experts", lo=0, hi=MAX_EXPERTS * MAX_LAYERS),
                    f.int("routed_experts", lo=0, hi=MAX_EXPERTS * MAX_LAYERS), f.int("bytes_saved", lo=0, hi=MAX_BYTES),
                    f.int("bytes_per_expert", lo=0, hi=MAX_BYTES), f.int("refused_removals", 0, lo=0, hi=1 << 30),
-                   layers, calibration, f.str("method", "drop", max_len=32))
+                   layers, calibration, method, merges)
 
 
 @dataclasses.dataclass(frozen=True)

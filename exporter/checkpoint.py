@@ -87,8 +87,9 @@ class CheckpointReader:
     def with_config(self, config: ModelConfig) -> "CheckpointReader":
         """The same checkpoint read under another config (e.g. with kept experts): a view that shares
         the open files, so nothing is re-read and the original reader is unchanged."""
-        view = object.__new__(CheckpointReader)
-        view.dir, view.config, view._handles, view._where = self.dir, config, self._handles, self._where
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.config = config
         return view
 
     # ---- index --------------------------------------------------------------------------
@@ -151,8 +152,15 @@ class CheckpointReader:
     def experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked weights of the routed experts the config keeps in a layer, in order:
         gate [E, I, H], up [E, I, H], down [E, H, I]."""
+        return self._stacked(layer, list(self.config.expert_ids(layer)))
+
+    def expert(self, layer: int, expert_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One routed expert by its original id, kept or not: gate [I, H], up [I, H], down [H, I]."""
+        gate, up, down = self._stacked(layer, [expert_id])
+        return gate[0], up[0], down[0]
+
+    def _stacked(self, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
-        ids = list(cfg.expert_ids(layer))
         E_all, inter, hidden = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
         prefix = f"model.layers.{layer}.mlp.experts."
         if prefix + "gate_up_proj" in self:
@@ -168,11 +176,44 @@ class CheckpointReader:
             down[slot] = self.get(f"{prefix}{e}.down_proj.weight", (hidden, inter))
         return gate, up, down
 
+    def original(self) -> "CheckpointReader":
+        """The checkpoint as released: every expert, nothing merged."""
+        view = object.__new__(CheckpointReader)
+        view.__dict__.update({k: v for k, v in self.__dict__.items() if k != "merges"})
+        view.config = self.config.unpruned()
+        return view
+
+    def with_merges(self, merges: dict | None) -> "CheckpointReader":
+        """A view whose kept experts have absorbed removed ones ({layer: (ExpertMerge, ...)}, from a
+        pruning record with method merge; exporter/merge.py); the same reader when there are none."""
+        if not merges:
+            return self
+        view = MergingReader.__new__(MergingReader)
+        view.__dict__.update(self.__dict__)
+        view.merges = merges
+        return view
+
     def lm_head(self) -> torch.Tensor:
         cfg = self.config
         if cfg.tie_word_embeddings or "lm_head.weight" not in self:
             return self.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         return self.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+
+
+class MergingReader(CheckpointReader):
+    """CheckpointReader.with_merges: experts(layer) returns the merged weights."""
+    merges: dict
+
+    def experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from .merge import merge_experts  # scipy: only when a bundle merges experts
+
+        gate, up, down = super().experts(layer)
+        ids = list(self.config.expert_ids(layer))
+        for m in self.merges.get(layer, ()):
+            slot = ids.index(m.into)
+            sources = [(self.expert(layer, e), w) for e, w in m.sources]
+            gate[slot], up[slot], down[slot] = merge_experts((gate[slot], up[slot], down[slot]), sources, m.weight)
+        return gate, up, down
 
 
 def open_checkpoint(checkpoint_dir: str | Path) -> CheckpointReader:

@@ -126,7 +126,7 @@ def _quality(reader: CheckpointReader, windows: list[list[int]]) -> dict | None:
     """The original model's per-token NLL on the windows, for the device's quality check."""
     if not windows:
         return None
-    original = reader.with_config(reader.config.unpruned())
+    original = reader.original()
     out = []
     for window, logits in zip(windows, streamed_logits(original, windows, None)):
         logp = torch.log_softmax(logits[:-1].double(), -1)

@@ -115,8 +115,10 @@ def reference_model_for(engine, checkpoint: Path, original: bool = False) -> Dee
     if reader.config.unpruned() != bundle_cfg.unpruned():
         raise UserError(f"--reference {checkpoint}: its config.json describes a different model than the bundle's")
     if original:
-        return DeepseekReference.from_checkpoint(reader)
-    return DeepseekReference.from_checkpoint(reader.with_config(bundle_cfg), engine.manifest.quantization)
+        return DeepseekReference.from_checkpoint(reader.original())
+    pruning = engine.manifest.pruning
+    view = reader.with_config(bundle_cfg).with_merges(pruning.merges if pruning else None)
+    return DeepseekReference.from_checkpoint(view, engine.manifest.quantization)
 
 
 @dataclasses.dataclass

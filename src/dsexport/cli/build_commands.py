@@ -62,6 +62,9 @@ def build_options(fn):
         click.option("--prune-scope", default="global", show_default=True, type=click.Choice(["per-layer", "global"]),
                      help="global: one budget over all MoE layers (scores divided by their layer mean); per-layer: "
                           "each layer loses the fraction."),
+        click.option("--prune-method", default="drop", show_default=True, type=click.Choice(["drop", "merge"]),
+                     help="drop: remove the experts; merge: fold each removed expert into the kept expert its router "
+                          "row is most like, neurons aligned, weighted by routed tokens (docs/pruning.md)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -118,8 +121,10 @@ def make_request(model_dir, target, out_dir=None, overwrite=False, **flags):
         model_dir = model_dir.parent
     prune = flags.pop("prune")
     expert_bits = _parse_expert_bits(flags.pop("expert_bits"))
-    prune_by, scope = flags.pop("prune_by"), flags.pop("prune_scope")
+    prune_by, scope, method = flags.pop("prune_by"), flags.pop("prune_scope"), flags.pop("prune_method")
     calib = flags.pop("calib")
+    if method != "drop" and prune is None:
+        raise UserError(f"--prune-method {method} needs --prune FRACTION")
     if prune is None and calib is None and expert_bits is None:
         pass
     elif prune is not None and calib is None:
@@ -130,7 +135,7 @@ def make_request(model_dir, target, out_dir=None, overwrite=False, **flags):
     expert_block = flags.pop("expert_block_size")
     request = BuildConfig(
         model_dir, out_dir, resolve_target(target), overwrite=overwrite,
-        prune=PruneConfig(prune, prune_by, scope) if prune is not None else None,
+        prune=PruneConfig(prune, prune_by, scope, method) if prune is not None else None,
         block_size=int(flags.pop("block_size")), quantize=_parse_quantize(flags.pop("quantize")),
         expert_bits=expert_bits, expert_block_size=int(expert_block) if expert_block else None, **flags)
     return request, profile
