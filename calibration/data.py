@@ -102,3 +102,18 @@ def load_sequences(paths: list[Path], tokenizer: BundleTokenizer, samples: int,
         sources.append(DataSource(str(path), fmt, hashlib.sha256(path.read_bytes()).hexdigest(), len(chosen),
                                   sum(len(w) for w in chosen)))
     return sequences, sources
+
+
+def reload_sequences(profile, checkpoint: Path) -> list[list[int]]:
+    """The token sequences a calibration profile was computed on, read again from the files it
+    records (each must still hash to what it did then)."""
+    paths = []
+    for source in profile.data:
+        path = Path(str(source.get("path", "")))
+        if not path.is_file():
+            raise UserError(f"the calibration profile's data {path} is gone; pass the text itself as --calib")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != source.get("sha256"):
+            raise UserError(f"{path} changed since the calibration profile was made; pass the text itself as --calib")
+        paths.append(path)
+    sequences, _ = load_sequences(paths, BundleTokenizer.from_directory(checkpoint), profile.samples, profile.seq_len)
+    return sequences

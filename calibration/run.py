@@ -38,6 +38,36 @@ class _Recorder:
         self.contribution[slot] += (weights.double() * norms.double()).sum()
 
 
+def token_batches(reader: CheckpointReader, sequences: list[list[int]]) -> tuple[list, dict]:
+    """The sequences embedded, same-length ones as one batch ([(sequence indices, [B, T, D])]), and
+    rope cos/sin/mask per length: the state a layer-by-layer pass carries from layer to layer."""
+    cfg = reader.config
+    inv_freq, rope_scale = rope_frequencies(cfg)
+    by_length: dict[int, list[int]] = {}
+    for n, s in enumerate(sequences):
+        by_length.setdefault(len(s), []).append(n)
+    embed = reader.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+    batches = [(idx, embed[torch.tensor([sequences[n] for n in idx])]) for idx in by_length.values()]  # [B, T, D]
+    rope = {T: positions_and_mask(inv_freq, rope_scale, (1, T), 0, None, None) for T in by_length}
+    return batches, rope
+
+
+def load_layer(reader: CheckpointReader, i: int) -> DecoderLayer:
+    """One decoder layer, its weights assigned from the reader (no second copy)."""
+    with torch.device("meta"):
+        layer = DecoderLayer(reader.config, i)
+    layer.load_state_dict(dict(layer_tensors(reader, i)), strict=True, assign=True)
+    return layer
+
+
+def run_layer(layer: DecoderLayer, batches: list, rope: dict) -> None:
+    """The hidden states of every batch through one layer, in place, 16 sequences per call."""
+    for _, x in batches:
+        cos, sin, mask = rope[x.shape[1]]
+        for c in range(0, x.shape[0], 16):  # bounded activations
+            x[c:c + 16] = layer(x[c:c + 16], cos, sin, mask, None)
+
+
 @torch.no_grad()
 def calibrate(model_dir: Path, data: list[Path], samples: int = 128, seq_len: int = 256,
               min_tokens: int = MIN_TOKENS,
@@ -51,29 +81,16 @@ def calibrate(model_dir: Path, data: list[Path], samples: int = 128, seq_len: in
     sequences, sources = load_sequences(data, tokenizer, samples, seq_len)
     if max(max(s) for s in sequences) >= cfg.vocab_size:
         raise UserError(f"{model_dir}: the tokenizer gives ids beyond the model's vocabulary ({cfg.vocab_size})")
-    inv_freq, rope_scale = rope_frequencies(cfg)
-    # same-length sequences run as one batch (plain-text windows are all seq_len long)
-    by_length: dict[int, list[int]] = {}
-    for n, s in enumerate(sequences):
-        by_length.setdefault(len(s), []).append(n)
-    embed = reader.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-    batches = [(idx, embed[torch.tensor([sequences[n] for n in idx])]) for idx in by_length.values()]  # [B, T, D]
-    del embed
-    rope = {T: positions_and_mask(inv_freq, rope_scale, (1, T), 0, None, None) for T in by_length}
+    batches, rope = token_batches(reader, sequences)
     layers = []
     total = cfg.num_hidden_layers
     for i in range(total):
         progress("calibrate", i, total)
-        with torch.device("meta"):
-            layer = DecoderLayer(cfg, i)
-        layer.load_state_dict(dict(layer_tensors(reader, i)), strict=True, assign=True)
+        layer = load_layer(reader, i)
         recorder = None
         if cfg.is_moe_layer(i):
             recorder = layer.mlp.recorder = _Recorder(cfg.num_experts(i))
-        for b, (idx, x) in enumerate(batches):
-            cos, sin, mask = rope[x.shape[1]]
-            for c in range(0, x.shape[0], 16):  # bounded activations: 16 sequences per call
-                x[c:c + 16] = layer(x[c:c + 16], cos, sin, mask, None)
+        run_layer(layer, batches, rope)
         del layer
         if recorder is not None:
             sel = recorder.selected

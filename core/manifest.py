@@ -22,7 +22,7 @@ from .contract import DTYPES, CacheSpec, GraphContract, TensorSpec, layer_of
 from .errors import BundleError
 from .files import check_name
 from .jsonio import Fields
-from .quant import QuantSpec
+from .quant import AWQ_FILE, QuantSpec
 from .sections import (MAX_BYTES, SHA256_HEX, EnginesSection, PagingSection, PruningRecord, Stats, TensorRTSection,
                        read_quantization)
 
@@ -214,6 +214,8 @@ class Manifest:
             out.append((self.paging.file, "paging.file"))
         if self.engines is not None:
             out += [(name, f"engines.files.{graph}") for graph, name in self.engines.files.items()]
+        if self.quantization is not None and self.quantization.method == "awq":
+            out.append((AWQ_FILE, "quantization.method"))
         return out
 
 

@@ -41,6 +41,9 @@ BLOCK_SIZES = (32, 64, 128)
 SCHEMES = ("absmax", "symmetric", "asymmetric")
 LOWERINGS = ("ort", "qdq")  # MatMulNBits/QMoE (CPU targets); DequantizeLinear + standard ops (TensorRT)
 ACTIVATIONS = ("int8", "fp32")
+QUANT_METHODS = ("rtn", "awq")
+METHOD_NAMES = {"rtn": "round-to-nearest", "awq": "awq"}  # as the manifest spells them
+AWQ_FILE = "awq_scales.safetensors"  # the scales an awq bundle was rescaled by (exporter/awq.py)
 PRESETS = {
     "fp32": {},
     "int8": {p: 8 for p in PARTS},
@@ -70,12 +73,17 @@ class QuantSpec:
     scheme: str = "absmax"  # see the module docstring
     per_channel_bits: tuple[int, ...] = ()  # widths quantized with one scale per output row
     lowering: str = "ort"  # "ort": MatMulNBits / QMoE; "qdq": DequantizeLinear on constant weights
+    # "rtn": round to nearest; "awq": MoE layers rescaled first (activation-aware scaling, an exact
+    # rewrite of the model whose scales the bundle stores: exporter/awq.py), then rounded
+    method: str = "rtn"
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise UserError(f"quantization scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.activations not in ACTIVATIONS:
             raise UserError(f"activations must be int8 or fp32, got {self.activations!r}")
+        if self.method not in QUANT_METHODS:
+            raise UserError(f"--quant-method must be one of {', '.join(QUANT_METHODS)}, got {self.method!r}")
         if self.lowering not in LOWERINGS:
             raise UserError(f"quantization lowering must be one of {', '.join(LOWERINGS)}, got {self.lowering!r}")
         if self.expert_block_size is not None and self.expert_block_size not in BLOCK_SIZES:
@@ -174,7 +182,7 @@ class QuantSpec:
         return {"bits": dict(self.bits), "block_size": self.block_size,
                 "expert_block_size": self.block_for("routed_experts"), "symmetric": self.scheme != "asymmetric",
                 "scheme": self.scheme, "per_channel_bits": list(self.per_channel_bits), "lowering": self.lowering,
-                "scale_dtype": "float32", "method": "round-to-nearest", "activations": self.activations,
+                "scale_dtype": "float32", "method": METHOD_NAMES[self.method], "activations": self.activations,
                 "expert_bits": {str(layer): {str(e): b for e, b in sorted(m.items())}
                                 for layer, m in sorted(self.expert_bits.items())}}
 
@@ -183,7 +191,8 @@ class QuantSpec:
         """An already validated quantization section (core/manifest.py checks types and ranges)."""
         return cls(dict(data["bits"]), data["block_size"], data.get("expert_block_size"), data.get("activations", "fp32"),
                    {int(layer): {int(e): b for e, b in m.items()} for layer, m in data.get("expert_bits", {}).items()},
-                   data.get("scheme", "absmax"), tuple(data.get("per_channel_bits", ())), data.get("lowering", "ort"))
+                   data.get("scheme", "absmax"), tuple(data.get("per_channel_bits", ())), data.get("lowering", "ort"),
+                   {v: k for k, v in METHOD_NAMES.items()}.get(data.get("method"), "rtn"))
 
 
 def weight_layout(bits: int, block: int, K: int, per_channel_bits: tuple[int, ...], qdq: bool) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import dataclasses
 from dsexport.core.config import MAX_EXPERTS, MAX_LAYERS, ModelConfig
 from .files import check_name
 from .jsonio import Fields, check_float
-from .quant import ACTIVATIONS, BLOCK_SIZES, LOWERINGS, PARTS, SCHEMES, QuantSpec
+from .quant import ACTIVATIONS, BLOCK_SIZES, LOWERINGS, METHOD_NAMES, PARTS, SCHEMES, QuantSpec
 
 PRUNE_METHODS = ("drop", "merge")
 MAX_BYTES = 1 << 50  # a petabyte: any size a manifest states must be below this
@@ -39,11 +39,12 @@ def read_quantization(f: Fields) -> QuantSpec:
     if expert_block is not None and expert_block not in BLOCK_SIZES:
         f.fail(f"{expert_block} is not one of {', '.join(map(str, BLOCK_SIZES))}", "expert_block_size")
     per_channel = f.ints("per_channel_bits", (), lo=4, hi=8, max_len=2)
-    for key in ("symmetric", "scale_dtype", "method"):  # derived, written for readers of the JSON
+    for key in ("symmetric", "scale_dtype"):  # derived, written for readers of the JSON
         f.raw(key, None)
+    method = f.str("method", "round-to-nearest", choices=tuple(METHOD_NAMES.values()))
     return QuantSpec(bits, block, expert_block, f.str("activations", "fp32", choices=ACTIVATIONS), expert_bits,
                      f.str("scheme", "absmax", choices=SCHEMES), tuple(per_channel),
-                     f.str("lowering", "ort", choices=LOWERINGS))
+                     f.str("lowering", "ort", choices=LOWERINGS), {v: k for k, v in METHOD_NAMES.items()}[method])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,14 @@ class SafetensorsFile:
 
 
 class CheckpointReader:
-    """Random access to the tensors of a checkpoint by name, without loading the whole model."""
+    """Random access to the tensors of a checkpoint by name, without loading the whole model.
+
+    Views of the same files (`with_config`, `with_merges`, `with_awq`) read the model a bundle
+    holds: kept experts only, removed experts merged into kept ones (exporter/merge.py), MoE
+    layers rescaled (exporter/awq.py); `original()` is the checkpoint as released."""
+
+    merges: dict | None = None  # layer -> (ExpertMerge, ...)
+    awq: dict | None = None  # layer -> (input scale [D], down scale [E, I])
 
     def __init__(self, checkpoint_dir: str | Path, config: ModelConfig | None = None):
         self.dir = Path(checkpoint_dir)
@@ -87,10 +94,7 @@ class CheckpointReader:
     def with_config(self, config: ModelConfig) -> "CheckpointReader":
         """The same checkpoint read under another config (e.g. with kept experts): a view that shares
         the open files, so nothing is re-read and the original reader is unchanged."""
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view.config = config
-        return view
+        return self._view(config=config)
 
     # ---- index --------------------------------------------------------------------------
     def _index(self) -> dict[str, Path]:
@@ -133,6 +137,10 @@ class CheckpointReader:
             raise CheckpointError(
                 f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)} from config.json"
             )
+        if self.awq:
+            from .awq import rescaled_tensor
+
+            t = rescaled_tensor(self.awq, name, t)
         return t
 
     def _dequant_fp8(self, name: str, w: torch.Tensor) -> torch.Tensor:
@@ -152,7 +160,20 @@ class CheckpointReader:
     def experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked weights of the routed experts the config keeps in a layer, in order:
         gate [E, I, H], up [E, I, H], down [E, H, I]."""
-        return self._stacked(layer, list(self.config.expert_ids(layer)))
+        ids = list(self.config.expert_ids(layer))
+        gate, up, down = self._stacked(layer, ids)
+        if self.merges:
+            from .merge import merge_experts  # scipy: only when a bundle merges experts
+
+            for m in self.merges.get(layer, ()):
+                slot = ids.index(m.into)
+                sources = [(self.expert(layer, e), w) for e, w in m.sources]
+                gate[slot], up[slot], down[slot] = merge_experts((gate[slot], up[slot], down[slot]), sources, m.weight)
+        if self.awq:
+            from .awq import rescaled_experts
+
+            gate, up, down = rescaled_experts(self.awq, layer, gate, up, down)
+        return gate, up, down
 
     def expert(self, layer: int, expert_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One routed expert by its original id, kept or not: gate [I, H], up [I, H], down [H, I]."""
@@ -177,20 +198,22 @@ class CheckpointReader:
         return gate, up, down
 
     def original(self) -> "CheckpointReader":
-        """The checkpoint as released: every expert, nothing merged."""
-        view = object.__new__(CheckpointReader)
-        view.__dict__.update({k: v for k, v in self.__dict__.items() if k != "merges"})
-        view.config = self.config.unpruned()
-        return view
+        """The checkpoint as released: every expert, nothing merged or rescaled."""
+        return self._view(config=self.config.unpruned(), merges=None, awq=None)
 
     def with_merges(self, merges: dict | None) -> "CheckpointReader":
-        """A view whose kept experts have absorbed removed ones ({layer: (ExpertMerge, ...)}, from a
-        pruning record with method merge; exporter/merge.py); the same reader when there are none."""
-        if not merges:
-            return self
-        view = MergingReader.__new__(MergingReader)
+        """Kept experts that absorbed removed ones ({layer: (ExpertMerge, ...)}, a pruning record
+        with method merge)."""
+        return self._view(merges=merges or None)
+
+    def with_awq(self, scales: dict | None) -> "CheckpointReader":
+        """MoE layers rescaled by AWQ scales ({layer: (input [D], down [E, I])})."""
+        return self._view(awq=scales or None)
+
+    def _view(self, **changes) -> "CheckpointReader":
+        view = object.__new__(CheckpointReader)
         view.__dict__.update(self.__dict__)
-        view.merges = merges
+        view.__dict__.update(changes)
         return view
 
     def lm_head(self) -> torch.Tensor:
@@ -198,22 +221,6 @@ class CheckpointReader:
         if cfg.tie_word_embeddings or "lm_head.weight" not in self:
             return self.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
         return self.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
-
-
-class MergingReader(CheckpointReader):
-    """CheckpointReader.with_merges: experts(layer) returns the merged weights."""
-    merges: dict
-
-    def experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from .merge import merge_experts  # scipy: only when a bundle merges experts
-
-        gate, up, down = super().experts(layer)
-        ids = list(self.config.expert_ids(layer))
-        for m in self.merges.get(layer, ()):
-            slot = ids.index(m.into)
-            sources = [(self.expert(layer, e), w) for e, w in m.sources]
-            gate[slot], up[slot], down[slot] = merge_experts((gate[slot], up[slot], down[slot]), sources, m.weight)
-        return gate, up, down
 
 
 def open_checkpoint(checkpoint_dir: str | Path) -> CheckpointReader:

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 
 from dsexport.core.errors import UserError
+from dsexport.core.quant import AWQ_FILE
 from dsexport.runtime.validate import (Check, Report, Thresholds, match_length, quality_budget)
 
+from .awq import load_scales, with_awq
 from .checkpoint import CheckpointReader
 from .reference import DeepseekReference, ForcedLatents, LatentCache, MoE
 
@@ -116,9 +118,11 @@ def reference_model_for(engine, checkpoint: Path, original: bool = False) -> Dee
         raise UserError(f"--reference {checkpoint}: its config.json describes a different model than the bundle's")
     if original:
         return DeepseekReference.from_checkpoint(reader.original())
-    pruning = engine.manifest.pruning
+    pruning, quant = engine.manifest.pruning, engine.manifest.quantization
     view = reader.with_config(bundle_cfg).with_merges(pruning.merges if pruning else None)
-    return DeepseekReference.from_checkpoint(view, engine.manifest.quantization)
+    if quant is not None and quant.method == "awq":  # the bundle's own scales (listed and verified)
+        view = with_awq(view, load_scales(engine.bundle.path(AWQ_FILE, "quantization.method"), bundle_cfg))
+    return DeepseekReference.from_checkpoint(view, quant)
 
 
 @dataclasses.dataclass

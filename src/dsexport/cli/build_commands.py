@@ -65,6 +65,9 @@ def build_options(fn):
         click.option("--prune-method", default="drop", show_default=True, type=click.Choice(["drop", "merge"]),
                      help="drop: remove the experts; merge: fold each removed expert into the kept expert its router "
                           "row is most like, neurons aligned, weighted by routed tokens (docs/pruning.md)."),
+        click.option("--quant-method", default="rtn", show_default=True, type=click.Choice(["rtn", "awq"]),
+                     help="rtn: round to nearest; awq: rescale the MoE layers by activation statistics of --calib "
+                          "text first, an exact rewrite that rounds better (docs/quantization.md)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -96,7 +99,7 @@ def _profile(model_dir: Path, calib: Path | None, needed: bool):
     if calib is None:
         return None
     if not needed:
-        raise UserError("--calib is given without --prune FRACTION or --expert-bits")
+        raise UserError("--calib is given without --prune FRACTION, --expert-bits or --quant-method awq")
     from dsexport.calibration.profile import PROFILE_FILE, load_profile
 
     if calib.is_dir() or calib.name == PROFILE_FILE:
@@ -131,7 +134,10 @@ def make_request(model_dir, target, out_dir=None, overwrite=False, **flags):
         raise UserError("--prune needs --calib: a calibration profile (`dsexport calibrate`) or a data file")
     elif expert_bits is not None and calib is None:
         raise UserError("--expert-bits needs --calib: a calibration profile (`dsexport calibrate`)")
-    profile = _profile(model_dir, calib, prune is not None or expert_bits is not None)
+    quant_method = flags["quant_method"]
+    if quant_method == "awq" and calib is None:
+        raise UserError("--quant-method awq needs --calib: calibration text (or a profile of it) to search the scales on")
+    profile = _profile(model_dir, calib, prune is not None or expert_bits is not None or quant_method == "awq")
     expert_block = flags.pop("expert_block_size")
     request = BuildConfig(
         model_dir, out_dir, resolve_target(target), overwrite=overwrite,
