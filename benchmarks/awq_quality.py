@@ -1,6 +1,7 @@
 """Round-to-nearest vs activation-aware scaling (`--quant-method awq`) at the same bytes.
 
-    python benchmarks/awq_quality.py [--model CKPT] [--samples 64] [--seq-len 256] [--json out.json]
+    python benchmarks/awq_quality.py [--model CKPT] [--samples 64] [--seq-len 256] [--settings int4-b32 ...]
+        [--json out.json]
 
 For int4 (block 32 and 128) and int8, the perplexity of the reference model with the bundle's
 dequantized weights (what the bundle computes; tests/test_quantize.py and tests/test_awq.py check
@@ -18,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from dsexport import EMBEDDED_MODEL
 from dsexport.calibration.awq import search_scales
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     reader = CheckpointReader(args.model)
@@ -51,7 +52,8 @@ def main() -> None:
     sequences, _ = load_sequences([CORPORA / f"{d}.train.txt" for d in DOMAINS],
                                   BundleTokenizer.from_directory(args.model), args.samples, args.seq_len)
     rows = []
-    for name, (precision, block) in SETTINGS.items():
+    for name in args.settings:
+        precision, block = SETTINGS[name]
         spec = QuantSpec.preset(precision, block).for_model(cfg.hidden_size, cfg.moe_intermediate_size)
         t0 = time.perf_counter()
         scales, records = search_scales(reader, sequences, dataclasses.replace(spec, method="awq"))

@@ -89,8 +89,11 @@ class Server:
 def stream_one(server: Server, model: str, prompt: list[int], new_tokens: int) -> dict:
     """One streaming completion; client-side timestamps and the server's timings."""
     conn = http.client.HTTPConnection(server.host, server.port, timeout=600)
+    # logprobs 0 (the sampled token's own): every token then arrives as its own chunk, also when its
+    # text is empty (a random checkpoint's ids beyond its small tokenizer, partial UTF-8), so the
+    # client sees each token's time.
     body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     r = conn.getresponse()
@@ -104,13 +107,14 @@ def stream_one(server: Server, model: str, prompt: list[int], new_tokens: int) -
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
-        if chunk.get("choices") and first is None and chunk["choices"][0].get("text"):
+        if chunk.get("choices") and first is None:
             first = time.perf_counter()
         if chunk.get("usage"):
             final = chunk
     end = time.perf_counter()
     conn.close()
     tokens = final["usage"]["completion_tokens"]
+    first = end if first is None else first
     return {"status": 200, "ttft": first - start, "e2e": end - start, "tokens": tokens,
             "tpot": (end - first) / max(tokens - 1, 1), "queue": final["timings"]["queue_s"],
             "prefill": final["timings"]["prefill_s"]}

@@ -9,6 +9,12 @@ replaced) and runs `validate --reference` on the checkpoint's own held-out text 
 one (test.*.txt), printing the exactness statistics (docs/validate.md) and the verdicts. The
 thresholds in runtime/validate.py were chosen from this table: every correct bundle passes,
 every corrupted one fails.
+
+With --prune F ...: a bundle with that fraction of routed experts removed (frequency, global
+scope, calibrated on the training text of the embedded model's corpora), validated against the
+unpruned checkpoint: it must pass every exactness check (it computes the pruned model exactly)
+and its quality verdict reports the perplexity it lost against the original model, failing
+past the precision's budget (runtime/validate.py QUALITY_BUDGETS).
 """
 
 from __future__ import annotations
@@ -86,6 +92,32 @@ def measure(bundle: Path, checkpoint: Path, data: Path | None, samples: int, seq
             "quality_loss_rel": (report.metrics.get("quality") or {}).get("quality_loss_rel")}
 
 
+def pruned_rows(args, data: Path | None) -> list[dict]:
+    """Pruned bundles: exact against the pruned reference, judged for quality against the original."""
+    if not args.prune:
+        return []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pruning_quality import DOMAINS, train_corpora
+
+    from dsexport.calibration.pruning import PruneConfig
+    from dsexport.calibration.run import calibrate
+
+    corpora = train_corpora(args.out)
+    profile = calibrate(args.model, [corpora[d] for d in DOMAINS], 64, 256)
+    rows = []
+    for fraction in args.prune:
+        for name in ("fp32", "int4-b32"):
+            out = args.out / f"{name}-pruned{fraction:g}"
+            if not (out / "manifest.json").is_file():
+                build_bundle(BuildConfig(args.model, out, prune=PruneConfig(fraction, "frequency"), **SETTINGS[name]),
+                             profile=profile)
+            row = {"setting": name, "bundle": f"pruned-{fraction:g}-frequency",
+                   **measure(out, args.model, data, args.samples, args.seq_len)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -93,6 +125,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--prune", type=float, nargs="*", default=[], help="also pruned bundles (fp32, int4)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     cfg = load_config(args.model)
@@ -107,9 +140,11 @@ def main() -> None:
             row = {"setting": name, "bundle": kind, **measure(out, args.model, data, args.samples, args.seq_len)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    rows += pruned_rows(args, data)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
-    bad = [r for r in rows if r["passed"] != (r["bundle"] == "correct")]
+    bad = [r for r in rows if r["passed"] != (r["bundle"] == "correct") and not r["bundle"].startswith("pruned")]
+    bad += [r for r in rows if r["bundle"].startswith("pruned") and set(r["failed"]) - {"quality_loss_rel"}]
     print(f"{len(rows)} bundles; {len(bad)} misjudged" + "".join(f"\n  {r['setting']} {r['bundle']}: {r['failed']}"
                                                             for r in bad))
     sys.exit(1 if bad else 0)

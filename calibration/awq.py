@@ -10,8 +10,8 @@ run layer by layer, as calibration/run.py does: one layer in memory at a time):
                way (given the chosen s).
 
 a = 0 and b = 0 are plain rounding, so the search never picks scales that are worse than
-round-to-nearest on the calibration tokens. Activations are rounded as the kernels round them
-only in the final bundle; the search compares weight rounding alone (AWQ's own objective).
+round-to-nearest on the calibration tokens. The candidate layers round their activations as the
+bundle's kernels will (int8 per block, core/quant.py), so the search sees the error the bundle has.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from dsexport.core.quant import QuantSpec
 from dsexport.exporter.awq import Scales
 from dsexport.exporter.quantize import fake_quantize
-from dsexport.exporter.reference import MoE, route
+from dsexport.exporter.reference import MoE, route, set_activation_quant
 
 from .run import load_layer, run_layer, token_batches
 
@@ -62,6 +62,9 @@ class _LayerSearch:
         with torch.device("meta"):
             rescaled = MoE(m.cfg, self.layer)
         rescaled.load_state_dict(state, strict=True, assign=True)
+        holder = torch.nn.Module()  # set_activation_quant reads a decoder layer's .mlp and .layer
+        holder.mlp, holder.layer = rescaled, self.layer
+        set_activation_quant(holder, self.quant)  # the kernels' int8 input rounding, as the bundle runs
         return float(((rescaled(self.x / s_in) - self.want) ** 2).mean())
 
     def down_statistic(self) -> torch.Tensor:

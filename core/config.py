@@ -343,6 +343,9 @@ def parse_config(raw_dict: dict[str, Any], file: str = "config.json") -> ModelCo
         attention_bias=_flag(raw, "attention_bias", False),
         bos_token_id=bos, eos_token_ids=eos_ids,
         num_nextn_predict_layers=raw.int("num_nextn_predict_layers", 0, lo=0, hi=16) or 0,
+        # Written by `dsexport distill` for a pruned student: the checkpoint keeps every expert's
+        # weights (and the original shapes), and these lists say which ones the model uses.
+        kept_experts=raw.int_lists("kept_experts", None, lo=0, hi=MAX_EXPERTS - 1, max_len=MAX_EXPERTS),
     )
     check_consistency(cfg, CheckpointError, file)
     return cfg
@@ -378,7 +381,7 @@ def check_consistency(cfg: ModelConfig, error: type[UserError], file: str) -> No
             fail(f"kept_experts lists {len(cfg.kept_experts)} layers; the model has {cfg.num_hidden_layers}")
         for layer, ids in enumerate(cfg.kept_experts):
             if cfg.is_moe_layer(layer):
-                _check_kept(cfg, layer, tuple(ids), error, file)
+                _check_kept(cfg, layer, tuple(ids), error, f"{file}: kept_experts[{layer}]")
             elif ids:
                 fail(f"kept_experts[{layer}]: layer {layer} is dense and holds no routed experts")
 

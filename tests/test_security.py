@@ -281,6 +281,11 @@ CONFIG_ATTACKS = {
     "top-k beyond experts": ({"num_experts_per_tok": 99}, "num_experts_per_tok"),
     "string hidden size": ({"hidden_size": "64"}, "hidden_size"),
     "NaN eps": (None, "not valid JSON"),
+    # kept_experts (written by `dsexport distill` for a pruned student) is checked like the manifest's
+    "kept expert out of range": ({"kept_experts": [[], [0, 1, 2, 999], [0, 1, 2]]}, "kept_experts"),
+    "too few kept experts": ({"kept_experts": [[], [0, 1], [0, 1, 2]]}, "kept_experts"),
+    "kept experts on a dense layer": ({"kept_experts": [[0], [0, 1], [0, 1]]}, "kept_experts"),
+    "kept experts per layer missing": ({"kept_experts": [[], [0, 1]]}, "kept_experts"),
 }
 
 

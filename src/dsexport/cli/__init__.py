@@ -17,7 +17,7 @@ import click
 
 from dsexport.core.errors import UserError
 
-from . import build_commands, device_commands, serve_command  # noqa: F401  (each registers its commands)
+from . import build_commands, device_commands, distill_command, serve_command  # noqa: F401  (each registers its commands)
 from .app import ValidationFailed, cli
 
 __all__ = ["cli", "main"]
