@@ -40,6 +40,7 @@ TOP_K = 8
 BUILD_LOGIT_TOL = 1e-3  # the fp32 validate default; see docs/validate.md
 COVERAGE_WINDOW = 32
 COVERAGE_WINDOWS = 24  # at most: random windows are added until every expert is routed to
+COVERAGE_TRIES = 4 * COVERAGE_WINDOWS  # random windows tried at most
 QUALITY_TOKENS = 64
 
 
@@ -82,13 +83,16 @@ def _greedy_cases(reader, prompts, outputs, quant) -> list[dict]:
 
 
 def _coverage(reader: CheckpointReader, quant) -> dict:
-    """Random windows until every kept expert is routed to (at most COVERAGE_WINDOWS)."""
+    """Random windows until every kept expert is routed to (at most COVERAGE_WINDOWS kept, and at
+    most COVERAGE_TRIES tried: an expert that random tokens never reach, as a specialized model
+    has, must not keep the build looping; it is reported as uncovered)."""
     cfg = reader.config
     rng = np.random.default_rng(1)
     wanted = {i: set(range(cfg.num_experts(i))) for i in cfg.moe_layers}
-    windows, routes, logits = [], {i: [] for i in wanted}, []
-    while any(wanted.values()) and len(windows) < COVERAGE_WINDOWS:
+    windows, routes, logits, tried = [], {i: [] for i in wanted}, [], 0
+    while any(wanted.values()) and len(windows) < COVERAGE_WINDOWS and tried < COVERAGE_TRIES:
         batch = [rng.integers(0, cfg.vocab_size, size=COVERAGE_WINDOW).tolist() for _ in range(4)]
+        tried += len(batch)
         got: dict[int, list] = {}
         out = streamed_logits(reader, batch, quant, routes=got)
         for b, window in enumerate(batch):

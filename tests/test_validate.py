@@ -172,3 +172,49 @@ def test_a_quantized_bundle_is_held_to_the_statistics_its_kernels_allow(run_cli,
     assert {"median_abs_logit_diff", "worst_expert_median_logit_diff", "latent_agreement"} <= set(checks["int8", True])
     assert checks["int8", True]["quality_loss_rel"] == checks["fp32", True]["quality_loss_rel"] == 0.03
     assert checks["int8", False]["worst_expert_median_logit_diff"] > checks["fp32", False]["worst_expert_median_logit_diff"]
+
+
+def test_a_pruned_bundle_over_its_quality_budget_fails_on_the_specialized_model(run_cli, tmp_path):
+    """models/deepseek-specialized, whose experts matter: a quarter of its routed experts removed
+    by frequency on code text computes the pruned model exactly (every exactness check passes)
+    but loses far more than the fp32 budget (0.5%) on English text against the original model,
+    so validate fails on the quality verdict alone; a budget set above the loss passes it."""
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parents[1] / "models" / "deepseek-specialized"
+    bundle = tmp_path / "pruned"
+    code, _, err = run_cli("build", "--model", model, "--out", bundle, "--prune", 0.25, "--prune-by", "frequency",
+                           "--calib", model / "test.code.txt")
+    assert code == 0, err
+    args = ("validate", bundle, "--reference", model, "--data", model / "test.english.txt", "--json")
+    code, out, err = run_cli(*args)
+    report = json.loads(out)
+    failed = {c["name"] for c in report["checks"] if not c["passed"]}
+    assert code == 1 and failed == {"quality_loss_rel"}, (failed, err)
+    loss = report["metrics"]["quality"]["quality_loss_rel"]
+    assert loss > 0.05  # the budget is 0.5%
+    code, out, err = run_cli(*args, "--max-quality-loss", round(loss + 0.05, 3))
+    assert code == 0, out
+
+
+def test_a_build_ends_when_random_tokens_never_reach_an_expert(artifacts, run_cli, tmp_path):
+    """Golden coverage adds random windows until every kept expert is routed to; an expert random
+    tokens never reach (here: its noaux_tc correction bias at -1e4, so nothing selects it; in a
+    specialized model, an expert only one domain uses) must not keep the build looping. It is
+    reported as uncovered. (The loop once bounded only the windows it kept, and hung.)"""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = Path(shutil.copytree(artifacts.checkpoint(VARIANT), tmp_path / "ckpt"))
+    shard = ckpt / "model.safetensors"
+    tensors = load_file(str(shard))
+    tensors["model.layers.1.mlp.gate.e_score_correction_bias"][5] = -1.0e4
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "b")
+    assert code == 0, err
+    coverage = json.loads((tmp_path / "b" / "golden.json").read_text())["coverage"]
+    assert coverage["uncovered"] == {"1": [5]} and coverage["covered"] == coverage["experts"] - 1
+    code, _, err = run_cli("validate", tmp_path / "b")
+    assert code == 0, err

@@ -183,7 +183,7 @@ def _summary(report: dict) -> str:
 @click.option("--epochs", default=8.0, show_default=True, type=float)
 @click.option("--batch", default=16, show_default=True, type=int, help="Windows per step (over all ranks).")
 @click.option("--micro-batch", default=8, show_default=True, type=int, help="Windows per forward pass on one rank.")
-@click.option("--lr", default=None, type=float, help="Peak learning rate (default: 1e-3 router/norms, 2e-4 moe/all).")
+@click.option("--lr", default=None, type=float, help="Peak learning rate (default: 3e-4 router/norms, 5e-4 moe/all).")
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="Softmax temperature of the KL.")
 @click.option("--teacher", default="cached", show_default=True,
               help="cached: the teacher's top-k log-probs and rest mass computed once, layer by layer; online: the "
