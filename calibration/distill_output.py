@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dsexport.core.errors import CheckpointError
-from dsexport.core.files import copy_regular_file
+from dsexport.core.files import copy_regular_file, is_marked_output
 from dsexport.core.jsonio import load_json
 from dsexport.core.safetensors import checkpoint_tensors, read_header
 from dsexport.exporter.checkpoint import CheckpointReader
@@ -212,11 +212,4 @@ def write_student(reader: CheckpointReader, model: DeepseekReference, out: Path,
 
 def is_distill_output(directory: Path) -> bool:
     """Whether a directory is a previous `dsexport distill` output (its report says so)."""
-    report = Path(directory) / REPORT_FILE
-    if not report.is_file() or report.is_symlink():
-        return False
-    try:
-        data = load_json(report, CheckpointError, max_bytes=64 << 20)
-    except CheckpointError:
-        return False
-    return isinstance(data, dict) and data.get("format") == REPORT_FORMAT
+    return is_marked_output(directory, REPORT_FILE, REPORT_FORMAT)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from .errors import UserError
+from .jsonio import load_json
 
 _HASH_CHUNK = 16 << 20
 MAX_NAME_LENGTH = 255
@@ -116,3 +117,16 @@ def fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def is_marked_output(directory: Path, marker: str, fmt: str) -> bool:
+    """Whether `directory` is one of dsexport's own outputs: it holds `marker`, a regular JSON file
+    whose "format" is `fmt` (a bundle's manifest.json, a distill output's report)."""
+    path = Path(directory) / marker
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        data = load_json(path, UserError, max_bytes=64 << 20)
+    except UserError:
+        return False
+    return isinstance(data, dict) and data.get("format") == fmt

@@ -230,3 +230,13 @@ def test_merge_student_starts_from_the_merged_experts(artifacts, calib, tmp_path
     down = view.experts(layer)[2][kept[layer].index(merge.into)]  # [H, I], merged
     assert (written[name] - down).abs().max() < 1e-6
     assert (written[name] - original[name]).abs().max() > 1e-3  # the merge changed it: the check could fail
+
+
+def test_out_is_never_the_checkpoint_or_inside_it(artifacts, calib, run_cli):
+    ckpt = artifacts.checkpoint(VARIANT)
+    before = sorted(p.name for p in ckpt.iterdir())
+    for out, words in ((ckpt, "is or holds the checkpoint"), (ckpt / "student", "lies inside the checkpoint")):
+        code, _, err = run_cli("distill", "--model", ckpt, "--calib", calib, "--out", out, "--prune", 0.25, "--overwrite")
+        lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(lines) == 1 and words in lines[0], err
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing written into or removed from it

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dsexport.core.errors import OutputError, UserError
-from dsexport.core.jsonio import load_json
+from dsexport.core.files import is_marked_output
 from dsexport.core.manifest import BUNDLE_FORMAT, MANIFEST_FILE
 
 _RENAME_EXCHANGE = 2
@@ -30,19 +30,12 @@ _AT_FDCWD = -100
 _NO_SPACE = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
-def _is_bundle(directory: Path) -> bool:
-    manifest = directory / MANIFEST_FILE
-    if not manifest.is_file() or manifest.is_symlink():
-        return False
-    try:
-        data = load_json(manifest, UserError, max_bytes=16 << 20)
-    except UserError:
-        return False
-    return isinstance(data, dict) and data.get("format") == BUNDLE_FORMAT
-
-
-def check_output(out: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse an --out the build must not write to or replace (one line, before any work)."""
+def check_output(out: Path, overwrite: bool, protected: list[Path], marker: str = MANIFEST_FILE,
+                 fmt: str = BUNDLE_FORMAT, kind: str = "bundle", inside_protected: bool = True) -> None:
+    """Refuse an --out the command must not write to or replace (one line, before any work): a
+    symlink, a protected directory (the checkpoint) or one holding it (with inside_protected
+    False, one inside it too), the current directory or one above it, or a non-empty directory
+    that is not one of dsexport's own `kind` outputs (replaced only with --overwrite)."""
     out = Path(out)
     if out.is_symlink():
         raise UserError(f"--out {out} is a symlink; give the real directory")
@@ -50,20 +43,21 @@ def check_output(out: Path, overwrite: bool, protected: list[Path]) -> None:
     for keep in protected:
         keep = Path(keep).resolve()
         if real == keep or real in keep.parents:
-            raise UserError(f"--out {out} is or holds the checkpoint {keep}; write the bundle elsewhere")
+            raise UserError(f"--out {out} is or holds the checkpoint {keep}; write the {kind} elsewhere")
+        if not inside_protected and keep in real.parents:
+            raise UserError(f"--out {out} lies inside the checkpoint {keep}; write the {kind} elsewhere")
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
-        raise UserError(f"--out {out} is the current directory or holds it; write the bundle to a new directory")
+        raise UserError(f"--out {out} is the current directory or holds it; write the {kind} to a new directory")
     if not out.exists():
         return
     if not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    empty = not any(out.iterdir())
-    if empty:
+    if not any(out.iterdir()):
         return
-    if not _is_bundle(out):
-        raise UserError(f"--out {out} exists and is not a dsexport bundle; dsexport replaces only its own bundles "
-                          "(or an empty directory)")
+    if not is_marked_output(out, marker, fmt):
+        raise UserError(f"--out {out} exists and is not a dsexport {kind}; dsexport replaces only its own {kind}s "
+                        "(or an empty directory)")
     if not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
 

@@ -74,29 +74,12 @@ def _ranks(device: str):
 
 
 def _check_out(out: Path, model_dir: Path, overwrite: bool) -> None:
-    """Refuse an --out that is or holds the checkpoint, or that holds anything but a previous
-    distill output (replaced only with --overwrite)."""
-    from dsexport.calibration.distill_output import is_distill_output
+    """Refuse an --out that is, holds or lies inside the checkpoint, or that holds anything but a
+    previous distill output (replaced only with --overwrite)."""
+    from dsexport.build.publish import check_output
+    from dsexport.calibration.distill_output import REPORT_FILE, REPORT_FORMAT
 
-    if out.is_symlink():
-        raise UserError(f"--out {out} is a symlink; give the real directory")
-    real, model = out.resolve(), model_dir.resolve()
-    if real == model or real in model.parents or model in real.parents:
-        raise UserError(f"--out {out} is, holds or lies inside the checkpoint {model_dir}; write elsewhere")
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
-        raise UserError(f"--out {out} is the current directory or holds it; write to a new directory")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return
-    if not is_distill_output(out):
-        raise UserError(f"--out {out} exists and is not a dsexport distill output; dsexport replaces only its own "
-                        "outputs (or an empty directory)")
-    if not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_output(out, overwrite, [model_dir], REPORT_FILE, REPORT_FORMAT, "distill output", inside_protected=False)
 
 
 def _quant(precision: str, target: str, block_size: int, zero_points: bool, cfg):
