@@ -19,11 +19,11 @@ those k tokens; this way the tail keeps the teacher's mass and the student's own
 
 Training: AdamW on the parameters `train` names, linear warm-up then cosine to 10%, a held-out
 share of the windows evaluated every `eval_every` steps; the best held-out state is kept and
-training stops after `patience` evaluations without improvement (not before 2 epochs). Top-k routing passes no
-gradient (the router learns through the routing weights of the experts it picked); the noaux_tc
-correction bias is not a gradient parameter: frozen, or moved toward balanced load after every
-step as DeepSeek-V3 trains it (`bias_speed`). Embedding, output head and the MTP module (which
-shares both) are never trained.
+training stops after `patience` evaluations without improvement (not before 2 epochs). Top-k
+routing passes no gradient (the router learns through the routing weights of the experts it
+picked); the noaux_tc correction bias is not a gradient parameter: frozen, or moved toward
+balanced load after every step as DeepSeek-V3 trains it (`bias_speed`). Embedding, output head
+and the MTP module (which shares both) are never trained.
 
 Data parallel: under torch.distributed (torchrun), each rank takes every world-th window of each
 global batch and gradients are averaged by DistributedDataParallel; the loss is normalized by the
@@ -396,7 +396,7 @@ def train(trainer: Trainer, train_w: list[list[int]], held_w: list[list[int]], p
         else:
             since_best += 1
         progress("distill", step, steps, f"loss {history[-1]['train_loss']:.4f} held-out KL {kl:.4f} (best {best_kl:.4f})")
-        if since_best >= c.patience and step >= 2 * steps_per_epoch:  # not before 2 epochs: early evals are noisy
+        if since_best >= c.patience and step >= 2 * steps_per_epoch:  # early evaluations are noisy
             break
     if loads is not None:
         loads.close()

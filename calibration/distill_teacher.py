@@ -13,11 +13,9 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dsexport.exporter.checkpoint import CheckpointReader
-from dsexport.exporter.reference import DecoderLayer, DeepseekReference, RMSNorm, layer_tensors, positions_and_mask
-from dsexport.exporter.rope import rope_frequencies
+from dsexport.exporter.reference import DeepseekReference, streamed_hidden
 
 
 # ---- ranks (torch.distributed or a single process) ---------------------------------------------
@@ -92,35 +90,6 @@ def nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torc
 
 
 # ---- the teacher ----------------------------------------------------------------------------
-@torch.no_grad()
-def streamed_hidden(reader: CheckpointReader, windows: list[list[int]], chunk: int = 16) -> list[torch.Tensor]:
-    """The teacher's final hidden states [T, D] per window, one decoder layer in memory at a time
-    (as calibration/run.py streams): memory is one layer plus the windows' hidden states."""
-    cfg = reader.config
-    inv_freq, rope_scale = rope_frequencies(cfg)
-    embed = reader.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-    states = [embed[torch.tensor(w)][None] for w in windows]  # [1, T, D] each
-    del embed
-    groups: dict[int, list[int]] = {}  # same-length windows run together
-    for n, w in enumerate(windows):
-        groups.setdefault(len(w), []).append(n)
-    rope = {T: positions_and_mask(inv_freq, rope_scale, (1, T), 0, None, None) for T in groups}
-    for i in range(cfg.num_hidden_layers):
-        with torch.device("meta"):
-            layer = DecoderLayer(cfg, i)
-        layer.load_state_dict(dict(layer_tensors(reader, i)), strict=True, assign=True)
-        for T, members in groups.items():
-            for c in range(0, len(members), chunk):
-                part = members[c:c + chunk]
-                out = layer(torch.cat([states[n] for n in part]), *rope[T], None)
-                for j, n in enumerate(part):
-                    states[n] = out[j:j + 1]
-        del layer
-    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-    norm.weight = nn.Parameter(reader.get("model.norm.weight", (cfg.hidden_size,)))
-    return [norm(x)[0] for x in states]
-
-
 @dataclasses.dataclass
 class CachedTargets:
     """Per window: the teacher's top-k token ids, their log-probs at T, and the log rest mass."""

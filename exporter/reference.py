@@ -336,14 +336,13 @@ class DeepseekReference(nn.Module):
 
 
 @torch.no_grad()
-def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=None,
-                    routes: dict[int, list] | None = None) -> list[torch.Tensor]:
-    """Full-sequence reference logits [T, V] per sequence, holding one decoder layer at a time.
-
-    What a build uses to record golden outputs: memory stays at one layer plus activations,
-    whatever the model's size. quant: the bundle's QuantSpec (the dequantized model). routes:
-    filled with {MoE layer: [expert slots [T, k] per sequence]}.
-    """
+def streamed_hidden(reader: CheckpointReader, sequences: list[list[int]], quant=None,
+                    routes: dict[int, list] | None = None, chunk: int = 16) -> list[torch.Tensor]:
+    """The final hidden states after the model's norm, [T, D] per sequence, holding one decoder
+    layer at a time: memory stays at one layer plus the sequences' hidden states, whatever the
+    model's size. Sequences of one length run together, `chunk` at a time. quant: the bundle's
+    QuantSpec (the dequantized model). routes: filled with {MoE layer: [expert slots [T, k] per
+    sequence]}."""
     from .quantize import fake_quantize
 
     cfg = reader.config
@@ -351,23 +350,47 @@ def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=
     embed = reader.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
     states = [embed[torch.tensor(seq)][None] for seq in sequences]  # [1, T, D] each
     del embed
-    rope = [positions_and_mask(inv_freq, rope_scale, (1, len(seq)), 0, None, None) for seq in sequences]
+    groups: dict[int, list[int]] = {}
+    for n, seq in enumerate(sequences):
+        groups.setdefault(len(seq), []).append(n)
+    batches = [members[c:c + chunk] for members in groups.values() for c in range(0, len(members), chunk)]
+    rope = {T: positions_and_mask(inv_freq, rope_scale, (1, T), 0, None, None) for T in groups}
     for i in range(cfg.num_hidden_layers):
         with torch.device("meta"):
             layer = DecoderLayer(cfg, i)
-        layer.load_state_dict({n: fake_quantize(n, t, quant, i, cfg.expert_ids(i)) for n, t in layer_tensors(reader, i)},
-                              strict=True, assign=True)
+        tensors = {n: fake_quantize(n, t, quant, i, cfg.expert_ids(i)) for n, t in layer_tensors(reader, i)}
+        layer.load_state_dict(tensors, strict=True, assign=True)
         set_activation_quant(layer, quant)
+        recorded: list[torch.Tensor] = []
         if routes is not None and isinstance(layer.mlp, MoE):
-            routes[i] = []
-            layer.mlp.route_recorder = lambda idx, i=i: routes[i].append(idx.numpy().copy())
-        states = [layer(x, cos, sin, mask, None) for x, (cos, sin, mask) in zip(states, rope)]
+            layer.mlp.route_recorder = recorded.append
+            routes[i] = [None] * len(sequences)
+        for part in batches:
+            T = len(sequences[part[0]])
+            out = layer(torch.cat([states[n] for n in part]), *rope[T], None)  # [B, T, D]
+            for b, n in enumerate(part):
+                states[n] = out[b:b + 1]
+            if recorded:
+                slots = recorded.pop().reshape(len(part), T, -1)  # the MoE saw [B*T, k]
+                for b, n in enumerate(part):
+                    routes[i][n] = slots[b].numpy().copy()
         del layer
     norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     norm.weight = nn.Parameter(reader.get("model.norm.weight", (cfg.hidden_size,)))
+    return [norm(x)[0] for x in states]
+
+
+@torch.no_grad()
+def streamed_logits(reader: CheckpointReader, sequences: list[list[int]], quant=None,
+                    routes: dict[int, list] | None = None) -> list[torch.Tensor]:
+    """Full-sequence reference logits [T, V] per sequence, holding one decoder layer at a time
+    (streamed_hidden, then the output head). What a build uses to record golden outputs."""
+    from .quantize import fake_quantize
+
+    hidden = streamed_hidden(reader, sequences, quant, routes)
     head = fake_quantize("lm_head.weight", reader.lm_head(), quant)
     act_block = quant.projection_activation_block("lm_head") if quant is not None else None
-    return [(quantize_activations(norm(x)[0], act_block) if act_block else norm(x)[0]) @ head.T for x in states]
+    return [(quantize_activations(h, act_block) if act_block else h) @ head.T for h in hidden]
 
 
 def set_activation_quant(layer: "DecoderLayer", quant) -> None:
