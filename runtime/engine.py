@@ -36,7 +36,7 @@ from .sampling import SamplingParams
 from .sessions import WEIGHT_MODES  # noqa: F401  (part of the API)
 from .tokenizer import TOKENIZER_FILES, BundleTokenizer
 
-DRAFT_MODES = ("mtp",)
+DRAFT_MODES = ("mtp", "auto")
 MAX_NEW_TOKENS = 1 << 20
 __all__ = ["Engine", "Generation", "GenerationConfig", "TokenEvent", "SamplingParams"]
 
@@ -70,7 +70,8 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
         self.pad_id = next(iter(sorted(self.eos_ids)), 0)
-        self.drafter = None  # the MTP graph, with load(draft="mtp")
+        self.drafter = None  # the MTP graph, with load(draft="mtp"), or "auto" where it pays
+        self.draft_decision = None  # load(draft="auto"): runtime/draft_policy.DraftDecision
         self.last_draft_stats = None
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -96,7 +97,9 @@ class Engine:
         backend: "onnxruntime" (the bundle's ONNX graphs) or "tensorrt" (the engines that
           `dsexport engine` built on this device).
         draft: "mtp" drafts with the bundle's MTP graph and verifies two tokens per decoder run
-          (single prompts, onnxruntime backend); None (default) does not: on CPUs it does not pay.
+          (single prompts, onnxruntime backend); "auto" measures a 1-token step, a 2-token step
+          and the draft here and drafts when that predicts a speedup (runtime/draft_policy.py;
+          engine.draft_decision says what it found); None (default) does not draft.
         expert_cache_mb, prefetch, cache_policy: paged bundles (docs/paging.md).
         """
         bundle = read_bundle(path, verify=verify)
@@ -104,7 +107,7 @@ class Engine:
             raise UserError(f"{bundle.directory} is not a paged bundle; expert cache settings need one (build --paged)")
         if draft is not None and draft not in DRAFT_MODES:
             raise UserError(f"draft must be one of {', '.join(DRAFT_MODES)} or None, got {draft!r}")
-        if draft is not None and backend != "onnxruntime":
+        if draft == "mtp" and backend != "onnxruntime":
             raise UserError(f"drafting runs on the onnxruntime backend, not {backend}")
         limit = _context_limit(bundle.manifest.model, max_context)
         tokenizer = _tokenizer(bundle)
@@ -114,10 +117,20 @@ class Engine:
         except ImportError as e:  # no TensorRT / CUDA bindings on this machine
             raise EngineUnavailable(f"the {backend} backend cannot run on this machine ({e})") from None
         engine = cls(bundle, runner, tokenizer, limit)
-        if draft is not None:
+        if draft == "mtp":
             from .speculative import MTPGraph
 
             engine.drafter = MTPGraph.load(bundle)
+        elif draft == "auto":
+            from .draft_policy import DraftDecision, decide
+            from .speculative import MTPGraph
+
+            can = backend == "onnxruntime" and bundle.manifest.graphs.mtp is not None and not bundle.manifest.is_paged
+            drafter = MTPGraph.load(bundle) if can else None
+            engine.draft_decision = decide(engine, drafter) if can else DraftDecision(
+                False, "the bundle has no MTP graph" if bundle.manifest.graphs.mtp is None
+                else "drafting runs on the fused onnxruntime backend only")
+            engine.drafter = drafter if engine.draft_decision.draft else None
         return engine
 
     def close(self) -> None:

@@ -6,6 +6,8 @@ serves the drafter (runtime/speculative.py).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 
@@ -29,6 +31,7 @@ class OrtBackend:
         self.num_layers, self.latent_dim = num_layers, latent_dim
         self.has_hidden_states = hidden_states
         self._outputs = [LOGITS] + [present_name(i) for i in range(num_layers)]
+        self.profile: dict | None = None  # seconds per part of a step, when a benchmark asks (benchmarks/decode.py)
 
     @classmethod
     def load(cls, bundle: Bundle, options: LoadOptions) -> "OrtBackend":
@@ -52,7 +55,11 @@ class OrtBackend:
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                 cache: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        out = self.session.run_with_ort_values(self._outputs, self._feed(input_ids, position_ids, attention_mask, cache))
+        feed = self._feed(input_ids, position_ids, attention_mask, cache)
+        t0 = time.perf_counter()
+        out = self.session.run_with_ort_values(self._outputs, feed)
+        if self.profile is not None:
+            self.profile["onnxruntime"] = self.profile.get("onnxruntime", 0.0) + time.perf_counter() - t0
         return out[0].numpy(), list(out[1:])
 
     def forward_hidden(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,

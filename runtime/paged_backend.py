@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,9 +30,10 @@ from dsexport.core.contract import (HIDDEN, LOGITS, layer_of, moe_input_name, pr
                                     router_ids_name, router_weights_name)
 from dsexport.core.errors import BundleError, NumericalError, UserError
 
+from . import native
 from .backends import LoadOptions, token_feed
 from .bundle import Bundle
-from .paging import DEFAULT_POLICY, ExpertCache, ExpertStore, PagingStats, quantize_activations
+from .paging import DEFAULT_POLICY, Expert, ExpertCache, ExpertStore, PagingStats, quantize_activations
 from .sessions import choose_providers, open_session, session_options
 
 
@@ -76,9 +78,27 @@ class PagedBackend:
         moe = [s.moe_layer for s in segments if s.moe_layer is not None]
         self.next_moe = dict(zip(moe, moe[1:]))  # layer -> the MoE layer after it
         self.routers = {i: cache.store.router(i) for i in moe[1:]}  # resident: the prefetcher's predictors
+        self._total_experts = sum(entry.experts for entry in cache.store.layers.values())
+        # routed experts: the native kernel where built and the store's layout suits it, else numpy
+        self.kernel, self._workers = None, None
+        # numpy's matmuls here (the prefetcher's router) must not wake BLAS threads that then spin
         single_threaded_blas()
-        self._workers = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1,
-                                           thread_name_prefix="dsexport-experts")
+        lib = native.load()
+        self._tables: dict[int, np.ndarray] = {}  # layer -> [E, 6] expert addresses, when all are resident
+        kmax = cfg.num_experts_per_tok
+        self._decode_start = {k: np.arange(k + 1, dtype=np.int32) for k in range(1, kmax + 1)}
+        self._decode_index = {k: np.zeros(k, np.int32) for k in range(1, kmax + 1)}
+        if lib is not None and kernel_layout(cache.store) is not None:
+            self.kernel = native.ExpertKernel(lib, threads)
+            self._kernel_layout = kernel_layout(cache.store)
+            self._preload()
+        else:
+            self._workers = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1,
+                                               thread_name_prefix="dsexport-experts")
+        # each segment's inputs, resolved once: (name, kind, past layer)
+        self.profile: dict | None = None  # seconds per part of a step, when a benchmark asks (benchmarks/decode.py)
+        self._feeds = [[(n, "hidden" if n == HIDDEN else "past" if layer_of(n, "past_latent") is not None else "common",
+                         layer_of(n, "past_latent")) for n in names] for names in self._inputs]
 
     @classmethod
     def load(cls, bundle: Bundle, options: LoadOptions) -> "PagedBackend":
@@ -125,16 +145,19 @@ class PagedBackend:
                   for name, a in token_feed(input_ids, position_ids, attention_mask).items()}
         present = list(cache)
         hidden = None
-        for session, seg, inputs, outputs in zip(self.sessions, self.segments, self._inputs, self._outputs):
+        for session, seg, feeds, outputs in zip(self.sessions, self.segments, self._feeds, self._outputs):
             feed = {}
-            for name in inputs:
-                if name == HIDDEN:
+            for name, kind, layer in feeds:
+                if kind == "hidden":
                     feed[name] = ort.OrtValue.ortvalue_from_numpy(hidden)
-                elif layer_of(name, "past_latent") is not None:
-                    feed[name] = cache[layer_of(name, "past_latent")]
+                elif kind == "past":
+                    feed[name] = cache[layer]
                 else:
                     feed[name] = common[name]
+            t0 = time.perf_counter()
             out = dict(zip(outputs, session.run_with_ort_values(outputs, feed)))
+            if self.profile is not None:
+                self.profile["onnxruntime"] = self.profile.get("onnxruntime", 0.0) + time.perf_counter() - t0
             for i in seg.layers:
                 present[i] = out[present_name(i)]
             i = seg.moe_layer
@@ -144,7 +167,13 @@ class PagedBackend:
             ids = out[router_ids_name(i)].numpy()  # [N, k]
             weights = out[router_weights_name(i)].numpy()  # [N, k]
             residual = out[residual_name(i)].numpy()  # [B, T, D]
-            hidden = residual + self.routed(i, h, ids, weights).reshape(residual.shape)
+            t0 = time.perf_counter()
+            if self.kernel is not None:
+                hidden = self.routed_native(i, h, ids, weights, residual.reshape(h.shape)).reshape(residual.shape)
+            else:
+                hidden = residual + self.routed(i, h, ids, weights).reshape(residual.shape)
+            if self.profile is not None:
+                self.profile["experts"] = self.profile.get("experts", 0.0) + time.perf_counter() - t0
             if not np.isfinite(hidden).all():
                 raise NumericalError(f"layer {i} of the paged decoder produced non-finite values (NaN/Inf): the "
                                      "bundle's weights of that layer are corrupt or overflow")
@@ -156,8 +185,8 @@ class PagedBackend:
         slots = np.unique(ids)
         self.cache.begin_layer(layer, slots.tolist())
         nxt = self.next_moe.get(layer)
-        if nxt is not None and self.cache.prefetch_enabled:
-            self.cache.prefetch(nxt, self.predict(nxt, h))
+        if nxt is not None and self.cache.prefetch_enabled and len(self.cache.entries) < self._total_experts:
+            self.cache.prefetch(nxt, self.predict(nxt, h))  # nothing to predict once every expert is resident
         out = np.zeros_like(h)
         try:
             # the main thread reads (or finds) each expert in turn; workers compute them meanwhile
@@ -169,6 +198,68 @@ class PagedBackend:
                                                          self.cache.store.activation_block)))
             for rows, part in parts:  # summed in slot order, whatever finished first
                 out[rows] += part.result()
+        finally:
+            self.cache.end_layer()
+        return out
+
+    def _preload(self) -> None:
+        """When the cache holds every expert, read them all now (as a fused bundle's weights are read at
+        load) and keep each layer's table of addresses: decode then skips the cache's bookkeeping."""
+        store = self.cache.store
+        total = sum(store.expert_bytes(i) * entry.experts for i, entry in store.layers.items())
+        if total > self.cache.budget:
+            return
+        for i, entry in store.layers.items():
+            self.cache.begin_layer(i, list(range(entry.experts)))
+            try:
+                self._tables[i] = np.stack([expert_addresses(self.cache.get(i, slot)) for slot in range(entry.experts)])
+            finally:
+                self.cache.end_layer()
+        self.stats_counters.reset()
+
+    def routed_native(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                      residual: np.ndarray) -> np.ndarray:
+        """residual + the routed experts [N, D], by the native kernel: all threads on every expert's
+        rows; each output sums its experts in ascending slot order (so results do not depend on
+        the thread count or the cache)."""
+        N, k = ids.shape
+        h, residual = np.ascontiguousarray(h, np.float32), np.ascontiguousarray(residual, np.float32)
+        bits, round_act, block = self._kernel_layout
+        intermediate = self.cache.store.layers[layer].intermediate
+        out = np.empty_like(h)
+        if N == 1:  # decode: k distinct slots
+            order = np.argsort(ids[0])
+            slots, tok_start, tok_index = ids[0][order], self._decode_start[k], self._decode_index[k]
+        else:
+            flat = ids.reshape(-1)
+            order = np.argsort(flat, kind="stable")  # [N*k] pairs grouped by slot, tokens ascending
+            slots, counts = np.unique(flat[order], return_counts=True)
+            tok_start = np.zeros(len(slots) + 1, np.int32)
+            np.cumsum(counts, out=tok_start[1:])
+            tok_index = (order // k).astype(np.int32)
+        tok_weight = np.ascontiguousarray(weights.reshape(-1)[order], np.float32)
+        table = self._tables.get(layer)
+        if table is not None:  # every expert resident: count the requests as hits, no bookkeeping
+            phase = self.stats_counters.phase[self.cache.phase]
+            phase["requests"] += len(slots)
+            phase["hits"] += len(slots)
+            self.stats_counters.histogram[layer][slots] += 1
+            t0 = time.perf_counter()
+            self.kernel.moe(bits, round_act, block, h, residual, out, table[slots], tok_start, tok_index, tok_weight,
+                            intermediate)
+            if self.profile is not None:
+                self.profile["kernel"] = self.profile.get("kernel", 0.0) + time.perf_counter() - t0
+            return out
+        slot_list = slots.tolist()
+        self.cache.begin_layer(layer, slot_list)
+        nxt = self.next_moe.get(layer)
+        if nxt is not None and self.cache.prefetch_enabled and len(self.cache.entries) < self._total_experts:
+            self.cache.prefetch(nxt, self.predict(nxt, h))  # nothing to predict once every expert is resident
+        try:
+            experts = [self.cache.get(layer, slot) for slot in slot_list]  # resident for the call
+            table = np.stack([expert_addresses(e) for e in experts])
+            self.kernel.moe(bits, round_act, block, h, residual, out, table, tok_start, tok_index, tok_weight,
+                            intermediate)
         finally:
             self.cache.end_layer()
         return out
@@ -200,8 +291,46 @@ class PagedBackend:
         self.stats_counters.reset()
 
     def close(self) -> None:
-        self._workers.shutdown()
+        if self._workers is not None:
+            self._workers.shutdown()
+        if self.kernel is not None:
+            self.kernel.close()
         self.cache.close()
+
+
+def kernel_layout(store: ExpertStore) -> tuple[int, bool, int] | None:
+    """(bits, rounds activations, block) the native kernel runs the store's experts with, or None
+    when it cannot: experts held dequantized, mixed widths, or an activation block other than the
+    weight block."""
+    if store.bits is None:
+        return 32, False, 0
+    if store.holds != "quantized":
+        return None
+    layouts = {(m["bits"], m["block"]) for layout in store.layouts.values() for m in layout.mats.values()}
+    if len(store.layouts) != len(store.layers) or len(layouts) != 1:
+        return None
+    bits, block = layouts.pop()
+    act = store.activation_block
+    if act is not None and act != block or block % 32 or block > 128:
+        return None
+    return bits, act is not None, block
+
+
+def expert_addresses(expert: Expert) -> np.ndarray:
+    """uint64 [6]: gate_up q, scales, zero points; down q, scales, zero points (0: none), the
+    addresses the kernel reads; cached on the expert (its buffer lives as long as it does)."""
+    cached = getattr(expert, "_addresses", None)
+    if cached is None:
+        if expert.q is None:
+            parts = [expert.w_gate_up, None, None, expert.w_down, None, None]
+        else:
+            parts = []
+            for name in ("gate_up", "down"):
+                _, q, scales, zero = expert.q.parts[name]
+                parts += [q, scales, zero]
+        cached = np.array([native.address(a) for a in parts], np.uint64)
+        expert._addresses = cached
+    return cached
 
 
 def _expert_output(expert, x: np.ndarray, weight: np.ndarray, activation_block: int | None = None) -> np.ndarray:

@@ -57,8 +57,12 @@ def test_run_json_is_the_documented_object(bundle, run_cli):
     code, out, _ = run_cli("run", bundle, "--prompt", "The quick brown fox", "--max-new-tokens", 12, "--json")
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"prompt_ids", "output_ids", "text", "finish_reason", "ttft_s", "prefill_tokens_per_s",
-                           "decode_tokens_per_s"}
+    # draft_decision: --draft auto (the default) on a bundle with an MTP graph; draft: when it drafted
+    assert set(result) - {"draft_decision", "draft"} == {"prompt_ids", "output_ids", "text", "finish_reason", "ttft_s",
+                                                         "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert set(result["draft_decision"]) == {"draft", "reason", "t1_ms", "t2_ms", "draft_ms", "acceptance_prior",
+                                             "predicted_speedup"}
+    assert ("draft" in result) == result["draft_decision"]["draft"]
     expected = Engine.load(bundle).generate("The quick brown fox", max_new_tokens=12)
     assert result["output_ids"] == expected.output_ids and result["prompt_ids"] == expected.prompt_ids
     assert result["text"] == expected.text

@@ -198,3 +198,34 @@ def test_quantized_bundles_share_the_quantized_head_and_draft_the_same_tokens(tm
     a = plain.generate("And God said unto Moses,", max_new_tokens=32, ignore_eos=True)
     b = drafting.generate("And God said unto Moses,", max_new_tokens=32, ignore_eos=True)
     assert a.output_ids == b.output_ids and b.draft_stats.acceptance_rate >= MIN_GREEDY_ACCEPTANCE
+
+
+@pytest.mark.parametrize("t2_over_t1,expect", [(1.2, True), (2.5, False)])
+def test_auto_drafts_where_the_measured_costs_predict_a_speedup(bundle, engines, monkeypatch, t2_over_t1, expect):
+    """draft="auto": (1 + a) t1 > t2 + t_draft with t1, t2, t_draft measured at load (here fixed,
+    to test the decision; the real measurement is checked below)."""
+    from dsexport.runtime import Engine, draft_policy
+
+    monkeypatch.setattr(draft_policy, "step_costs",
+                        lambda engine, drafter: {"t1_s": 0.010, "t2_s": 0.010 * t2_over_t1, "draft_s": 0.002})
+    engine = Engine.load(bundle, threads=2, draft="auto")
+    decision = engine.draft_decision
+    assert decision.draft is expect and (engine.drafter is not None) is expect
+    assert decision.predicted_speedup == pytest.approx(1.7 * 0.010 / (0.010 * t2_over_t1 + 0.002))
+    prompt = _test_prompts(engine, 1)[0]
+    result = engine.generate(prompt, max_new_tokens=16, ignore_eos=True)
+    assert (result.draft_stats is not None) is expect
+    plain = engines[0].generate(prompt, max_new_tokens=16, ignore_eos=True)
+    assert result.output_ids == plain.output_ids
+
+
+def test_auto_measures_this_machine_and_reports_it(bundle, artifacts, run_cli):
+    from dsexport.runtime import Engine
+
+    decision = Engine.load(bundle, threads=2, draft="auto").draft_decision
+    assert decision.t1_ms > 0 and decision.t2_ms > 0 and decision.draft_ms > 0
+    assert decision.draft == (decision.predicted_speedup >= 1.05)
+    code, out, _ = run_cli("run", bundle, "--prompt", "The", "--max-new-tokens", "4", "--json")
+    assert code == 0 and json.loads(out)["draft_decision"]["reason"].startswith("predicted")
+    plain = Engine.load(artifacts.export("v3_noaux_tc"), draft="auto")  # no MTP graph: no drafting, no probe
+    assert plain.drafter is None and plain.draft_decision.reason == "the bundle has no MTP graph"

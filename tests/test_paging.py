@@ -35,12 +35,28 @@ def teacher_forced_logits(engine, ids: list[int], steps: list[int]) -> np.ndarra
     return np.concatenate(out)
 
 
+def use_kernel(monkeypatch, kernel: str) -> None:
+    """Routed experts by the native kernel (runtime/native/experts.c) or by numpy."""
+    from dsexport.runtime import native
+
+    if kernel == "native" and native.load() is None:
+        pytest.skip(f"native expert kernel unavailable: {native.status()['reason']}")
+    monkeypatch.setenv(native.ENV, kernel)
+
+
+def check_kernel(engine, kernel: str) -> None:
+    assert (engine.backend.kernel is not None) == (kernel == "native")
+
+
+@pytest.mark.parametrize("kernel", ["native", "numpy"])
 @pytest.mark.parametrize("variant", ["v3_noaux_tc", "v2_greedy"])
-def test_paged_bundle_matches_the_fused_bundle_within_parity_tolerance(artifacts, variant):
+def test_paged_bundle_matches_the_fused_bundle_within_parity_tolerance(artifacts, variant, kernel, monkeypatch):
     from dsexport.runtime import Engine
 
+    use_kernel(monkeypatch, kernel)
     fused = Engine.load(artifacts.export(variant), verify=False)
     paged = Engine.load(paged_bundle(artifacts, variant), verify=False)
+    check_kernel(paged, kernel)
     manifest = paged.manifest.to_json()
     assert manifest["graphs"]["decoder"]["paged"] and manifest["export"]["moe_lowering"] == "paged"
     assert not (paged.directory / "model.onnx").exists()
@@ -150,14 +166,18 @@ def quantized_bundles(artifacts, activations: str, paged: bool):
     return path
 
 
+@pytest.mark.parametrize("kernel", ["native", "numpy"])
 @pytest.mark.parametrize("activations", ["fp32", "int8"])
-def test_int4_paged_bundle_matches_the_fused_int4_bundle(artifacts, activations):
-    """The store holds int4 records; the runtime dequantizes them and, with int8 activations,
-    quantizes the expert input and SwiGLU output as the fused QMoE does."""
+def test_int4_paged_bundle_matches_the_fused_int4_bundle(artifacts, activations, kernel, monkeypatch):
+    """The store holds int4 records; the runtime computes with them (the native kernel in place,
+    numpy by dequantizing) and, with int8 activations, quantizes the expert input and SwiGLU
+    output as the fused QMoE does."""
     from dsexport.runtime import Engine
 
+    use_kernel(monkeypatch, kernel)
     fused = Engine.load(quantized_bundles(artifacts, activations, paged=False), verify=False)
     paged = Engine.load(quantized_bundles(artifacts, activations, paged=True), verify=False)
+    check_kernel(paged, kernel)
     p = paged.manifest.to_json()["paging"]
     assert (p["precision"], p["bits"], p["block"], p["scheme"], p["activations"]) == ("int4", 4, 32, "absmax",
                                                                                       activations)

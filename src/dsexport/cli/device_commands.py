@@ -64,17 +64,17 @@ def paging_lines(s: dict) -> list[str]:
               help="Paged bundles: expert eviction policy (default: lfu).")
 @click.option("--no-prefetch", is_flag=True, help="Paged bundles: do not load predicted experts ahead.")
 @click.option("--stats", is_flag=True, help="Paged bundles: print expert-cache statistics of the generation.")
-@click.option("--draft", type=click.Choice(["mtp"]), default=None,
-              help="Draft with the bundle's MTP graph and verify two tokens per decoder run; prints drafting "
-                   "statistics (docs/mtp.md).")
-@click.option("--no-draft", is_flag=True, help="Decode one token per decoder run (the default: on CPUs drafting does not pay).")
+@click.option("--draft", type=click.Choice(["mtp", "auto"]), default="auto", show_default=True,
+              help="mtp: draft with the bundle's MTP graph and verify two tokens per decoder run; auto: do so when "
+                   "a measurement at load predicts a speedup on this machine (docs/mtp.md). Prints drafting statistics.")
+@click.option("--no-draft", is_flag=True, help="Decode one token per decoder run.")
 def run(bundle, prompt, chat, parse_special, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
         threads, max_context, weights, no_verify, as_json, backend, expert_cache_mb, cache_policy, no_prefetch, stats,
         draft=None, no_draft=False) -> None:
     """Generate text from a bundle."""
     from dsexport.runtime import Engine
 
-    if draft and no_draft:
+    if draft == "mtp" and no_draft:
         raise UserError("--draft and --no-draft contradict each other; pass one")
     engine = Engine.load(bundle, threads=threads, max_context=max_context, weights=weights, verify=not no_verify,
                          backend=backend, expert_cache_mb=expert_cache_mb, cache_policy=cache_policy,
@@ -94,6 +94,7 @@ def run(bundle, prompt, chat, parse_special, max_new_tokens, temperature, top_k,
             "prefill_tokens_per_s": result.prefill_tokens_per_s, "decode_tokens_per_s": result.decode_tokens_per_s,
             **({"paging_stats": result.paging_stats} if stats else {}),
             **({"draft": result.draft_stats.to_json()} if result.draft_stats else {}),
+            **({"draft_decision": engine.draft_decision.to_json()} if engine.draft_decision else {}),
         }))
         return
     for event in engine.stream(ids, **kwargs):

@@ -1,0 +1,187 @@
+"""CPU decode and prefill against llama.cpp, per precision, in one run: ratios, roofline, step breakdown.
+
+For each precision given (fp32, int8, int4, each with a prebuilt bundle of the checkpoint), the
+run alternates --rounds times between a dsexport process (--reps generations) and llama-bench
+(--reps repetitions) on the matching GGUF (f32, q8_0, q4_0), so both see the same machine state.
+It prints best and median decode and prefill tokens/s of each, the ratios (best/best and
+median/median), and roofline fractions:
+
+  roofline = bytes one decoded token reads x tokens/s / bandwidth
+  bandwidth: a 2-thread copy of 1 GiB (bytes read + written per second, best of 5), measured
+             in the same run (benchmarks/bandwidth.py)
+  dsexport bytes/token, as the kernels hold the weights (core/quant.py weight_bytes with
+             resident=True): ONNX Runtime's repacked MatMulNBits/QMoE blocks (float32 scale +
+             float32 block sum per block), fp32 for the embeddings' one row, norms, router and the
+             absorbed W_UK/W_UV; routed experts of a paged bundle run by the native kernel at the
+             store's record bytes (int4 block 32 with float32 scales: 0.625 bytes/weight)
+  llama.cpp bytes/token: GGUF file size x active/total parameters (benchmarks/llamacpp.py)
+
+and, for dsexport, a per-step breakdown of one extra decode (ms per token): ONNX Runtime session
+runs, the routed experts (native kernel or numpy), and the rest (Python: feeds, numpy views,
+sampling, the decode loop). Weights are in memory for both (dsexport weights="memory", the
+expert store read into RAM; llama-bench --load-mode none).
+
+    python benchmarks/decode_cpu.py --checkpoint /tmp/ckpt-m \
+        --bundle fp32=/tmp/m/fp32 --bundle int8=/tmp/m/int8 --bundle int4=/tmp/m/int4 \
+        --bundle int4=/tmp/m/paged-int4 [--numpy-experts]
+
+Several bundles may be given per precision (a fused and a paged one): each is run in every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bandwidth import copy_bandwidth  # noqa: E402
+from decode import run_child  # noqa: E402
+from llamacpp import build_llamacpp, convert, llama_bench, wait_idle  # noqa: E402
+
+from dsexport.core import quant  # noqa: E402
+from dsexport.runtime.bundle import read_bundle  # noqa: E402
+
+GGUF = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+
+
+def bytes_read_per_token(bundle: Path, experts: str = "native") -> tuple[float, str]:
+    """Weight bytes one decoded token reads, as the kernels that run this bundle hold them."""
+    manifest = read_bundle(bundle, verify=False).manifest
+    cfg, spec = manifest.model, manifest.quantization
+    _, active = quant.weight_bytes(cfg, spec, resident=True)
+    paging = manifest.paging
+    if paging is None:
+        return active, "fused graph (ONNX Runtime holds every weight)"
+    from dsexport.runtime import native
+    if experts == "numpy" or native.load() is None:
+        return active, "paged, numpy experts (dequantized per use: more than this is touched)"
+    k = cfg.num_experts_per_tok
+    for layer, entry in paging.layers.items():
+        ids = cfg.expert_ids(layer)
+        resident = sum(quant.expert_bytes(cfg, spec, layer, e, resident=True) for e in ids) / len(ids)
+        active += k * (entry.record_bytes - resident)
+    return active, "paged, native experts at the store's record bytes"
+
+
+def dsexport_child(bundle: Path, prompt: list[int], new_tokens: int, threads: int, reps: int,
+                   experts: str = "native") -> dict:
+    return run_child(f"""
+        import json, time
+        import numpy as np
+        from dsexport.runtime import Engine, native
+        engine = Engine.load({str(bundle)!r}, threads={threads}, weights="memory", verify=False)
+        runs = [engine.generate({prompt!r}, max_new_tokens={new_tokens}, ignore_eos=True) for _ in range({reps})]
+        # the breakdown: the raw decode step (engine.forward, greedy argmax) after a prefill
+        backend, prompt, T = engine.backend, {prompt!r}, {len(prompt)}
+        logits, cache = engine.forward(np.array([prompt]), np.arange(T)[None], np.ones((1, T), np.int64),
+                                       engine.empty_cache(1))
+        token = int(logits[0, -1].argmax())
+        backend.profile = {{}}
+        t0 = time.perf_counter()
+        for n in range({new_tokens} - 1):
+            logits, cache = engine.forward(np.array([[token]]), np.array([[T + n]]), np.ones((1, T + n + 1), np.int64),
+                                           cache)
+            token = int(logits[0, -1].argmax())
+        total = time.perf_counter() - t0
+        print(json.dumps({{"decode": [x.decode_tokens_per_s for x in runs], "prefill": [x.prefill_tokens_per_s for x in runs],
+                          "profile": dict(backend.profile), "profile_total_s": total, "steps": {new_tokens} - 1,
+                          "kernel": native.status(), "backend": backend.name, "output_ids": runs[0].output_ids}}))
+    """, env={"OMP_NUM_THREADS": str(threads), "DSEXPORT_EXPERT_KERNEL": experts})
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    return max(values), statistics.median(values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--bundle", action="append", required=True, help="PRECISION=DIR (fp32, int8 or int4)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--numpy-experts", action="store_true",
+                    help="also run each paged bundle with numpy routed experts (DSEXPORT_EXPERT_KERNEL=numpy)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    bundles: dict[str, list] = {}  # precision -> [(label, bundle, experts)]
+    for spec in args.bundle:
+        precision, path = spec.split("=", 1)
+        label = Path(path).name
+        bundles.setdefault(precision, []).append((label, Path(path), "native"))
+        if args.numpy_experts and (Path(path) / "experts.bin").exists():
+            bundles[precision].append((label + " (numpy experts)", Path(path), "numpy"))
+
+    llama = build_llamacpp()
+    ggufs = convert(args.checkpoint, llama, [GGUF[p] for p in bundles])
+    from llamacpp import active_fraction
+    fraction = active_fraction(args.checkpoint)
+    wait_idle()
+    bandwidth = copy_bandwidth(args.threads)
+    print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads}-thread copy of 1 GiB, read + write, best of 5)")
+    results = {}
+    for precision, paths in bundles.items():
+        gguf = ggufs[GGUF[precision]]
+        runs = {"llama.cpp": {"decode": [], "prefill": []}}
+        runs.update({label: {"decode": [], "prefill": [], "profiles": []} for label, _, _ in paths})
+        for _ in range(args.rounds):
+            for label, bundle, experts in paths:
+                manifest = read_bundle(bundle, verify=False).manifest
+                prompt = np.random.default_rng(0).integers(3, min(manifest.model.vocab_size, 300),
+                                                           size=args.prompt_tokens).tolist()
+                wait_idle()
+                d = dsexport_child(bundle, prompt, args.new_tokens, args.threads, args.reps, experts)
+                runs[label]["decode"] += d["decode"]
+                runs[label]["prefill"] += d["prefill"]
+                runs[label]["profiles"].append(d)
+            wait_idle()
+            lc = llama_bench(llama, gguf, args.threads, args.prompt_tokens, args.new_tokens, args.reps)
+            runs["llama.cpp"]["decode"] += lc["decode_runs"]
+            runs["llama.cpp"]["prefill"] += lc["prefill_runs"]
+        their_bytes = gguf.stat().st_size * fraction
+        (td, tdm), (tp, tpm) = summary(runs["llama.cpp"]["decode"]), summary(runs["llama.cpp"]["prefill"])
+        print(f"\n== {precision} vs llama.cpp {GGUF[precision]}: {args.threads} threads, {args.rounds} rounds "
+              f"(alternating) x {args.reps} reps, prompt {args.prompt_tokens}, {args.new_tokens} new tokens")
+        print(f"llama.cpp {GGUF[precision]}: decode best {td:.1f} median {tdm:.1f} tok/s; prefill best {tp:.0f} median "
+              f"{tpm:.0f} tok/s; runs {', '.join(f'{x:.1f}' for x in runs['llama.cpp']['decode'])}; roofline "
+              f"{their_bytes / 1e6:.1f} MB/token x {td:.1f} / {bandwidth / 1e9:.1f} GB/s = "
+              f"{their_bytes * td / bandwidth:.2f} (median {their_bytes * tdm / bandwidth:.2f})")
+        results[precision] = {"llama_cpp": runs["llama.cpp"], "llama_bytes_per_token": their_bytes, "dsexport": {}}
+        for label, bundle, experts in paths:
+            r = runs[label]
+            (od, odm), (op, opm) = summary(r["decode"]), summary(r["prefill"])
+            our_bytes, how = bytes_read_per_token(bundle, experts)
+            last = r["profiles"][-1]
+            print(f"dsexport {label} ({last['backend']}, routed experts: {experts if last['kernel'].get('simd') or experts == 'numpy' else last['kernel']}): "
+                  f"decode best {od:.1f} median {odm:.1f} tok/s; prefill best {op:.0f} median {opm:.0f} tok/s; "
+                  f"runs {', '.join(f'{x:.1f}' for x in r['decode'])}")
+            print(f"  ratio to llama.cpp: decode {od / td:.2f}x best/best, {odm / tdm:.2f}x median/median; "
+                  f"prefill {op / tp:.2f}x, {opm / tpm:.2f}x")
+            print(f"  roofline: {our_bytes / 1e6:.1f} MB/token ({how}) x {od:.1f} / {bandwidth / 1e9:.1f} GB/s = "
+                  f"{our_bytes * od / bandwidth:.2f} (median {our_bytes * odm / bandwidth:.2f})")
+            best = min(r["profiles"], key=lambda p: p["profile_total_s"])
+            steps = best["steps"]
+            per = {k: v / steps * 1e3 for k, v in best["profile"].items()}
+            total = best["profile_total_s"] / steps * 1e3
+            inside = per.pop("kernel", None)
+            other = total - sum(per.values())
+            print("  decode step (ms, fastest round, {} engine.forward steps after the prompt): total {:.2f} = {}{} + "
+                  "Python/numpy/argmax {:.2f}".format(steps, total, " + ".join(f"{k} {v:.2f}" for k, v in per.items()),
+                                                      f" (native kernel itself {inside:.2f})" if inside else "", other))
+            results[precision]["dsexport"][label] = {"bundle": str(bundle), "experts": experts, "decode": r["decode"],
+                                                     "prefill": r["prefill"], "bytes_per_token": our_bytes,
+                                                     "profile_ms": per, "step_ms": total}
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth": bandwidth, "threads": args.threads, "results": results},
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()
