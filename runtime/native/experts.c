@@ -55,7 +55,6 @@ struct dsx_pool {
     int n;                 /* threads including the caller */
     pthread_t *threads;
     atomic_int generation; /* bumped per dispatch */
-    atomic_int done;       /* workers finished with this generation */
     atomic_int sleeping;
     atomic_int stop;
     long spin;             /* polls before a worker sleeps */
@@ -84,7 +83,7 @@ static void *worker_main(void *p) {
     dsx_pool *pool = wa->pool;
     int tid = wa->tid;
     free(wa);
-    int seen = 0; /* the generation at creation: a thread that starts late still runs the first task */
+    int seen = 0; /* the generation at creation */
     for (;;) {
         long polls = 0;
         while (atomic_load(&pool->generation) == seen && !atomic_load(&pool->stop)) {
@@ -100,9 +99,10 @@ static void *worker_main(void *p) {
             pthread_mutex_unlock(&pool->mu);
         }
         if (atomic_load(&pool->stop)) return NULL;
-        seen++; /* the caller waits for every worker before it dispatches again */
+        /* The caller does not wait for workers, only for the work: a worker that wakes late (a
+         * busy machine) finds the chunks taken, or the next dispatch's, and helps with those. */
+        seen = atomic_load(&pool->generation);
         pool->task(pool->arg, tid);
-        atomic_fetch_add(&pool->done, 1);
     }
 }
 
@@ -114,7 +114,6 @@ dsx_pool *dsx_pool_create(int threads, long spin) {
     pool->n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     pool->spin = spin;
     atomic_init(&pool->generation, 0);
-    atomic_init(&pool->done, 0);
     atomic_init(&pool->sleeping, 0);
     atomic_init(&pool->stop, 0);
     pthread_mutex_init(&pool->mu, NULL);
@@ -148,24 +147,20 @@ void dsx_pool_destroy(dsx_pool *pool) {
     free(pool);
 }
 
-/* Run task(arg, tid) on every thread (the caller is tid 0) and wait for all. */
-static void pool_run(dsx_pool *pool, dsx_task task, void *arg) {
-    if (pool->n == 1) { task(arg, 0); return; }
+/* Wake the workers to run task(arg, tid) and run it on the caller (tid 0). Returns at once when
+ * the caller's share is done: tasks track their own completion (moe_run waits for its chunks). */
+static void pool_wake(dsx_pool *pool, dsx_task task, void *arg) {
     pool->task = task;
     pool->arg = arg;
-    atomic_store(&pool->done, 0);
-    atomic_fetch_add(&pool->generation, 1);
-    if (atomic_load(&pool->sleeping)) {
-        pthread_mutex_lock(&pool->mu);
-        pthread_cond_broadcast(&pool->cv);
-        pthread_mutex_unlock(&pool->mu);
+    if (pool->n > 1) {
+        atomic_fetch_add(&pool->generation, 1);
+        if (atomic_load(&pool->sleeping)) {
+            pthread_mutex_lock(&pool->mu);
+            pthread_cond_broadcast(&pool->cv);
+            pthread_mutex_unlock(&pool->mu);
+        }
     }
     task(arg, 0);
-    /* a worker without a core (a busy machine) needs the caller to give its core up */
-    for (long polls = 0; atomic_load(&pool->done) < pool->n - 1; polls++) {
-        if (polls < pool->spin) cpu_relax();
-        else sched_yield();
-    }
 }
 
 /* ---- activations: rounded to int8 per block ------------------------------------------------ */
@@ -458,28 +453,63 @@ typedef struct {
     int8_t *hq; float *hs; float *hsum; int32_t *hlanes; float *hf; /* SwiGLU outputs per pair [P, Ip] */
     int n_chunks, n_threads;
     int fast; /* block 32, int8 activations, no zero points: rows_q_b32 */
-    /* each thread's own contiguous run of chunks (sequential reads), then it helps the others */
-    atomic_int cursor[MAX_THREADS];
-    int end[MAX_THREADS];
+    /* One dispatch = one phase of one call. Each thread's run of chunks is a packed 64-bit cursor
+     * (dispatch epoch, end, next index) claimed by compare-and-swap: a thread from an earlier
+     * dispatch cannot take a chunk of this one, and a thread that never wakes delays nobody:
+     * the others take its chunks, and the caller waits for chunks done, not for threads. */
+    _Atomic uint64_t cursor[MAX_THREADS];
+    atomic_uint epoch_phase; /* epoch << 1 | phase (0 gate/up, 1 down) */
+    atomic_int completed;
+    unsigned epoch;
 } moe_work;
 
-static void split_chunks(moe_work *w, int n_chunks) {
-    w->n_chunks = n_chunks;
-    for (int t = 0; t < w->n_threads; t++) {
-        atomic_store(&w->cursor[t], (int)((long)n_chunks * t / w->n_threads));
-        w->end[t] = (int)((long)n_chunks * (t + 1) / w->n_threads);
+#define IDX_BITS 22
+#define IDX_MASK ((1u << IDX_BITS) - 1)
+#define EPOCH_MASK 0xfffffu
+
+static inline uint64_t pack_cursor(unsigned epoch, unsigned end, unsigned idx) {
+    return ((uint64_t)(epoch & EPOCH_MASK) << (2 * IDX_BITS)) | ((uint64_t)end << IDX_BITS) | idx;
+}
+
+/* The next chunk of this dispatch for thread tid: its own run first, then the others'. -1: none. */
+static int next_chunk(moe_work *w, unsigned epoch, int tid) {
+    for (int i = 0; i < w->n_threads; i++) {
+        _Atomic uint64_t *c = &w->cursor[(tid + i) % w->n_threads];
+        uint64_t v = atomic_load(c);
+        while ((unsigned)(v >> (2 * IDX_BITS)) == (epoch & EPOCH_MASK) && (v & IDX_MASK) < ((v >> IDX_BITS) & IDX_MASK)) {
+            if (atomic_compare_exchange_weak(c, &v, v + 1)) return (int)(v & IDX_MASK);
+        }
+    }
+    return -1;
+}
+
+static void gate_up_chunk(moe_work *w, int c);
+static void down_chunk(moe_work *w, int c);
+
+static void moe_task(void *p, int tid) {
+    moe_work *w = (moe_work *)p;
+    unsigned ep = atomic_load(&w->epoch_phase), epoch = ep >> 1;
+    for (int c; (c = next_chunk(w, epoch, tid)) >= 0;) {
+        if (ep & 1) down_chunk(w, c);
+        else gate_up_chunk(w, c);
+        atomic_fetch_add(&w->completed, 1);
     }
 }
 
-/* The next chunk for thread tid: its own run first, then what is left of the others'. -1: none. */
-static int next_chunk(moe_work *w, int tid) {
-    for (int i = 0; i < w->n_threads; i++) {
-        int t = (tid + i) % w->n_threads;
-        if (atomic_load(&w->cursor[t]) >= w->end[t]) continue;
-        int c = atomic_fetch_add(&w->cursor[t], 1);
-        if (c < w->end[t]) return c;
+/* Run one phase over n_chunks on every thread; returns when all chunks are done. */
+static void moe_run(dsx_pool *pool, moe_work *w, int phase, int n_chunks) {
+    w->epoch++;
+    w->n_chunks = n_chunks;
+    atomic_store(&w->completed, 0);
+    for (int t = 0; t < w->n_threads; t++)
+        atomic_store(&w->cursor[t], pack_cursor(w->epoch, (unsigned)((long)n_chunks * (t + 1) / w->n_threads),
+                                                (unsigned)((long)n_chunks * t / w->n_threads)));
+    atomic_store(&w->epoch_phase, (w->epoch << 1) | (unsigned)phase);
+    pool_wake(pool, moe_task, w);
+    for (long polls = 0; atomic_load(&w->completed) < n_chunks; polls++) {
+        if (polls < pool->spin) cpu_relax();
+        else sched_yield(); /* a worker holding a chunk without a core needs this one */
     }
-    return -1;
 }
 
 static dsx_matrix matrix_of(const uint64_t *e, int which) {
@@ -491,13 +521,10 @@ static dsx_matrix matrix_of(const uint64_t *e, int which) {
 }
 
 /* phase 1: every (expert, 64 rows of gate_up) chunk; each loaded row serves all its tokens */
-static void gate_up_task(void *p, int tid) {
-    moe_work *w = (moe_work *)p;
+static void gate_up_chunk(moe_work *w, int c) {
     const dsx_moe_args *a = w->a;
     const int R = 2 * a->I, per_expert = (R + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    for (;;) {
-        int c = next_chunk(w, tid);
-        if (c < 0) return;
+    {
         int e = c / per_expert, r0 = (c % per_expert) * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < R ? r0 + CHUNK_ROWS : R;
         dsx_matrix m = matrix_of(a->experts + 6 * e, 0);
 #if defined(DSX_AVX2)
@@ -508,7 +535,7 @@ static void gate_up_task(void *p, int tid) {
                 rows_q_b32(a->bits, m.q, m.scales, (size_t)w->Dp * a->bits / 8, nb, r0, r1, w->xq + (size_t)t * w->Dp,
                            w->xs + (size_t)t * nb, w->xlanes + (size_t)t * nb * 8, w->h + (size_t)p * R + r0);
             }
-            continue;
+            return;
         }
 #endif
         for (int r = r0; r < r1; r++) {
@@ -529,12 +556,9 @@ static void gate_up_task(void *p, int tid) {
 }
 
 /* phase 2: every 64 rows of the output, all active experts summed in the order given */
-static void down_task(void *p, int tid) {
-    moe_work *w = (moe_work *)p;
+static void down_chunk(moe_work *w, int c) {
     const dsx_moe_args *a = w->a;
-    for (;;) {
-        int c = next_chunk(w, tid);
-        if (c < 0) return;
+    {
         int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < a->D ? r0 + CHUNK_ROWS : a->D;
         for (int t = 0; t < a->n_tokens; t++)
             for (int r = r0; r < r1; r++)
@@ -588,7 +612,7 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
     if (a->bits != 32 && (B < QK || B % QK || B > 128)) return -1;
     if (!pool->work && !(pool->work = calloc(1, sizeof(moe_work)))) return -2;
     moe_work *wp = (moe_work *)pool->work; /* one call at a time per pool; too big for the stack */
-    memset(wp, 0, sizeof(*wp));
+    /* not cleared: its cursors and epoch must stay valid for workers still leaving the last call */
 #define w (*wp)
     w.a = a;
     w.Dp = (a->D + B - 1) / B * B;
@@ -634,8 +658,7 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
     w.fast = quant && B == QK;
     for (int e = 0; e < a->n_active && w.fast; e++)
         if (a->experts[6 * e + 2] || a->experts[6 * e + 5]) w.fast = 0; /* zero points */
-    split_chunks(&w, a->n_active * ((2 * I + CHUNK_ROWS - 1) / CHUNK_ROWS));
-    pool_run(pool, gate_up_task, &w);
+    moe_run(pool, &w, 0, a->n_active * ((2 * I + CHUNK_ROWS - 1) / CHUNK_ROWS));
     /* SwiGLU per (expert, token) pair, then its rounding for the down projection */
     for (int p = 0; p < P; p++) {
         const float *g = w.h + (size_t)p * 2 * I, *u = g + I;
@@ -647,8 +670,7 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
                          w.hsum + (size_t)p * (w.Ip / B), w.hlanes + (size_t)p * (w.Ip / B) * 8);
     }
     /* phase 2: down rows, the experts' outputs weighted and summed (with the residual) */
-    split_chunks(&w, (a->D + CHUNK_ROWS - 1) / CHUNK_ROWS);
-    pool_run(pool, down_task, &w);
+    moe_run(pool, &w, 1, (a->D + CHUNK_ROWS - 1) / CHUNK_ROWS);
     return 0;
 #undef w
 }
