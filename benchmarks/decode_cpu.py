@@ -59,7 +59,7 @@ def bytes_read_per_token(bundle: Path, experts: str = "native") -> tuple[float, 
         return active, "fused graph (ONNX Runtime holds every weight)"
     from dsexport.runtime import native
     if experts == "numpy" or native.load() is None:
-        return active, "paged, numpy experts (dequantized per use: more than this is touched)"
+        return active, "paged, numpy experts" + (" (dequantized per use: more than this is touched)" if paging.bits else "")
     k = cfg.num_experts_per_tok
     for layer, entry in paging.layers.items():
         ids = cfg.expert_ids(layer)
@@ -159,7 +159,13 @@ def main() -> None:
             (od, odm), (op, opm) = summary(r["decode"]), summary(r["prefill"])
             our_bytes, how = bytes_read_per_token(bundle, experts)
             last = r["profiles"][-1]
-            print(f"dsexport {label} ({last['backend']}, routed experts: {experts if last['kernel'].get('simd') or experts == 'numpy' else last['kernel']}): "
+            if last["backend"] != "onnxruntime-paged":
+                where = "ONNX Runtime's QMoE (fused graph)"
+            elif experts == "numpy" or last["kernel"]["routed_experts"] == "numpy":
+                where = "numpy"
+            else:
+                where = f"native kernel ({last['kernel']['simd']})"
+            print(f"dsexport {label} ({last['backend']}, routed experts: {where}): "
                   f"decode best {od:.1f} median {odm:.1f} tok/s; prefill best {op:.0f} median {opm:.0f} tok/s; "
                   f"runs {', '.join(f'{x:.1f}' for x in r['decode'])}")
             print(f"  ratio to llama.cpp: decode {od / td:.2f}x best/best, {odm / tdm:.2f}x median/median; "

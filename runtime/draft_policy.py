@@ -8,9 +8,10 @@ plus a run of the MTP graph, and yields 1 + a tokens per step at acceptance a. I
 t1, t2 and t_draft are measured here on the loaded bundle (medians of a few steps after a short
 prompt, the decoder's cache as in decoding); a is ACCEPTANCE_PRIOR. On a memory-bound dense
 model t2 is close to t1; on a MoE model the 2-token step also reads the union of both tokens'
-experts (checkpoint M, int4, 2 threads: t2/t1 = 1.47), and on a small model on a CPU the
-fixed per-node costs make t2/t1 larger still (the embedded model: 2.4), so the answer depends
-on the model and the device, hence a measurement rather than a per-target constant.
+experts (checkpoint M, 2 threads: t2/t1 = 1.36 at int4, 1.47 at fp32), and the same bundle
+measures differently on a busy machine (the embedded model: 1.12 idle, 2.4 with another job on
+one of the two cores), so the answer depends on the model, the device and its load: a
+measurement at load rather than a per-target constant (docs/mtp.md).
 """
 
 from __future__ import annotations

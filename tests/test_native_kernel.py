@@ -164,3 +164,16 @@ def test_switch_to_numpy(monkeypatch):
     monkeypatch.setenv(native.ENV, "numpy")
     assert native.load() is None
     assert native.status() == {"routed_experts": "numpy", "reason": f"{native.ENV}=numpy"}
+
+
+def test_the_install_built_the_kernel_where_a_compiler_exists():
+    """setup.py builds the kernel as an optional extension: a compile error would otherwise only
+    show as a slower paged backend. Here (Linux, cc present) it must have been built."""
+    import os
+
+    if not sys.platform.startswith("linux") or shutil.which("cc") is None or os.environ.get("DSEXPORT_NATIVE") == "0":
+        pytest.skip("no C compiler here: the runtime falls back to numpy")
+    if os.environ.get(native.ENV) == "numpy":
+        pytest.skip(f"{native.ENV}=numpy")
+    assert native.load() is not None, native.status()
+    assert native.status()["routed_experts"] == "native"
