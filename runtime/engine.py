@@ -97,8 +97,8 @@ class Engine:
         backend: "onnxruntime" (the bundle's ONNX graphs) or "tensorrt" (the engines that
           `dsexport engine` built on this device).
         draft: "mtp" drafts with the bundle's MTP graph and verifies two tokens per decoder run
-          (single prompts, onnxruntime backend); "auto" measures a 1-token step, a 2-token step
-          and the draft here and drafts when that predicts a speedup (runtime/draft_policy.py;
+          (single prompts, onnxruntime backend); "auto" times a few plain and drafted decode
+          steps here and drafts when that predicts a speedup (runtime/draft_policy.py;
           engine.draft_decision says what it found); None (default) does not draft.
         expert_cache_mb, prefetch, cache_policy: paged bundles (docs/paging.md).
         """

@@ -60,7 +60,7 @@ def test_run_json_is_the_documented_object(bundle, run_cli):
     # draft_decision: --draft auto (the default) on a bundle with an MTP graph; draft: when it drafted
     assert set(result) - {"draft_decision", "draft"} == {"prompt_ids", "output_ids", "text", "finish_reason", "ttft_s",
                                                          "prefill_tokens_per_s", "decode_tokens_per_s"}
-    assert set(result["draft_decision"]) == {"draft", "reason", "t1_ms", "t2_ms", "draft_ms", "acceptance_prior",
+    assert set(result["draft_decision"]) == {"draft", "reason", "token_ms", "verify_ms", "acceptance_prior",
                                              "predicted_speedup"}
     assert ("draft" in result) == result["draft_decision"]["draft"]
     expected = Engine.load(bundle).generate("The quick brown fox", max_new_tokens=12)
