@@ -5,7 +5,8 @@ runtime/native.py loads it with ctypes). It is tuned for the machine that builds
 (-march=native, as llama.cpp's GGML_NATIVE does; set DSEXPORT_NATIVE_ARCH, e.g. x86-64-v3 or
 armv8.2-a, to build for another), falls back to portable C flags when the compiler rejects
 those, and when it cannot be built at all the install still succeeds and the runtime uses
-numpy instead (`dsexport info` / runtime.native.status() says which). DSEXPORT_NATIVE=0 skips it.
+numpy instead (`dsexport run --stats` on a paged bundle, or dsexport.runtime.native.status(), says
+which). DSEXPORT_NATIVE=0 skips it.
 """
 
 import os

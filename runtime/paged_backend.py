@@ -282,9 +282,12 @@ class PagedBackend:
         return slots[np.argsort(-votes, kind="stable")][:2 * self.k].tolist()
 
     def stats(self) -> dict:
-        """Expert-cache statistics since the last reset (docs/paging.md)."""
+        """Expert-cache statistics since the last reset (docs/paging.md), and what computed the experts."""
         self.cache.drain()
-        return self.stats_counters.to_json(self.cache)
+        out = self.stats_counters.to_json(self.cache)
+        out["routed_experts"] = (f"native kernel ({native.status().get('simd', '?')})" if self.kernel is not None
+                                 else f"numpy ({native.status().get('reason', 'the store layout needs it')})")
+        return out
 
     def reset_stats(self) -> None:
         self.cache.drain()

@@ -148,9 +148,13 @@ def test_cli_run_prints_paging_stats(artifacts, run_cli):
     code, out, err = run_cli("run", path, "--prompt", "hello", "--max-new-tokens", "8", "--expert-cache-mb", mb,
                              "--stats", "--cache-policy", "lru")
     assert code == 0 and "decode hit rate" in err and "per decoded token" in err and "lru" in err
+    assert "routed experts: native kernel" in err or "routed experts: numpy" in err
     code, out, _ = run_cli("run", path, "--prompt", "hello", "--max-new-tokens", "4", "--json", "--stats",
                            "--no-prefetch", "--no-verify")
-    assert code == 0 and json.loads(out)["paging_stats"]["prefetch"] is False
+    stats = json.loads(out)["paging_stats"]
+    assert code == 0 and stats["prefetch"] is False
+    from dsexport.runtime import native
+    assert stats["routed_experts"].startswith("native kernel" if native.load() is not None else "numpy")
     code, _, err = run_cli("run", path, "--prompt", "hello", "--expert-cache-mb", "0.001")
     assert code != 0 and "too small" in err and "Traceback" not in err
 

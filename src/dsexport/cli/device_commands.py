@@ -30,7 +30,8 @@ def paging_lines(s: dict) -> list[str]:
              f"{human_bytes(per_token) if per_token is not None else '-'} per decoded token; "
              f"stalled {s['stall_s'] * 1e3:.1f} ms on loads",
              f"prefetch: {s['prefetches']['issued']} predicted, {s['prefetches']['loaded']} loaded, "
-             f"{s['prefetches']['used']} used before eviction, {s['prefetches']['late']} still loading when needed"]
+             f"{s['prefetches']['used']} used before eviction, {s['prefetches']['late']} still loading when needed",
+             f"routed experts: {s['routed_experts']}"]
     for layer, counts in s["expert_histograms"].items():
         top = sorted(range(len(counts)), key=lambda e: -counts[e])[:6]
         lines.append(f"layer {layer}: {sum(counts)} requests over {sum(1 for c in counts if c)} experts; most: "
