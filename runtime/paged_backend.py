@@ -167,6 +167,7 @@ class PagedBackend:
             ids = out[router_ids_name(i)].numpy()  # [N, k]
             weights = out[router_weights_name(i)].numpy()  # [N, k]
             residual = out[residual_name(i)].numpy()  # [B, T, D]
+            self._check_segment_outputs(i, h, ids, weights, residual)
             t0 = time.perf_counter()
             if self.kernel is not None:
                 hidden = self.routed_native(i, h, ids, weights, residual.reshape(h.shape)).reshape(residual.shape)
@@ -178,6 +179,18 @@ class PagedBackend:
                 raise NumericalError(f"layer {i} of the paged decoder produced non-finite values (NaN/Inf): the "
                                      "bundle's weights of that layer are corrupt or overflow")
         raise BundleError("the paged decoder has no final segment")
+
+    def _check_segment_outputs(self, layer: int, h, ids, weights, residual) -> None:
+        """The segment graph's outputs agree with the store before experts are read with them: the
+        native kernel indexes the records by these shapes and slots, without bounds of its own."""
+        entry = self.cache.store.layers[layer]
+        if (h.ndim != 2 or h.shape[1] != entry.hidden or ids.ndim != 2 or ids.shape[0] != h.shape[0]
+                or weights.shape != ids.shape or residual.size != h.size):
+            raise BundleError(f"layer {layer}: the segment graph's expert inputs {h.shape}, slots {ids.shape}, weights "
+                              f"{weights.shape} and residual {residual.shape} do not match the expert store's hidden "
+                              f"size {entry.hidden}")
+        if ids.size and (ids.min() < 0 or ids.max() >= entry.experts):
+            raise BundleError(f"layer {layer}: the segment graph routed to an expert slot outside 0..{entry.experts - 1}")
 
     # ---- routed experts -----------------------------------------------------------------
     def routed(self, layer: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -250,3 +250,22 @@ def test_a_board_whose_memory_cannot_hold_v2_lite_plans_a_paged_bundle(run_cli, 
     assert plan["fits"] is False and plan["precision"] == "int4"
     paging = plan["paging"]
     assert paging["fits"] and 0 < paging["cache_bytes"] < paging["store_bytes"]
+
+
+def test_segment_outputs_that_disagree_with_the_store_are_refused(artifacts):
+    """The kernel indexes expert records by the segment graph's shapes and slots: a bundle whose
+    graph and store disagree is refused before any expert is read."""
+    from dsexport.core.errors import BundleError
+    from dsexport.runtime import Engine
+
+    backend = Engine.load(paged_bundle(artifacts, "v3_noaux_tc"), verify=False).backend
+    layer = next(iter(backend.cache.store.layers))
+    entry = backend.cache.store.layers[layer]
+    h = np.zeros((2, entry.hidden), np.float32)
+    ids, weights = np.zeros((2, 3), np.int64), np.zeros((2, 3), np.float32)
+    backend._check_segment_outputs(layer, h, ids, weights, h.reshape(1, 2, -1))  # consistent: passes
+    with pytest.raises(BundleError, match="hidden size"):
+        backend._check_segment_outputs(layer, np.zeros((2, entry.hidden + 32), np.float32), ids, weights, h)
+    for bad in (-1, entry.experts):
+        with pytest.raises(BundleError, match="outside"):
+            backend._check_segment_outputs(layer, h, np.full((2, 3), bad), weights, h)

@@ -236,47 +236,6 @@ typedef struct {
 } matrix_shape;
 
 #if defined(DSX_AVX2)
-/* The common case, block 32 without zero points, as straight-line code (int4 and int8). */
-static inline __m256i q4_chunk(const uint8_t *w, const int8_t *x) {
-    const __m128i low = _mm_set1_epi8(0x0f);
-    __m128i bytes = _mm_loadu_si128((const __m128i *)w);
-    __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x)), _mm256_set1_epi16(1));
-}
-
-static inline __m256i q8_chunk(const uint8_t *w, const int8_t *x) {
-    __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), _mm256_set1_epi8((char)0x80));
-    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), q));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
-
-static float row_q4_b32(const uint8_t *w, const float *ws, const int8_t *xq, const float *xs, const float *xcorr, int nb) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m256i i0 = q4_chunk(w + b * 16, xq + b * 32), i1 = q4_chunk(w + b * 16 + 16, xq + b * 32 + 32);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ws[b] * xs[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ws[b + 1] * xs[b + 1]), acc1);
-    }
-    if (b < nb) acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_chunk(w + b * 16, xq + b * 32)), _mm256_set1_ps(ws[b] * xs[b]), acc0);
-    return hsum_ps(_mm256_add_ps(acc0, acc1)) - 8.0f * dot_f32(ws, xcorr, nb);
-}
-
-static float row_q8_b32(const uint8_t *w, const float *ws, const int8_t *xq, const float *xs, int nb) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m256i i0 = q8_chunk(w + b * 32, xq + b * 32), i1 = q8_chunk(w + b * 32 + 32, xq + b * 32 + 32);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(ws[b] * xs[b]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(ws[b + 1] * xs[b + 1]), acc1);
-    }
-    if (b < nb) acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_chunk(w + b * 32, xq + b * 32)), _mm256_set1_ps(ws[b] * xs[b]), acc0);
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
-}
-
-#endif
-
-#if defined(DSX_AVX2)
 /* Rows [r0, r1) of a block-32 matrix without zero points for one token: two rows per pass (one
  * activation load serves both, one reduction finishes both); int4's offset is subtracted in the
  * integer sums (lanes). out[r - r0] for each row. */
@@ -330,10 +289,6 @@ static inline float row_dot_q(const dsx_matrix *m, const matrix_shape *s, int r,
     const float *ws = m->scales + (size_t)r * nb;
     const uint8_t *wz = m->zeros ? m->zeros + (size_t)r * nb : NULL;
     const int32_t zdef = 1 << (s->bits - 1);
-#if defined(DSX_AVX2)
-    if (s->B == QK && !wz)
-        return s->bits == 4 ? row_q4_b32(w, ws, xq, xs, xcorr, nb) : row_q8_b32(w, ws, xq, xs, nb);
-#endif
     float correction = 0.0f; /* sum_b d_b * z_b * xsum_b, for the unsigned weight paths */
 #if defined(DSX_AVX2)
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* two chains: fmadd latency */
