@@ -48,7 +48,8 @@ class OptionalNativeBuild(build_ext):
 
 
 setup(
-    ext_modules=[Extension("dsexport.runtime._experts", ["runtime/native/experts.c"],
+    ext_modules=[Extension("dsexport.runtime._experts", ["runtime/native/experts.c", "runtime/native/decoder.c"],
+                           depends=["runtime/native/dsx.h"],
                            extra_link_args=["-pthread", "-lm"], optional=True)],
     cmdclass={"build_ext": OptionalNativeBuild},
 )

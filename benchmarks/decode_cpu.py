@@ -58,6 +58,8 @@ def bytes_read_per_token(bundle: Path, experts: str = "native") -> tuple[float, 
     if paging is None:
         return active, "fused graph (ONNX Runtime holds every weight)"
     from dsexport.runtime import native
+    if manifest.native is not None and experts == "native" and native.load() is not None:
+        return native_bytes_per_token(manifest), "native decoder: the bundle's own bytes (MatMulNBits rows, store records)"
     if experts == "numpy" or native.load() is None:
         return active, "paged, numpy experts" + (" (dequantized per use: more than this is touched)" if paging.bits else "")
     k = cfg.num_experts_per_tok
@@ -66,6 +68,30 @@ def bytes_read_per_token(bundle: Path, experts: str = "native") -> tuple[float, 
         resident = sum(quant.expert_bytes(cfg, spec, layer, e, resident=True) for e in ids) / len(ids)
         active += k * (entry.record_bytes - resident)
     return active, "paged, native experts at the store's record bytes"
+
+
+def native_bytes_per_token(manifest) -> float:
+    """What the native decoder reads per token: every tensor of the native section as stored (int4
+    block 32: 0.625 bytes/weight), one embedding row, and per MoE layer the router, its bias and
+    k expert records."""
+    from dsexport.core.sections import TensorRef
+
+    section, cfg = manifest.native, manifest.model
+    refs = []
+    for role, value in [*section.globals.items(), *((r, v) for layer in section.layers.values()
+                                                     for r, v in layer.roles.items())]:
+        if role == "embed":
+            continue
+        if isinstance(value, TensorRef):
+            refs.append(value.bytes)
+        else:  # an fp32 weight shared with the router (col_start) counts only its own columns
+            refs.append(value.rows * value.cols * 4 if value.bits == 32 else value.weight.bytes + value.scales.bytes)
+            refs.append(value.bias.bytes if value.bias else 0)
+    total = sum(refs) + cfg.hidden_size * 4
+    for entry in manifest.paging.layers.values():
+        total += cfg.num_experts_per_tok * entry.record_bytes + entry.experts * entry.hidden * 4
+        total += entry.experts * 4 if entry.bias is not None else 0
+    return total
 
 
 def dsexport_child(bundle: Path, prompt: list[int], new_tokens: int, threads: int, reps: int,
@@ -91,7 +117,8 @@ def dsexport_child(bundle: Path, prompt: list[int], new_tokens: int, threads: in
         print(json.dumps({{"decode": [x.decode_tokens_per_s for x in runs], "prefill": [x.prefill_tokens_per_s for x in runs],
                           "profile": dict(backend.profile), "profile_total_s": total, "steps": {new_tokens} - 1,
                           "kernel": native.status(), "backend": backend.name, "output_ids": runs[0].output_ids}}))
-    """, env={"OMP_NUM_THREADS": str(threads), "DSEXPORT_EXPERT_KERNEL": experts})
+    """, env={"OMP_NUM_THREADS": str(threads), "DSEXPORT_EXPERT_KERNEL": "numpy" if experts == "numpy" else "native",
+              "DSEXPORT_DECODER": "onnxruntime" if experts in ("numpy", "segments") else "native"})
 
 
 def summary(values: list[float]) -> tuple[float, float]:
@@ -109,6 +136,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--numpy-experts", action="store_true",
                     help="also run each paged bundle with numpy routed experts (DSEXPORT_EXPERT_KERNEL=numpy)")
+    ap.add_argument("--segments", action="store_true",
+                    help="also run each paged bundle's segment graphs (ONNX Runtime + the expert kernel)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     bundles: dict[str, list] = {}  # precision -> [(label, bundle, experts)]
@@ -118,6 +147,8 @@ def main() -> None:
         bundles.setdefault(precision, []).append((label, Path(path), "native"))
         if args.numpy_experts and (Path(path) / "experts.bin").exists():
             bundles[precision].append((label + " (numpy experts)", Path(path), "numpy"))
+        if args.segments and (Path(path) / "experts.bin").exists():
+            bundles[precision].append((label + " (segments)", Path(path), "segments"))
 
     llama = build_llamacpp()
     ggufs = convert(args.checkpoint, llama, [GGUF[p] for p in bundles])
@@ -159,7 +190,9 @@ def main() -> None:
             (od, odm), (op, opm) = summary(r["decode"]), summary(r["prefill"])
             our_bytes, how = bytes_read_per_token(bundle, experts)
             last = r["profiles"][-1]
-            if last["backend"] != "onnxruntime-paged":
+            if last["backend"] == "native":
+                where = f"native decoder ({last['kernel']['simd']})"
+            elif last["backend"] != "onnxruntime-paged":
                 where = "ONNX Runtime's QMoE (fused graph)"
             elif experts == "numpy" or last["kernel"]["routed_experts"] == "numpy":
                 where = "numpy"

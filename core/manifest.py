@@ -23,7 +23,7 @@ from .errors import BundleError
 from .files import check_name
 from .jsonio import Fields
 from .quant import AWQ_FILE, QuantSpec
-from .sections import (MAX_BYTES, SHA256_HEX, EnginesSection, PagingSection, PruningRecord, Stats, TensorRTSection,
+from .sections import (MAX_BYTES, SHA256_HEX, EnginesSection, NativeSection, PagingSection, PruningRecord, Stats, TensorRTSection,
                        read_quantization)
 
 BUNDLE_FORMAT = "dsexport-bundle"
@@ -179,6 +179,7 @@ class Manifest:
     pruning: PruningRecord | None = None
     paging: PagingSection | None = None
     engines: EnginesSection | None = None
+    native: NativeSection | None = None  # paged bundles the native decoder can run (docs/native.md)
     schema_version: int = SCHEMA_VERSION
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -214,6 +215,8 @@ class Manifest:
             out.append((self.paging.file, "paging.file"))
         if self.engines is not None:
             out += [(name, f"engines.files.{graph}") for graph, name in self.engines.files.items()]
+        if self.native is not None:
+            out += [(name, "native") for name in sorted(self.native.files())]
         if self.quantization is not None and self.quantization.method == "awq":
             out.append((AWQ_FILE, "quantization.method"))
         return out
@@ -231,7 +234,7 @@ class Manifest:
         if self.golden_file is not None:
             out["golden"] = {"file": self.golden_file, "producer": "reference"}
         out["stats"] = self.stats.to_json()
-        for key in ("quantization", "tensorrt", "mobile", "pruning", "paging", "engines"):
+        for key in ("quantization", "tensorrt", "mobile", "pruning", "paging", "engines", "native"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value if isinstance(value, dict) else value.to_json()
@@ -386,6 +389,7 @@ def _read_manifest(f: Fields) -> Manifest:
     optional = {
         "quantization": lambda s: read_quantization(s), "tensorrt": TensorRTSection.read,
         "pruning": PruningRecord.read, "paging": lambda s: PagingSection.read(s, cfg), "engines": EnginesSection.read,
+        "native": lambda s: NativeSection.read(s, cfg),
     }
     sections = {key: read(f.obj(key)) if f.has(key) else None for key, read in optional.items()}
     manifest = Manifest(

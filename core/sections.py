@@ -382,3 +382,167 @@ class Stats:
         return cls(*(f.int(k, lo=0, hi=MAX_BYTES) for k in (
             "parameters", "active_parameters_per_token", "weight_bytes", "decode_weight_bytes_per_token",
             "cache_bytes_per_token")))
+
+
+# ---- the native decoder's index (exporter/native_index.py, runtime/native_backend.py) -------------
+NATIVE_BLOCKS = (32, 64, 128)
+NATIVE_DTYPES = {"float32": 4, "uint8": 1}
+NATIVE_LAYER_ROLES = ("attn_norm", "qkv", "q_a_norm", "q_b", "kv_norm", "w_uk", "w_uv", "o_proj", "mlp_norm",
+                      "gate_up", "down")
+NATIVE_LINEAR_ROLES = ("qkv", "q_b", "o_proj", "gate_up", "down", "head")
+NATIVE_GLOBALS = ("embed", "inv_freq", "final_norm", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """An initializer's bytes in one of the bundle's external-data files."""
+    file: str
+    offset: int
+    bytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "offset": self.offset, "bytes": self.bytes, "dtype": self.dtype,
+                "shape": list(self.shape)}
+
+    @classmethod
+    def read(cls, f: Fields) -> "TensorRef":
+        dtype = f.str("dtype", choices=tuple(NATIVE_DTYPES))
+        shape = f.ints("shape", lo=1, hi=1 << 31, max_len=4)
+        size = f.int("bytes", lo=1, hi=MAX_BYTES)
+        count = 1
+        for d in shape:
+            count *= d
+        if count * NATIVE_DTYPES[dtype] != size:
+            f.fail(f"{size} bytes for a {dtype} tensor of shape {list(shape)}", "bytes")
+        return cls(check_name(f.str("file"), f.where("file"), f.error), f.int("offset", lo=0, hi=MAX_BYTES), size,
+                   dtype, tuple(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeLinear:
+    """A projection as the graph computes it: fp32 (the MatMul weight, stored [cols, total],
+    columns col_start..col_start+rows) or MatMulNBits rows (q [rows, blocks, B*bits/8], scales)."""
+    bits: int
+    block: int | None
+    rows: int
+    cols: int
+    activations: str  # "int8": the input rounded per block (accuracy_level 4); "fp32"
+    weight: TensorRef  # fp32 weight or packed q
+    scales: TensorRef | None
+    col_start: int = 0
+    bias: TensorRef | None = None
+
+    def to_json(self) -> dict:
+        out = {"bits": self.bits, "block": self.block, "rows": self.rows, "cols": self.cols,
+               "activations": self.activations, "weight": self.weight.to_json()}
+        if self.scales is not None:
+            out["scales"] = self.scales.to_json()
+        if self.col_start:
+            out["col_start"] = self.col_start
+        if self.bias is not None:
+            out["bias"] = self.bias.to_json()
+        return out
+
+    @classmethod
+    def read(cls, f: Fields) -> "NativeLinear":
+        bits, rows, cols = f.int("bits"), f.int("rows", lo=1, hi=1 << 24), f.int("cols", lo=1, hi=1 << 24)
+        if bits not in (4, 8, 32):
+            f.fail(f"{bits} bits; a native projection is fp32, 8 or 4 bits", "bits")
+        block = f.int("block", None)
+        weight = TensorRef.read(f.obj("weight"))
+        scales = TensorRef.read(f.obj("scales")) if f.has("scales") else None
+        bias = TensorRef.read(f.obj("bias")) if f.has("bias") else None
+        col_start = f.int("col_start", 0, lo=0, hi=1 << 24)
+        acts = f.str("activations", choices=("int8", "fp32"))
+        if bits == 32:
+            if weight.dtype != "float32" or len(weight.shape) != 2 or weight.shape[0] != cols or \
+                    col_start + rows > weight.shape[1]:
+                f.fail(f"an fp32 weight of shape {list(weight.shape)} cannot hold {rows} x {cols} from column "
+                       f"{col_start}", "weight")
+        else:
+            if block not in NATIVE_BLOCKS:
+                f.fail(f"block {block}; the native decoder takes {', '.join(map(str, NATIVE_BLOCKS))}", "block")
+            nb = -(-cols // block)
+            if weight.dtype != "uint8" or weight.shape != (rows, nb, block * bits // 8):
+                f.fail(f"packed weights of shape {list(weight.shape)} for {rows} x {cols} at {bits} bits, block {block}",
+                       "weight")
+            if scales is None or scales.dtype != "float32" or scales.shape != (rows * nb,):
+                f.fail("the scales are missing or do not match the weights", "scales")
+        if bias is not None and (bias.dtype != "float32" or bias.shape != (rows,)):
+            f.fail(f"a bias of shape {list(bias.shape)} for {rows} rows", "bias")
+        return cls(bits, block, rows, cols, acts, weight, scales, col_start, bias)
+
+
+def _native_role(f: Fields, role: str) -> "TensorRef | NativeLinear":
+    return NativeLinear.read(f.obj(role)) if role in NATIVE_LINEAR_ROLES else TensorRef.read(f.obj(role))
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeLayer:
+    roles: dict  # role -> TensorRef | NativeLinear
+
+    def to_json(self) -> dict:
+        return {role: value.to_json() for role, value in self.roles.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeSection:
+    """Where the native decoder finds each weight in the paged bundle's files (docs/native.md).
+    Shapes are checked against the model here; offsets against the files when the runtime loads."""
+    version: int
+    rope_scale: float
+    latent_eps: float
+    globals: dict  # embed, inv_freq, final_norm: TensorRef; head: NativeLinear
+    layers: dict[int, NativeLayer]
+
+    def files(self) -> set[str]:
+        refs = []
+        for value in [*self.globals.values(), *(v for layer in self.layers.values() for v in layer.roles.values())]:
+            refs += [value] if isinstance(value, TensorRef) else [r for r in (value.weight, value.scales, value.bias) if r]
+        return {ref.file for ref in refs}
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "rope_scale": self.rope_scale, "latent_eps": self.latent_eps,
+                "globals": {k: v.to_json() for k, v in self.globals.items()},
+                "layers": {str(i): layer.to_json() for i, layer in self.layers.items()}}
+
+    @classmethod
+    def read(cls, f: Fields, cfg: ModelConfig) -> "NativeSection":
+        D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+        dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        g = f.obj("globals")
+        globals_ = {role: _native_role(g, role) for role in NATIVE_GLOBALS}
+        expect = {"embed": (V, D), "inv_freq": (dr // 2,), "final_norm": (D,)}
+        for role, shape in expect.items():
+            if globals_[role].shape != shape or globals_[role].dtype != "float32":
+                g.fail(f"shape {list(globals_[role].shape)}, expected float32 {list(shape)}", role)
+        if (globals_["head"].rows, globals_["head"].cols) != (V, D):
+            g.fail("the head's shape is not vocab x hidden", "head")
+        layers = {}
+        qdim = H * (dn + dr)
+        for name, entry in f.items("layers", max_len=MAX_LAYERS):
+            if not name.isdigit() or int(name) >= cfg.num_hidden_layers:
+                entry.fail(f"layer {name!r} is not a layer of the model")
+            i = int(name)
+            lora = cfg.q_lora_rank is not None
+            needed = ["attn_norm", "qkv", "kv_norm", "w_uk", "w_uv", "o_proj", "mlp_norm"]
+            needed += ["q_a_norm", "q_b"] if lora else []
+            needed += ["gate_up", "down"] if not cfg.is_moe_layer(i) or cfg.n_shared_experts else []
+            roles = {role: _native_role(entry, role) for role in needed}
+            inter = cfg.moe_intermediate_size * cfg.n_shared_experts if cfg.is_moe_layer(i) else cfg.intermediate_size
+            shapes = {"attn_norm": (D,), "kv_norm": (r,), "w_uk": (H, dn, r), "w_uv": (H, r, dv), "mlp_norm": (D,),
+                      "q_a_norm": (cfg.q_lora_rank,)}
+            linears = {"qkv": ((cfg.q_lora_rank if lora else qdim) + r + dr, D), "q_b": (qdim, cfg.q_lora_rank),
+                       "o_proj": (D, H * dv), "gate_up": (2 * inter, D), "down": (D, inter)}
+            for role, value in roles.items():
+                if isinstance(value, TensorRef) and (value.shape != shapes[role] or value.dtype != "float32"):
+                    entry.fail(f"shape {list(value.shape)}, expected float32 {list(shapes[role])}", role)
+                if isinstance(value, NativeLinear) and (value.rows, value.cols) != linears[role]:
+                    entry.fail(f"{value.rows} x {value.cols}, expected {linears[role][0]} x {linears[role][1]}", role)
+            layers[i] = NativeLayer(roles)
+        if sorted(layers) != list(range(cfg.num_hidden_layers)):
+            f.fail("the layers listed are not every layer of the model", "layers")
+        return cls(f.int("version", lo=1, hi=1), f.float("rope_scale", lo=0.0, lo_open=True, hi=1e6),
+                   f.float("latent_eps", lo=0.0, lo_open=True, hi=1.0), globals_, layers)

@@ -38,6 +38,7 @@ class GraphBuilder:
         self._data = open(self.data_path, "wb")
         self.nodes: list[onnx.NodeProto] = []
         self._weights: dict[str, tuple] = {}
+        self.locations: dict[str, tuple[int, int]] = {}  # weight name -> (offset, bytes) in the data file
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -77,6 +78,7 @@ class GraphBuilder:
         else:
             raw = array.tobytes()
         self._data.write(raw)
+        self.locations[name] = (offset, len(raw))
         dtype = TensorProto.INT4 if int4 else _NP_TO_ONNX[array.dtype]
         tensor = TensorProto(name=name, data_type=dtype, dims=list(array.shape))
         tensor.data_location = TensorProto.EXTERNAL

@@ -41,13 +41,14 @@ from dsexport.core.contract import (ATTENTION_MASK, HIDDEN, INPUT_IDS, POSITION_
 from dsexport.core.errors import UserError
 from dsexport.core.manifest import Segment
 from dsexport.core.quant import QuantSpec, pack, quantize_rows
-from dsexport.core.sections import PagingSection, StoreLayer, StoreMatrix
+from dsexport.core.sections import NativeSection, PagingSection, StoreLayer, StoreMatrix
 
 from .checkpoint import CheckpointReader
 from .emit import DecoderEmitter
 from .export import ExportConfig
 from .graph import GraphBuilder
 from .lowering import ExpertWeights, emit_routing, final_weights
+from .native_index import NativeIndexer, unsupported
 from .reference import layer_tensors
 
 STORE_FILE = "experts.bin"
@@ -182,6 +183,8 @@ class PagedExportResult:
     paging: PagingSection
     weight_bytes: int  # non-expert weights in the segments + routed experts in the store
     non_expert_bytes: int
+    native: NativeSection | None = None  # where the native decoder finds the weights (None: it cannot run them)
+    native_unsupported: str | None = None  # why not
 
 
 def export_paged(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConfig,
@@ -201,8 +204,13 @@ def export_paged(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConf
     out = Path(out_dir)
     store = _StoreWriter(out / STORE_FILE, quant)
     segments, non_expert = [], 0
-    for j, seg in enumerate(segment_plan(cfg)):
+    why_not = unsupported(cfg, quant)
+    indexer = NativeIndexer(cfg, quant) if why_not is None else None
+    plan = segment_plan(cfg)
+    for j, seg in enumerate(plan):
         g = _segment(reader, out, export_cfg, store, j, seg["layers"], seg["moe_layer"], progress)
+        if indexer is not None:
+            indexer.add_segment(g, segment_file(j) + ".data", seg["layers"], j == 0, j == len(plan) - 1)
         g.save(out / segment_file(j), f"dsexport_segment_{j}")
         non_expert += g.weight_bytes
         segments.append(Segment(segment_file(j), segment_file(j) + ".data", tuple(seg["layers"]), seg["moe_layer"]))
@@ -212,7 +220,8 @@ def export_paged(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConf
     paging = PagingSection(version=PAGING_VERSION, file=STORE_FILE, align=STORE_ALIGN, **store_format(quant),
                            layers=dict(store.layers), routed_expert_bytes=expert_bytes, store_bytes=store_bytes,
                            non_expert_bytes=non_expert, default_cache_mb=None)
-    return PagedExportResult(cfg, tuple(segments), paging, non_expert + expert_bytes, non_expert)
+    return PagedExportResult(cfg, tuple(segments), paging, non_expert + expert_bytes, non_expert,
+                             indexer.section() if indexer is not None else None, why_not)
 
 
 def store_format(quant: QuantSpec | None) -> dict:

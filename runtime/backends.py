@@ -2,6 +2,7 @@
 
     onnxruntime         the decoder graph in ONNX Runtime (.onnx with external data, or .ort)   runtime/ort_backend.py
     onnxruntime-paged   segment graphs in ONNX Runtime, routed experts from the store          runtime/paged_backend.py
+    native              a paged bundle's whole step in C (the kernel library), when it can run  runtime/native_backend.py
     tensorrt            the engines `dsexport engine` built on this device                     runtime/tensorrt_backend.py
 
 Every backend has the same small interface, which the one decode loop (runtime/decode.py) drives:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import Callable, Protocol
 
 import numpy as np
@@ -30,6 +32,7 @@ from dsexport.core.errors import UserError
 from .bundle import Bundle
 
 USER_BACKENDS = ("onnxruntime", "tensorrt")  # what Engine.load(backend=...) and --backend take
+DECODER_ENV = "DSEXPORT_DECODER"  # paged bundles: "native" (default where it can run) or "onnxruntime" (the segments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Backend(Protocol):
 _REGISTRY: dict[str, tuple[str, str]] = {  # name -> (module, class); imported when chosen
     "onnxruntime": ("dsexport.runtime.ort_backend", "OrtBackend"),
     "onnxruntime-paged": ("dsexport.runtime.paged_backend", "PagedBackend"),
+    "native": ("dsexport.runtime.native_backend", "NativeBackend"),
     "tensorrt": ("dsexport.runtime.tensorrt_backend", "TensorRTBackend"),
 }
 
@@ -74,11 +78,41 @@ def backend_name(bundle: Bundle, requested: str) -> str:
     return requested
 
 
+def native_unavailable(bundle: Bundle, options: LoadOptions) -> str | None:
+    """Why a paged bundle runs its segments rather than the native decoder, or None."""
+    from .native import load as load_native, status as native_status
+    from .paging import make_policy
+
+    manifest = bundle.manifest
+    if options.cache_policy is not None:
+        make_policy(options.cache_policy)  # a bad name is the user's error, whichever decoder runs
+    if os.environ.get(DECODER_ENV, "native") == "onnxruntime":
+        return f"{DECODER_ENV}=onnxruntime"
+    if manifest.native is None:
+        return "the bundle has no native section (built before it existed, or a layout the decoder does not read)"
+    if load_native() is None:
+        return f"the kernel library is not available: {native_status().get('reason')}"
+    paging = manifest.paging
+    mb = options.expert_cache_mb if options.expert_cache_mb is not None else paging.default_cache_mb
+    if mb is not None and mb * 2**20 < paging.routed_expert_bytes:
+        return f"an expert cache of {mb:g} MB does not hold every expert (the native decoder does not page)"
+    if manifest.model.num_experts_per_tok > min(layer.experts for layer in paging.layers.values()):
+        return "a layer holds fewer experts than the router picks"
+    return None
+
+
 def load_backend(bundle: Bundle, requested: str, options: LoadOptions) -> Backend:
     name = backend_name(bundle, requested)
+    why_not = None
+    if name == "onnxruntime-paged":  # the native decoder runs a paged bundle's step where it can
+        why_not = native_unavailable(bundle, options)
+        name = "native" if why_not is None else name
     module, cls = _REGISTRY[name]
     loader: Callable = getattr(importlib.import_module(module), cls).load
-    return loader(bundle, options)
+    backend = loader(bundle, options)
+    if why_not is not None:
+        backend.native_unavailable = why_not  # run --stats says why the segments ran
+    return backend
 
 
 def token_feed(input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,

@@ -32,7 +32,7 @@ class MoEArgs(ctypes.Structure):
                 ("n_active", ctypes.c_int32),
                 ("x", ctypes.c_void_p), ("residual", ctypes.c_void_p), ("out", ctypes.c_void_p),
                 ("experts", ctypes.c_void_p), ("tok_start", ctypes.c_void_p), ("tok_index", ctypes.c_void_p),
-                ("tok_weight", ctypes.c_void_p)]
+                ("tok_weight", ctypes.c_void_p), ("panel", ctypes.c_int32)]
 
 
 _lib: ctypes.CDLL | None = None
@@ -56,7 +56,8 @@ def load() -> ctypes.CDLL | None:
         return None
     if _lib is not None:
         return _lib
-    path = library_path()
+    override = os.environ.get("DSEXPORT_NATIVE_LIBRARY")  # another build of the library (A/B benchmarks)
+    path = Path(override) if override else library_path()
     if path is None:
         _why = "not compiled (no C compiler when dsexport was installed, or DSEXPORT_NATIVE=0)"
         return None

@@ -298,6 +298,7 @@ class PagedBackend:
         """Expert-cache statistics since the last reset (docs/paging.md), and what computed the experts."""
         self.cache.drain()
         out = self.stats_counters.to_json(self.cache)
+        out["decoder"] = f"onnxruntime segments ({getattr(self, 'native_unavailable', None) or 'chosen'})"
         out["routed_experts"] = (f"native kernel ({native.status().get('simd', '?')})" if self.kernel is not None
                                  else f"numpy ({native.status().get('reason', 'the store layout needs it')})")
         return out

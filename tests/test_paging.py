@@ -148,13 +148,15 @@ def test_cli_run_prints_paging_stats(artifacts, run_cli):
     code, out, err = run_cli("run", path, "--prompt", "hello", "--max-new-tokens", "8", "--expert-cache-mb", mb,
                              "--stats", "--cache-policy", "lru")
     assert code == 0 and "decode hit rate" in err and "per decoded token" in err and "lru" in err
-    assert "routed experts: native kernel" in err or "routed experts: numpy" in err
+    assert "routed experts: native" in err or "routed experts: numpy" in err
+    assert "decoder: " in err
     code, out, _ = run_cli("run", path, "--prompt", "hello", "--max-new-tokens", "4", "--json", "--stats",
                            "--no-prefetch", "--no-verify")
     stats = json.loads(out)["paging_stats"]
     assert code == 0 and stats["prefetch"] is False
     from dsexport.runtime import native
-    assert stats["routed_experts"].startswith("native kernel" if native.load() is not None else "numpy")
+    # all experts resident: the native decoder runs the step (docs/native.md), else the segments
+    assert stats["routed_experts"].startswith("native decoder" if native.load() is not None else "numpy")
     code, _, err = run_cli("run", path, "--prompt", "hello", "--expert-cache-mb", "0.001")
     assert code != 0 and "too small" in err and "Traceback" not in err
 
@@ -252,12 +254,13 @@ def test_a_board_whose_memory_cannot_hold_v2_lite_plans_a_paged_bundle(run_cli, 
     assert paging["fits"] and 0 < paging["cache_bytes"] < paging["store_bytes"]
 
 
-def test_segment_outputs_that_disagree_with_the_store_are_refused(artifacts):
+def test_segment_outputs_that_disagree_with_the_store_are_refused(artifacts, monkeypatch):
     """The kernel indexes expert records by the segment graph's shapes and slots: a bundle whose
     graph and store disagree is refused before any expert is read."""
     from dsexport.core.errors import BundleError
     from dsexport.runtime import Engine
 
+    monkeypatch.setenv("DSEXPORT_DECODER", "onnxruntime")  # the segments' path
     backend = Engine.load(paged_bundle(artifacts, "v3_noaux_tc"), verify=False).backend
     layer = next(iter(backend.cache.store.layers))
     entry = backend.cache.store.layers[layer]

@@ -19,22 +19,7 @@
  * rounding across paths.
  * No Python API: runtime/native.py loads this with ctypes.
  */
-#include <math.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if defined(__AVX2__) && defined(__FMA__) && !defined(DSX_PORTABLE)
-#include <immintrin.h>
-#define DSX_AVX2 1
-#endif
-
-#define CHUNK_ROWS 64
-#define MAX_THREADS 256
-#define QK 32 /* the kernels' sub-block: every supported block (32, 64, 128) is a multiple */
+#include "dsx.h"
 
 int dsx_version(void) { return 1; }
 
@@ -47,36 +32,9 @@ int dsx_simd(void) {
 #endif
 }
 
-/* ---- a small thread pool: spin briefly, then sleep ------------------------------------------ */
-typedef struct dsx_pool dsx_pool;
-typedef void (*dsx_task)(void *arg, int tid);
-
-struct dsx_pool {
-    int n;                 /* threads including the caller */
-    pthread_t *threads;
-    atomic_int generation; /* bumped per dispatch */
-    atomic_int sleeping;
-    atomic_int stop;
-    long spin;             /* polls before a worker sleeps */
-    dsx_task task;
-    void *arg;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    /* scratch for dsx_moe, grown on demand */
-    void *scratch;
-    size_t scratch_bytes;
-    void *work; /* dsx_moe's per-call state (a moe_work) */
-};
 
 typedef struct { dsx_pool *pool; int tid; } worker_arg;
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 static void *worker_main(void *p) {
     worker_arg *wa = (worker_arg *)p;
@@ -147,240 +105,6 @@ void dsx_pool_destroy(dsx_pool *pool) {
     free(pool);
 }
 
-/* Wake the workers to run task(arg, tid) and run it on the caller (tid 0). Returns at once when
- * the caller's share is done: tasks track their own completion (moe_run waits for its chunks). */
-static void pool_wake(dsx_pool *pool, dsx_task task, void *arg) {
-    pool->task = task;
-    pool->arg = arg;
-    if (pool->n > 1) {
-        atomic_fetch_add(&pool->generation, 1);
-        if (atomic_load(&pool->sleeping)) {
-            pthread_mutex_lock(&pool->mu);
-            pthread_cond_broadcast(&pool->cv);
-            pthread_mutex_unlock(&pool->mu);
-        }
-    }
-    task(arg, 0);
-}
-
-/* ---- activations: rounded to int8 per block ------------------------------------------------ */
-/* x [K] -> q [K] int8 (for int4 weights each 32-chunk permuted, even indices first and odd
- * second, to match the nibble order), scale [K/B], and scale x the block's sum of q (for the zero points). */
-static void quantize_row(const float *x, int K, int B, int permute, int8_t *q, float *scale, float *corr, int32_t *lanes) {
-    for (int b0 = 0; b0 < K; b0 += B) {
-        float amax = 0.0f;
-        for (int j = 0; j < B; j++) { float a = fabsf(x[b0 + j]); amax = a > amax ? a : amax; }
-        float inv = amax == 0.0f ? 0.0f : 127.0f / amax;
-        scale[b0 / B] = amax / 127.0f;
-        int32_t s = 0;
-        for (int c = b0; c < b0 + B; c += QK) {
-            for (int j = 0; j < QK; j++) {
-                int dst = permute ? (j & 1 ? QK / 2 + j / 2 : j / 2) : j;
-                int8_t v = (int8_t)nearbyintf(x[c + j] * inv); /* half to even: the default mode */
-                q[c + dst] = v;
-                s += v;
-            }
-        }
-        corr[b0 / B] = scale[b0 / B] * (float)s;
-        if (lanes) { /* the int4 offset's term, 8 x sum(q), as lane 0 of a vector subtracted per block */
-            memset(lanes + (size_t)(b0 / B) * 8, 0, 32);
-            lanes[(size_t)(b0 / B) * 8] = 8 * s;
-        }
-    }
-}
-
-#if defined(DSX_AVX2)
-static inline float hsum_ps(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-static inline float dot_f32(const float *w, const float *x, int K) {
-#if defined(DSX_AVX2)
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 32 <= K; j += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
-    }
-    float r = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; j < K; j++) r += w[j] * x[j];
-    return r;
-#else
-    float acc[8] = {0};
-    int j = 0;
-    for (; j + 8 <= K; j += 8)
-        for (int l = 0; l < 8; l++) acc[l] += w[j + l] * x[j + l];
-    float r = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; j < K; j++) r += w[j] * x[j];
-    return r;
-#endif
-}
-
-/* ---- one matrix row against one token's activations ---------------------------------------- */
-typedef struct {
-    const uint8_t *q;     /* int8/int4 bytes, or float weights for fp32 */
-    const float *scales;  /* [R, K/B] */
-    const uint8_t *zeros; /* [R, K/B] or NULL */
-} dsx_matrix;
-
-typedef struct {
-    int bits;             /* 4, 8 or 32 */
-    int K;                /* inputs of the matrix (padded to B for quantized ones) */
-    int B;                /* block */
-} matrix_shape;
-
-#if defined(DSX_AVX2)
-/* Rows [r0, r1) of a block-32 matrix without zero points for one token: two rows per pass (one
- * activation load serves both, one reduction finishes both); int4's offset is subtracted in the
- * integer sums (lanes). out[r - r0] for each row. */
-static void rows_q_b32(int bits, const uint8_t *q, const float *scales, size_t row_bytes, int nb, int r0, int r1,
-                       const int8_t *xq, const float *xs, const int32_t *lanes, float *out) {
-    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
-    const __m128i low = _mm_set1_epi8(0x0f);
-    int r = r0;
-    for (; r < r1; r += 2) {
-        const int two = r + 1 < r1;
-        const uint8_t *w0 = q + (size_t)r * row_bytes, *w1 = two ? w0 + row_bytes : w0;
-        const float *s0 = scales + (size_t)r * nb, *s1 = two ? s0 + nb : s0;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-            __m256i p0, p1;
-            if (bits == 4) {
-                const __m256i c = _mm256_loadu_si256((const __m256i *)(lanes + b * 8));
-                __m128i b0 = _mm_loadu_si128((const __m128i *)(w0 + b * 16));
-                __m128i b1 = _mm_loadu_si128((const __m128i *)(w1 + b * 16));
-                __m256i q0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b0, 4), low), _mm_and_si128(b0, low));
-                __m256i q1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b1, 4), low), _mm_and_si128(b1, low));
-                p0 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, x), ones), c);
-                p1 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, x), ones), c);
-            } else {
-                __m256i q0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w0 + b * 32)), flip);
-                __m256i q1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w1 + b * 32)), flip);
-                p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(x, q0)), ones);
-                p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(x, q1)), ones);
-            }
-            const float d = xs[b];
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0[b] * d), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1[b] * d), a1);
-        }
-        __m256 h = _mm256_hadd_ps(a0, a1);
-        h = _mm256_hadd_ps(h, h);
-        __m128 t = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        out[r - r0] = _mm_cvtss_f32(t);
-        if (two) out[r + 1 - r0] = _mm_cvtss_f32(_mm_shuffle_ps(t, t, 1));
-    }
-}
-#endif
-
-/* Quantized row r with int8 activations (xq, xs: per-block scales, xcorr: xs x the block's
- * sum of xq): sum_b ws[b] * (xs[b] * sum_j q[j] * xq[j] - z_b * xcorr[b]), the inner sums exact integers. */
-static inline float row_dot_q(const dsx_matrix *m, const matrix_shape *s, int r, const int8_t *xq, const float *xs,
-                              const float *xcorr) {
-    const int nb = s->K / s->B, per = s->B / QK;
-    const size_t row_bytes = (size_t)s->K * s->bits / 8;
-    const uint8_t *w = m->q + (size_t)r * row_bytes;
-    const float *ws = m->scales + (size_t)r * nb;
-    const uint8_t *wz = m->zeros ? m->zeros + (size_t)r * nb : NULL;
-    const int32_t zdef = 1 << (s->bits - 1);
-    float correction = 0.0f; /* sum_b d_b * z_b * xsum_b, for the unsigned weight paths */
-#if defined(DSX_AVX2)
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* two chains: fmadd latency */
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m128i low = _mm_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++) {
-        __m256i isum = _mm256_setzero_si256();
-        if (s->bits == 4) { /* unsigned nibbles x signed activations; z * xsum subtracted below */
-            for (int c = 0; c < per; c++) {
-                __m128i bytes = _mm_loadu_si128((const __m128i *)(w + (size_t)(b * per + c) * QK / 2));
-                __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b * per + c) * QK));
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
-            }
-        } else if (!wz) { /* q - 128 is q ^ 0x80 as int8; |w| * sign(x, w) keeps maddubs from saturating */
-            for (int c = 0; c < per; c++) {
-                __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + (size_t)(b * per + c) * QK)),
-                                             _mm256_set1_epi8((char)0x80));
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b * per + c) * QK));
-                __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
-            }
-        } else { /* int8 with zero points: 16-bit products */
-            for (int c = 0; c < per; c++) {
-                const uint8_t *wc = w + (size_t)(b * per + c) * QK;
-                const int8_t *xc = xq + (size_t)(b * per + c) * QK;
-                __m256i p = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)wc)),
-                                              _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)xc)));
-                p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wc + 16))),
-                                                          _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xc + 16)))));
-                isum = _mm256_add_epi32(isum, p);
-            }
-        }
-        const __m256 d = _mm256_set1_ps(ws[b] * xs[b]);
-        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc1);
-        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc0);
-    }
-    if (wz)
-        for (int b = 0; b < nb; b++) correction += ws[b] * xcorr[b] * (float)wz[b];
-    else if (s->bits == 4)
-        correction = dot_f32(ws, xcorr, nb) * (float)zdef;
-    return hsum_ps(_mm256_add_ps(acc0, acc1)) - correction;
-#else
-    float acc = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        int32_t isum = 0;
-        if (s->bits == 4) {
-            const uint8_t *wb = w + (size_t)b * s->B / 2;
-            const int8_t *xb = xq + (size_t)b * s->B;
-            for (int c = 0; c < per; c++)
-                for (int j = 0; j < QK / 2; j++)
-                    isum += (int32_t)(wb[c * QK / 2 + j] & 15) * xb[c * QK + j] +
-                            (int32_t)(wb[c * QK / 2 + j] >> 4) * xb[c * QK + QK / 2 + j];
-        } else {
-            const uint8_t *wb = w + (size_t)b * s->B;
-            const int8_t *xb = xq + (size_t)b * s->B;
-            for (int j = 0; j < s->B; j++) isum += (int32_t)wb[j] * xb[j];
-        }
-        acc += ws[b] * xs[b] * (float)isum;
-        correction += ws[b] * xcorr[b] * (float)(wz ? wz[b] : zdef);
-    }
-    return acc - correction;
-#endif
-}
-
-/* quantized row r with fp32 activations (the bundle keeps activations fp32): dequantize per block */
-static inline float row_dot_qf(const dsx_matrix *m, const matrix_shape *s, int r, const float *x) {
-    const int nb = s->K / s->B;
-    const size_t row_bytes = (size_t)s->K * s->bits / 8;
-    const uint8_t *w = m->q + (size_t)r * row_bytes;
-    const float *ws = m->scales + (size_t)r * nb;
-    const uint8_t *wz = m->zeros ? m->zeros + (size_t)r * nb : NULL;
-    float tmp[128];
-    float acc = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        float z = wz ? (float)wz[b] : (float)(1 << (s->bits - 1));
-        const float *xb = x + (size_t)b * s->B;
-        if (s->bits == 4) {
-            const uint8_t *wb = w + (size_t)b * s->B / 2;
-            for (int j = 0; j < s->B / 2; j++) {
-                tmp[2 * j] = (float)(wb[j] & 15) - z;
-                tmp[2 * j + 1] = (float)(wb[j] >> 4) - z;
-            }
-        } else {
-            const uint8_t *wb = w + (size_t)b * s->B;
-            for (int j = 0; j < s->B; j++) tmp[j] = (float)wb[j] - z;
-        }
-        acc += ws[b] * dot_f32(tmp, xb, s->B);
-    }
-    return acc;
-}
-
 /* ---- the MoE layer ----------------------------------------------------------------------- */
 typedef struct {
     int32_t bits;          /* 4, 8 or 32 (all experts of a call) */
@@ -394,6 +118,7 @@ typedef struct {
     const int32_t *tok_start;  /* [A + 1] */
     const int32_t *tok_index;  /* [P] token rows, per active expert */
     const float *tok_weight;   /* [P] routing weights */
+    int32_t panel;             /* 1: every expert's q and scales packed by dsx_pack_panels (decoder.c) */
 } dsx_moe_args;
 
 typedef struct {
@@ -406,17 +131,24 @@ typedef struct {
     const float *xf;       /* fp32 activations (padded copy) [N, Dp] */
     float *h;              /* gate_up outputs [P, 2I] */
     int8_t *hq; float *hs; float *hsum; int32_t *hlanes; float *hf; /* SwiGLU outputs per pair [P, Ip] */
-    int n_chunks, n_threads;
     int fast; /* block 32, int8 activations, no zero points: rows_q_b32 */
-    /* One dispatch = one phase of one call. Each thread's run of chunks is a packed 64-bit cursor
-     * (dispatch epoch, end, next index) claimed by compare-and-swap: a thread from an earlier
-     * dispatch cannot take a chunk of this one, and a thread that never wakes delays nobody:
-     * the others take its chunks, and the caller waits for chunks done, not for threads. */
-    _Atomic uint64_t cursor[MAX_THREADS];
-    atomic_uint epoch_phase; /* epoch << 1 | phase (0 gate/up, 1 down) */
-    atomic_int completed;
-    unsigned epoch;
 } moe_work;
+
+/* Wake the workers to run task(arg, tid) and run it on the caller (tid 0). Returns at once when
+ * the caller's share is done: tasks track their own completion (dsx_parallel waits for its chunks). */
+void dsx_pool_run(dsx_pool *pool, dsx_task task, void *arg) {
+    pool->task = task;
+    pool->arg = arg;
+    if (pool->n > 1) {
+        atomic_fetch_add(&pool->generation, 1);
+        if (atomic_load(&pool->sleeping)) {
+            pthread_mutex_lock(&pool->mu);
+            pthread_cond_broadcast(&pool->cv);
+            pthread_mutex_unlock(&pool->mu);
+        }
+    }
+    task(arg, 0);
+}
 
 #define IDX_BITS 22
 #define IDX_MASK ((1u << IDX_BITS) - 1)
@@ -427,9 +159,9 @@ static inline uint64_t pack_cursor(unsigned epoch, unsigned end, unsigned idx) {
 }
 
 /* The next chunk of this dispatch for thread tid: its own run first, then the others'. -1: none. */
-static int next_chunk(moe_work *w, unsigned epoch, int tid) {
-    for (int i = 0; i < w->n_threads; i++) {
-        _Atomic uint64_t *c = &w->cursor[(tid + i) % w->n_threads];
+static int next_chunk(dsx_dispatch *d, unsigned epoch, int tid) {
+    for (int i = 0; i < d->n_threads; i++) {
+        _Atomic uint64_t *c = &d->cursor[(tid + i) % d->n_threads];
         uint64_t v = atomic_load(c);
         while ((unsigned)(v >> (2 * IDX_BITS)) == (epoch & EPOCH_MASK) && (v & IDX_MASK) < ((v >> IDX_BITS) & IDX_MASK)) {
             if (atomic_compare_exchange_weak(c, &v, v + 1)) return (int)(v & IDX_MASK);
@@ -438,34 +170,44 @@ static int next_chunk(moe_work *w, unsigned epoch, int tid) {
     return -1;
 }
 
-static void gate_up_chunk(moe_work *w, int c);
-static void down_chunk(moe_work *w, int c);
-
-static void moe_task(void *p, int tid) {
-    moe_work *w = (moe_work *)p;
-    unsigned ep = atomic_load(&w->epoch_phase), epoch = ep >> 1;
-    for (int c; (c = next_chunk(w, epoch, tid)) >= 0;) {
-        if (ep & 1) down_chunk(w, c);
-        else gate_up_chunk(w, c);
-        atomic_fetch_add(&w->completed, 1);
+static void dispatch_task(void *p, int tid) {
+    dsx_dispatch *d = (dsx_dispatch *)p;
+    /* fn and ctx are read after the epoch: if they already belong to a later dispatch, this
+     * epoch's cursors are spent or re-tagged and no chunk is claimed with them */
+    unsigned epoch = atomic_load(&d->epoch);
+    dsx_chunk_fn fn = atomic_load(&d->fn);
+    void *ctx = atomic_load(&d->ctx);
+    for (int c; (c = next_chunk(d, epoch, tid)) >= 0;) {
+        fn(ctx, c, tid);
+        atomic_fetch_add(&d->completed, 1);
     }
 }
 
-/* Run one phase over n_chunks on every thread; returns when all chunks are done. */
-static void moe_run(dsx_pool *pool, moe_work *w, int phase, int n_chunks) {
-    w->epoch++;
-    w->n_chunks = n_chunks;
-    atomic_store(&w->completed, 0);
-    for (int t = 0; t < w->n_threads; t++)
-        atomic_store(&w->cursor[t], pack_cursor(w->epoch, (unsigned)((long)n_chunks * (t + 1) / w->n_threads),
-                                                (unsigned)((long)n_chunks * t / w->n_threads)));
-    atomic_store(&w->epoch_phase, (w->epoch << 1) | (unsigned)phase);
-    pool_wake(pool, moe_task, w);
-    for (long polls = 0; atomic_load(&w->completed) < n_chunks; polls++) {
+void dsx_parallel(dsx_pool *pool, int n_chunks, dsx_chunk_fn fn, void *ctx) {
+    if (n_chunks <= 0) return;
+    dsx_dispatch *d = &pool->dispatch;
+    if (pool->n == 1 || n_chunks == 1) { /* nothing to share */
+        for (int c = 0; c < n_chunks; c++) fn(ctx, c, 0);
+        return;
+    }
+    unsigned epoch = ++d->next_epoch;
+    d->n_threads = pool->n < MAX_THREADS ? pool->n : MAX_THREADS;
+    atomic_store(&d->completed, 0);
+    for (int t = 0; t < d->n_threads; t++)
+        atomic_store(&d->cursor[t], pack_cursor(epoch, (unsigned)((long)n_chunks * (t + 1) / d->n_threads),
+                                                (unsigned)((long)n_chunks * t / d->n_threads)));
+    atomic_store(&d->fn, fn);
+    atomic_store(&d->ctx, ctx);
+    atomic_store(&d->epoch, epoch);
+    dsx_pool_run(pool, dispatch_task, d);
+    for (long polls = 0; atomic_load(&d->completed) < n_chunks; polls++) {
         if (polls < pool->spin) cpu_relax();
         else sched_yield(); /* a worker holding a chunk without a core needs this one */
     }
 }
+
+static void gate_up_chunk(void *ctx, int c, int tid);
+static void down_chunk(void *ctx, int c, int tid);
 
 static dsx_matrix matrix_of(const uint64_t *e, int which) {
     dsx_matrix m;
@@ -476,13 +218,32 @@ static dsx_matrix matrix_of(const uint64_t *e, int which) {
 }
 
 /* phase 1: every (expert, 64 rows of gate_up) chunk; each loaded row serves all its tokens */
-static void gate_up_chunk(moe_work *w, int c) {
+static void gate_up_chunk(void *ctx, int c, int tid) {
+    (void)tid;
+    moe_work *w = (moe_work *)ctx;
     const dsx_moe_args *a = w->a;
     const int R = 2 * a->I, per_expert = (R + CHUNK_ROWS - 1) / CHUNK_ROWS;
     {
         int e = c / per_expert, r0 = (c % per_expert) * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < R ? r0 + CHUNK_ROWS : R;
         dsx_matrix m = matrix_of(a->experts + 6 * e, 0);
 #if defined(DSX_AVX2)
+        if (w->fast && a->panel) { /* the expert's tokens four at a time */
+            const int nb = w->Dp / QK;
+            for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
+                const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
+                const int8_t *xq[4];
+                const float *xs[4];
+                const int32_t *lanes[4];
+                float *out[4];
+                for (int i = 0; i < T; i++) {
+                    const int t = a->tok_index[p0 + i];
+                    xq[i] = w->xq + (size_t)t * w->Dp, xs[i] = w->xs + (size_t)t * nb;
+                    lanes[i] = w->xlanes + (size_t)t * nb * 8, out[i] = w->h + (size_t)(p0 + i) * R + r0;
+                }
+                panel_rows_multi(a->bits, m.q, m.scales, nb, r0, r1, T, xq, xs, lanes, out);
+            }
+            return;
+        }
         if (w->fast) {
             const int nb = w->Dp / QK;
             for (int p = a->tok_start[e]; p < a->tok_start[e + 1]; p++) {
@@ -493,6 +254,17 @@ static void gate_up_chunk(moe_work *w, int c) {
             return;
         }
 #endif
+        if (a->bits == 32) { /* fp32 rows, the expert's tokens four at a time */
+            for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
+                const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
+                const float *x[4];
+                float *out[4];
+                for (int i = 0; i < T; i++)
+                    x[i] = w->xf + (size_t)a->tok_index[p0 + i] * w->Dp, out[i] = w->h + (size_t)(p0 + i) * R + r0;
+                rows_f32((const float *)m.q, a->D, r0, r1, T, x, out);
+            }
+            return;
+        }
         for (int r = r0; r < r1; r++) {
             for (int p = a->tok_start[e]; p < a->tok_start[e + 1]; p++) {
                 int t = a->tok_index[p];
@@ -511,7 +283,9 @@ static void gate_up_chunk(moe_work *w, int c) {
 }
 
 /* phase 2: every 64 rows of the output, all active experts summed in the order given */
-static void down_chunk(moe_work *w, int c) {
+static void down_chunk(void *ctx, int c, int tid) {
+    (void)tid;
+    moe_work *w = (moe_work *)ctx;
     const dsx_moe_args *a = w->a;
     {
         int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < a->D ? r0 + CHUNK_ROWS : a->D;
@@ -521,6 +295,47 @@ static void down_chunk(moe_work *w, int c) {
         float acc[CHUNK_ROWS];
         for (int e = 0; e < a->n_active; e++) {
             dsx_matrix m = matrix_of(a->experts + 6 * e, 1);
+#if defined(DSX_AVX2)
+            if (w->fast && a->panel) { /* the expert's (token) pairs four at a time, summed in pair order */
+                const int nb = w->Ip / QK;
+                float acc4[4][CHUNK_ROWS];
+                for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
+                    const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
+                    const int8_t *xq[4];
+                    const float *xs[4];
+                    const int32_t *lanes[4];
+                    float *out[4];
+                    for (int i = 0; i < T; i++) {
+                        const int p = p0 + i;
+                        xq[i] = w->hq + (size_t)p * w->Ip, xs[i] = w->hs + (size_t)p * nb;
+                        lanes[i] = w->hlanes + (size_t)p * nb * 8, out[i] = acc4[i];
+                    }
+                    panel_rows_multi(a->bits, m.q, m.scales, nb, r0, r1, T, xq, xs, lanes, out);
+                    for (int i = 0; i < T; i++) {
+                        const int t = a->tok_index[p0 + i];
+                        const float g = a->tok_weight[p0 + i];
+                        for (int r = r0; r < r1; r++) a->out[(size_t)t * a->D + r] += g * acc4[i][r - r0];
+                    }
+                }
+                continue;
+            }
+#endif
+            if (a->bits == 32) { /* fp32 rows, the expert's pairs four at a time, summed in pair order */
+                float acc4[4][CHUNK_ROWS];
+                for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
+                    const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
+                    const float *x[4];
+                    float *out[4];
+                    for (int i = 0; i < T; i++) x[i] = w->hf + (size_t)(p0 + i) * w->Ip, out[i] = acc4[i];
+                    rows_f32((const float *)m.q, a->I, r0, r1, T, x, out);
+                    for (int i = 0; i < T; i++) {
+                        const int t = a->tok_index[p0 + i];
+                        const float g = a->tok_weight[p0 + i];
+                        for (int r = r0; r < r1; r++) a->out[(size_t)t * a->D + r] += g * acc4[i][r - r0];
+                    }
+                }
+                continue;
+            }
             for (int p = a->tok_start[e]; p < a->tok_start[e + 1]; p++) {
 #if defined(DSX_AVX2)
                 if (w->fast) {
@@ -567,7 +382,6 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
     if (a->bits != 32 && (B < QK || B % QK || B > 128)) return -1;
     if (!pool->work && !(pool->work = calloc(1, sizeof(moe_work)))) return -2;
     moe_work *wp = (moe_work *)pool->work; /* one call at a time per pool; too big for the stack */
-    /* not cleared: its cursors and epoch must stay valid for workers still leaving the last call */
 #define w (*wp)
     w.a = a;
     w.Dp = (a->D + B - 1) / B * B;
@@ -609,11 +423,10 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
                          w.xs + (size_t)t * (w.Dp / B), w.xsum + (size_t)t * (w.Dp / B), w.xlanes + (size_t)t * (w.Dp / B) * 8);
     }
     /* phase 1: gate and up rows of every active expert */
-    w.n_threads = pool->n < MAX_THREADS ? pool->n : MAX_THREADS;
     w.fast = quant && B == QK;
     for (int e = 0; e < a->n_active && w.fast; e++)
         if (a->experts[6 * e + 2] || a->experts[6 * e + 5]) w.fast = 0; /* zero points */
-    moe_run(pool, &w, 0, a->n_active * ((2 * I + CHUNK_ROWS - 1) / CHUNK_ROWS));
+    dsx_parallel(pool, a->n_active * ((2 * I + CHUNK_ROWS - 1) / CHUNK_ROWS), gate_up_chunk, wp);
     /* SwiGLU per (expert, token) pair, then its rounding for the down projection */
     for (int p = 0; p < P; p++) {
         const float *g = w.h + (size_t)p * 2 * I, *u = g + I;
@@ -625,7 +438,16 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
                          w.hsum + (size_t)p * (w.Ip / B), w.hlanes + (size_t)p * (w.Ip / B) * 8);
     }
     /* phase 2: down rows, the experts' outputs weighted and summed (with the residual) */
-    moe_run(pool, &w, 1, (a->D + CHUNK_ROWS - 1) / CHUNK_ROWS);
+    dsx_parallel(pool, (a->D + CHUNK_ROWS - 1) / CHUNK_ROWS, down_chunk, wp);
     return 0;
 #undef w
+}
+
+/* dsx_moe with its arguments spelled out (the native decoder's call) */
+int dsx_moe_layer(dsx_pool *pool, int bits, int round_act, int block, int N, int D, int I, int n_active,
+                  const float *x, const float *residual, float *out, const uint64_t *experts,
+                  const int32_t *tok_start, const int32_t *tok_index, const float *tok_weight, int panel) {
+    dsx_moe_args a = {bits, round_act, block, N, D, I, n_active, x, residual, out, experts, tok_start, tok_index,
+                      tok_weight, panel};
+    return dsx_moe(pool, &a);
 }

@@ -21,7 +21,7 @@ from typing import Callable
 from dsexport.core.contract import decoder_contract, mtp_contract
 from dsexport.core.errors import InternalError
 from dsexport.core.manifest import DecoderGraph, MTPGraphInfo
-from dsexport.core.sections import PagingSection, TensorRTSection
+from dsexport.core.sections import NativeSection, PagingSection, TensorRTSection
 
 from .plan import GRAPH_FILE, BuildPlan
 
@@ -37,6 +37,7 @@ class Exported:
     tensorrt: TensorRTSection | None = None
     mobile: dict | None = None
     mtp: MTPGraphInfo | None = None
+    native: NativeSection | None = None
 
 
 def export_config(plan: BuildPlan):
@@ -73,7 +74,7 @@ def export_paged_bundle(reader, staging: Path, plan: BuildPlan, progress: Progre
     result = export_paged(reader, staging, export_config(plan), progress)
     decoder = DecoderGraph(PAGED_LOWERING, decoder_contract(plan.config), paged=True, segments=result.segments)
     paging = dataclasses.replace(result.paging, default_cache_mb=plan.default_cache_mb)
-    return Exported(decoder, result.weight_bytes, paging=paging)
+    return Exported(decoder, result.weight_bytes, paging=paging, native=result.native)
 
 
 def export_tensorrt(reader, staging: Path, plan: BuildPlan, progress: Progress) -> Exported:

@@ -81,7 +81,7 @@ def make_manifest(plan: BuildPlan, exported: Exported, tokenizer_files: tuple[st
         graphs=Graphs(exported.decoder, exported.mtp), tokenizer_files=tokenizer_files,
         stats=model_stats(plan.config, exported.weight_bytes), files={}, memory_plan=plan.memory_json(),
         quantization=plan.quant, tensorrt=exported.tensorrt, mobile=exported.mobile, pruning=plan.pruning,
-        paging=exported.paging)
+        paging=exported.paging, native=exported.native)
 
 
 def checksum_files(staging: Path, manifest: Manifest, progress: Progress) -> Manifest:

@@ -31,7 +31,7 @@ def paging_lines(s: dict) -> list[str]:
              f"stalled {s['stall_s'] * 1e3:.1f} ms on loads",
              f"prefetch: {s['prefetches']['issued']} predicted, {s['prefetches']['loaded']} loaded, "
              f"{s['prefetches']['used']} used before eviction, {s['prefetches']['late']} still loading when needed",
-             f"routed experts: {s['routed_experts']}"]
+             f"decoder: {s.get('decoder', 'onnxruntime segments')}; routed experts: {s['routed_experts']}"]
     for layer, counts in s["expert_histograms"].items():
         top = sorted(range(len(counts)), key=lambda e: -counts[e])[:6]
         lines.append(f"layer {layer}: {sum(counts)} requests over {sum(1 for c in counts if c)} experts; most: "

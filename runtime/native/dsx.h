@@ -1,0 +1,492 @@
+/* Shared by the native kernels (experts.c: routed experts; decoder.c: the whole decoder step):
+ * the thread pool, the chunk dispatcher, activation rounding and the row dot products.
+ * Weight layouts and the rounding rule are described in experts.c. */
+#ifndef DSX_H
+#define DSX_H
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(DSX_PORTABLE)
+#include <immintrin.h>
+#define DSX_AVX2 1
+#endif
+
+#define CHUNK_ROWS 64
+#define MAX_THREADS 256
+#define QK 32 /* the kernels' sub-block: every supported block (32, 64, 128) is a multiple */
+
+/* ---- chunked parallel loops ------------------------------------------------------------------
+ * One dispatch runs chunk(ctx, c, tid) for c in [0, n_chunks) on all threads. Each thread's run of
+ * chunks is a packed 64-bit cursor (dispatch epoch, end, next index) claimed by compare-and-swap:
+ * a thread from an earlier dispatch cannot take a chunk of this one, and a thread that never
+ * wakes delays nobody: the others take its chunks, and the caller waits for chunks done, not for
+ * threads. */
+typedef void (*dsx_chunk_fn)(void *ctx, int c, int tid);
+typedef struct {
+    _Atomic uint64_t cursor[MAX_THREADS];
+    atomic_uint epoch;
+    atomic_int completed;
+    _Atomic(dsx_chunk_fn) fn;
+    _Atomic(void *) ctx;
+    unsigned next_epoch;
+    int n_threads;
+} dsx_dispatch;
+
+
+/* ---- a small thread pool: spin briefly, then sleep ------------------------------------------ */
+typedef struct dsx_pool dsx_pool;
+typedef void (*dsx_task)(void *arg, int tid);
+
+struct dsx_pool {
+    int n;                 /* threads including the caller */
+    pthread_t *threads;
+    atomic_int generation; /* bumped per dispatch */
+    atomic_int sleeping;
+    atomic_int stop;
+    long spin;             /* polls before a worker sleeps */
+    dsx_task task;
+    void *arg;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    /* scratch for dsx_moe, grown on demand */
+    void *scratch;
+    size_t scratch_bytes;
+    void *work; /* dsx_moe's per-call state (a moe_work) */
+    dsx_dispatch dispatch; /* one dispatcher per pool: a late worker can only join this pool's current loop */
+};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+dsx_pool *dsx_pool_create(int threads, long spin);
+void dsx_pool_destroy(dsx_pool *pool);
+/* Run task(arg, tid) on every worker and on the caller (tid 0); returns when the caller's share is done. */
+void dsx_pool_run(dsx_pool *pool, dsx_task task, void *arg);
+
+/* Run chunk(ctx, c, tid) for every c in [0, n_chunks) on all of the pool's threads; returns when all are done. */
+void dsx_parallel(dsx_pool *pool, int n_chunks, dsx_chunk_fn fn, void *ctx);
+
+/* ---- activations: rounded to int8 per block ------------------------------------------------ */
+/* x [K] -> q [K] int8 (for int4 weights each 32-chunk permuted, even indices first and odd
+ * second, to match the nibble order), scale [K/B], and scale x the block's sum of q (for the zero points). */
+static inline void quantize_row(const float *x, int K, int B, int permute, int8_t *q, float *scale, float *corr, int32_t *lanes) {
+    for (int b0 = 0; b0 < K; b0 += B) {
+        float amax = 0.0f;
+        for (int j = 0; j < B; j++) { float a = fabsf(x[b0 + j]); amax = a > amax ? a : amax; }
+        float inv = amax == 0.0f ? 0.0f : 127.0f / amax;
+        scale[b0 / B] = amax / 127.0f;
+        int32_t s = 0;
+        for (int c = b0; c < b0 + B; c += QK) {
+            for (int j = 0; j < QK; j++) {
+                int dst = permute ? (j & 1 ? QK / 2 + j / 2 : j / 2) : j;
+                int8_t v = (int8_t)nearbyintf(x[c + j] * inv); /* half to even: the default mode */
+                q[c + dst] = v;
+                s += v;
+            }
+        }
+        corr[b0 / B] = scale[b0 / B] * (float)s;
+        if (lanes) { /* the int4 offset's term, 8 x sum(q), as lane 0 of a vector subtracted per block */
+            memset(lanes + (size_t)(b0 / B) * 8, 0, 32);
+            lanes[(size_t)(b0 / B) * 8] = 8 * s;
+        }
+    }
+}
+
+#if defined(DSX_AVX2)
+static inline float hsum_ps(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* fp32 weight rows [r0, r1) (row stride K) against T <= 4 tokens: out[t][r - r0]. Two rows per pass
+ * share each token's loads and each row's loads serve every token (prefill: 8 FMAs per 6 loads,
+ * against 1 per 2 for a row-by-row dot). */
+static inline float dot_f32(const float *w, const float *x, int K);
+static inline void rows_f32(const float *W, int K, int r0, int r1, int T, const float *const *x, float *const *out) {
+#if defined(DSX_AVX2)
+    int r = T > 1 ? r0 : r1; /* one token: row by row (four FMA chains; measured faster at decode) */
+    for (; r + 2 <= r1; r += 2) {
+        const float *w0 = W + (size_t)r * K, *w1 = w0 + K;
+        __m256 acc[2][4];
+        for (int t = 0; t < 4; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 8 <= K; k += 8) {
+            if (!(k & 15)) {
+                _mm_prefetch((const char *)(w0 + k + 1024), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w1 + k + 1024), _MM_HINT_T0);
+            }
+            const __m256 a = _mm256_loadu_ps(w0 + k), b = _mm256_loadu_ps(w1 + k);
+            for (int t = 0; t < T; t++) {
+                const __m256 xt = _mm256_loadu_ps(x[t] + k);
+                acc[0][t] = _mm256_fmadd_ps(a, xt, acc[0][t]);
+                acc[1][t] = _mm256_fmadd_ps(b, xt, acc[1][t]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            float s0 = hsum_ps(acc[0][t]), s1 = hsum_ps(acc[1][t]);
+            for (int j = k; j < K; j++) s0 += w0[j] * x[t][j], s1 += w1[j] * x[t][j];
+            out[t][r - r0] = s0;
+            out[t][r + 1 - r0] = s1;
+        }
+    }
+    for (r = T > 1 ? r : r0; r < r1; r++) /* (a software prefetch here made fp32 decode 20-30% slower) */
+        for (int t = 0; t < T; t++) out[t][r - r0] = dot_f32(W + (size_t)r * K, x[t], K);
+#else
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < T; t++) out[t][r - r0] = dot_f32(W + (size_t)r * K, x[t], K);
+#endif
+}
+
+static inline float dot_f32(const float *w, const float *x, int K) {
+#if defined(DSX_AVX2)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 32 <= K; j += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+    }
+    float r = hsum_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; j < K; j++) r += w[j] * x[j];
+    return r;
+#else
+    float acc[8] = {0};
+    int j = 0;
+    for (; j + 8 <= K; j += 8)
+        for (int l = 0; l < 8; l++) acc[l] += w[j + l] * x[j + l];
+    float r = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < K; j++) r += w[j] * x[j];
+    return r;
+#endif
+}
+
+/* y += a x over n floats (the attention's small matrix products) */
+static inline void axpy_f32(float *restrict y, float a, const float *restrict x, int n) {
+    int j = 0;
+#if defined(DSX_AVX2)
+    const __m256 va = _mm256_set1_ps(a);
+    for (; j + 16 <= n; j += 16) {
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+        _mm256_storeu_ps(y + j + 8, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(y + j + 8)));
+    }
+#endif
+    for (; j < n; j++) y[j] += a * x[j];
+}
+
+/* ---- one matrix row against one token's activations ---------------------------------------- */
+typedef struct {
+    const uint8_t *q;     /* int8/int4 bytes, or float weights for fp32 */
+    const float *scales;  /* [R, K/B] */
+    const uint8_t *zeros; /* [R, K/B] or NULL */
+} dsx_matrix;
+
+typedef struct {
+    int bits;             /* 4, 8 or 32 */
+    int K;                /* inputs of the matrix (padded to B for quantized ones) */
+    int B;                /* block */
+} matrix_shape;
+
+#if defined(DSX_AVX2)
+/* Rows [r0, r1) of a block-32 matrix without zero points for one token: two rows per pass (one
+ * activation load serves both, one reduction finishes both); int4's offset is subtracted in the
+ * integer sums (lanes). out[r - r0] for each row. */
+static inline void rows_q_b32(int bits, const uint8_t *q, const float *scales, size_t row_bytes, int nb, int r0, int r1,
+                       const int8_t *xq, const float *xs, const int32_t *lanes, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    int r = r0;
+    for (; r < r1; r += 2) {
+        const int two = r + 1 < r1;
+        const uint8_t *w0 = q + (size_t)r * row_bytes, *w1 = two ? w0 + row_bytes : w0;
+        const float *s0 = scales + (size_t)r * nb, *s1 = two ? s0 + nb : s0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+            __m256i p0, p1;
+            if (bits == 4) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(lanes + b * 8));
+                __m128i b0 = _mm_loadu_si128((const __m128i *)(w0 + b * 16));
+                __m128i b1 = _mm_loadu_si128((const __m128i *)(w1 + b * 16));
+                __m256i q0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b0, 4), low), _mm_and_si128(b0, low));
+                __m256i q1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b1, 4), low), _mm_and_si128(b1, low));
+                p0 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, x), ones), c);
+                p1 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, x), ones), c);
+            } else {
+                __m256i q0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w0 + b * 32)), flip);
+                __m256i q1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w1 + b * 32)), flip);
+                p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(x, q0)), ones);
+                p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(x, q1)), ones);
+            }
+            const float d = xs[b];
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0[b] * d), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1[b] * d), a1);
+        }
+        __m256 h = _mm256_hadd_ps(a0, a1);
+        h = _mm256_hadd_ps(h, h);
+        __m128 t = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        out[r - r0] = _mm_cvtss_f32(t);
+        if (two) out[r + 1 - r0] = _mm_cvtss_f32(_mm_shuffle_ps(t, t, 1));
+    }
+}
+#endif
+
+/* ---- panels: 8 rows interleaved per block, repacked at load (runtime/native_backend.py) ------
+ * Why: row by row, each 32-weight block costs ~12 vector ops (unpack, multiply-add, scale), and
+ * two cores of AVX2 then stream int4 at ~10 GB/s, not the ~22 GB/s the memory gives. Eight rows
+ * at a time share the activation loads and reduce their block sums together:
+ *   int4  per block 8 rows x 16 bytes, rows (2i, 2i+1) in one 32-byte load: low nibbles against
+ *         the even activations broadcast to both lanes, high nibbles against the odd ones; the
+ *         four pair sums reduced by three hadds to [r0 r2 r4 r6 r1 r3 r5 r7] (scales stored in that order)
+ *   int8  per block 8 rows x 32 signed bytes (q ^ 0x80 at packing): |w| against sign(x, w), the
+ *         eight row sums reduced by hadds to [r0 .. r7]
+ * Scales float [panels, blocks, 8]; rows past the matrix are zero (scale 0). Same arithmetic as
+ * rows_q_b32 (exact integer block sums times the two scales), summed in another order. */
+#define PANEL 8
+#ifndef DSX_PREFETCH
+#define DSX_PREFETCH 4096
+#endif
+static inline int panel_scale_slot(int bits, int j) { return bits == 4 ? (j & 1 ? 4 + j / 2 : j / 2) : j; }
+
+#if defined(DSX_AVX2)
+static inline void panels_b32(int bits, const uint8_t *pq, const float *ps, int nb, int p0, int p1, const int8_t *xq,
+                              const float *xs, const int32_t *lanes, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    const size_t panel_bytes = (size_t)nb * PANEL * 32 * bits / 8;
+    for (int p = p0; p < p1; p++) {
+        const uint8_t *w = pq + (size_t)p * panel_bytes;
+        const float *s = ps + (size_t)p * nb * PANEL;
+        __m256 acc = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m256i sums;
+            /* a software prefetch 4 KB ahead: 10-15% more decode speed on M (2-core EPYC, DRAM-bound;
+             * 2 KB and 8 KB measured slower) */
+            _mm_prefetch((const char *)(w + DSX_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + DSX_PREFETCH + 64), _MM_HINT_T0);
+            if (bits == 8) {
+                _mm_prefetch((const char *)(w + DSX_PREFETCH + 128), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + DSX_PREFETCH + 192), _MM_HINT_T0);
+            }
+            if (bits == 4) {
+                const __m256i xe = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * 32)));
+                const __m256i xo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + b * 32 + 16)));
+                __m256i v[4];
+                for (int i = 0; i < 4; i++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + i * 32));
+                    const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    v[i] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)), ones);
+                }
+                sums = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(lanes[b * 8])); /* the offset 8: 8 x sum(x) */
+                w += 128;
+            } else {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+                __m256i v[8];
+                for (int i = 0; i < 8; i++) { /* |q| x sign(x, q): q = -128 (absmax's extreme) stays exact */
+                    const __m256i q = _mm256_loadu_si256((const __m256i *)(w + i * 32));
+                    v[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q)), ones);
+                }
+                const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                const __m256i c = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+                sums = _mm256_add_epi32(_mm256_permute2x128_si256(a, c, 0x20), _mm256_permute2x128_si256(a, c, 0x31));
+                w += 256;
+            }
+            const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(s + b * PANEL), _mm256_set1_ps(xs[b]));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+        }
+        float lanes_out[8];
+        _mm256_storeu_ps(lanes_out, acc);
+        for (int j = 0; j < PANEL; j++) out[(size_t)(p - p0) * PANEL + j] = lanes_out[panel_scale_slot(bits, j)];
+    }
+}
+
+/* rows [r0, r1) of a packed matrix (r0 a multiple of 8): exactly r1 - r0 outputs */
+static inline void panel_rows(int bits, const uint8_t *pq, const float *ps, int nb, int r0, int r1, const int8_t *xq,
+                              const float *xs, const int32_t *lanes, float *out) {
+    const int p0 = r0 / PANEL, full = r1 / PANEL;
+    if (full > p0) panels_b32(bits, pq, ps, nb, p0, full, xq, xs, lanes, out);
+    if (full * PANEL < r1) {
+        float tail[PANEL];
+        panels_b32(bits, pq, ps, nb, full, full + 1, xq, xs, lanes, tail);
+        memcpy(out + (size_t)(full - p0) * PANEL, tail, (size_t)(r1 - full * PANEL) * sizeof(float));
+    }
+}
+
+/* Up to 4 tokens against the same int4 panels: each block's nibbles are unpacked once for all of
+ * them (prefill, and experts that several tokens chose). out[t][0 .. rows of the panels). */
+static inline void panels_b32_int4_multi(const uint8_t *pq, const float *ps, int nb, int p0, int p1, int T,
+                                         const int8_t *const *xq, const float *const *xs,
+                                         const int32_t *const *lanes, float *const *out) {
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    const size_t panel_bytes = (size_t)nb * PANEL * 16;
+    for (int p = p0; p < p1; p++) {
+        const uint8_t *w = pq + (size_t)p * panel_bytes;
+        const float *s = ps + (size_t)p * nb * PANEL;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int b = 0; b < nb; b++, w += 128) {
+            _mm_prefetch((const char *)(w + DSX_PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + DSX_PREFETCH + 64), _MM_HINT_T0);
+            __m256i lo[4], hi[4];
+            for (int i = 0; i < 4; i++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + i * 32));
+                lo[i] = _mm256_and_si256(raw, low);
+                hi[i] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            }
+            const __m256 sb = _mm256_loadu_ps(s + b * PANEL);
+            for (int t = 0; t < T; t++) {
+                const __m256i xe = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq[t] + b * 32)));
+                const __m256i xo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq[t] + b * 32 + 16)));
+                __m256i v[4];
+                for (int i = 0; i < 4; i++)
+                    v[i] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], xe),
+                                                              _mm256_maddubs_epi16(hi[i], xo)), ones);
+                __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(lanes[t][b * 8]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sb, _mm256_set1_ps(xs[t][b])), acc[t]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            float lanes_out[8];
+            _mm256_storeu_ps(lanes_out, acc[t]);
+            for (int j = 0; j < PANEL; j++) out[t][(size_t)(p - p0) * PANEL + j] = lanes_out[panel_scale_slot(4, j)];
+        }
+    }
+}
+
+/* panel_rows for up to 4 tokens (int4; other widths token by token) */
+static inline void panel_rows_multi(int bits, const uint8_t *pq, const float *ps, int nb, int r0, int r1, int T,
+                                    const int8_t *const *xq, const float *const *xs, const int32_t *const *lanes,
+                                    float *const *out) {
+    if (bits != 4 || T == 1) {
+        for (int t = 0; t < T; t++) panel_rows(bits, pq, ps, nb, r0, r1, xq[t], xs[t], lanes[t], out[t]);
+        return;
+    }
+    const int p0 = r0 / PANEL, full = r1 / PANEL;
+    if (full > p0) panels_b32_int4_multi(pq, ps, nb, p0, full, T, xq, xs, lanes, out);
+    if (full * PANEL < r1) {
+        float tail[4][PANEL];
+        float *tails[4] = {tail[0], tail[1], tail[2], tail[3]};
+        panels_b32_int4_multi(pq, ps, nb, full, full + 1, T, xq, xs, lanes, tails);
+        for (int t = 0; t < T; t++)
+            memcpy(out[t] + (size_t)(full - p0) * PANEL, tail[t], (size_t)(r1 - full * PANEL) * sizeof(float));
+    }
+}
+#endif
+
+/* Quantized row r with int8 activations (xq, xs: per-block scales, xcorr: xs x the block's
+ * sum of xq): sum_b ws[b] * (xs[b] * sum_j q[j] * xq[j] - z_b * xcorr[b]), the inner sums exact integers. */
+static inline float row_dot_q(const dsx_matrix *m, const matrix_shape *s, int r, const int8_t *xq, const float *xs,
+                              const float *xcorr) {
+    const int nb = s->K / s->B, per = s->B / QK;
+    const size_t row_bytes = (size_t)s->K * s->bits / 8;
+    const uint8_t *w = m->q + (size_t)r * row_bytes;
+    const float *ws = m->scales + (size_t)r * nb;
+    const uint8_t *wz = m->zeros ? m->zeros + (size_t)r * nb : NULL;
+    const int32_t zdef = 1 << (s->bits - 1);
+    float correction = 0.0f; /* sum_b d_b * z_b * xsum_b, for the unsigned weight paths */
+#if defined(DSX_AVX2)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* two chains: fmadd latency */
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        __m256i isum = _mm256_setzero_si256();
+        if (s->bits == 4) { /* unsigned nibbles x signed activations; z * xsum subtracted below */
+            for (int c = 0; c < per; c++) {
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(w + (size_t)(b * per + c) * QK / 2));
+                __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b * per + c) * QK));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
+            }
+        } else if (!wz) { /* q - 128 is q ^ 0x80 as int8; |w| * sign(x, w) keeps maddubs from saturating */
+            for (int c = 0; c < per; c++) {
+                __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + (size_t)(b * per + c) * QK)),
+                                             _mm256_set1_epi8((char)0x80));
+                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b * per + c) * QK));
+                __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+            }
+        } else { /* int8 with zero points: 16-bit products */
+            for (int c = 0; c < per; c++) {
+                const uint8_t *wc = w + (size_t)(b * per + c) * QK;
+                const int8_t *xc = xq + (size_t)(b * per + c) * QK;
+                __m256i p = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)wc)),
+                                              _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)xc)));
+                p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wc + 16))),
+                                                          _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xc + 16)))));
+                isum = _mm256_add_epi32(isum, p);
+            }
+        }
+        const __m256 d = _mm256_set1_ps(ws[b] * xs[b]);
+        if (b & 1) acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc1);
+        else acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc0);
+    }
+    if (wz)
+        for (int b = 0; b < nb; b++) correction += ws[b] * xcorr[b] * (float)wz[b];
+    else if (s->bits == 4)
+        correction = dot_f32(ws, xcorr, nb) * (float)zdef;
+    return hsum_ps(_mm256_add_ps(acc0, acc1)) - correction;
+#else
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        int32_t isum = 0;
+        if (s->bits == 4) {
+            const uint8_t *wb = w + (size_t)b * s->B / 2;
+            const int8_t *xb = xq + (size_t)b * s->B;
+            for (int c = 0; c < per; c++)
+                for (int j = 0; j < QK / 2; j++)
+                    isum += (int32_t)(wb[c * QK / 2 + j] & 15) * xb[c * QK + j] +
+                            (int32_t)(wb[c * QK / 2 + j] >> 4) * xb[c * QK + QK / 2 + j];
+        } else {
+            const uint8_t *wb = w + (size_t)b * s->B;
+            const int8_t *xb = xq + (size_t)b * s->B;
+            for (int j = 0; j < s->B; j++) isum += (int32_t)wb[j] * xb[j];
+        }
+        acc += ws[b] * xs[b] * (float)isum;
+        correction += ws[b] * xcorr[b] * (float)(wz ? wz[b] : zdef);
+    }
+    return acc - correction;
+#endif
+}
+
+/* quantized row r with fp32 activations (the bundle keeps activations fp32): dequantize per block */
+static inline float row_dot_qf(const dsx_matrix *m, const matrix_shape *s, int r, const float *x) {
+    const int nb = s->K / s->B;
+    const size_t row_bytes = (size_t)s->K * s->bits / 8;
+    const uint8_t *w = m->q + (size_t)r * row_bytes;
+    const float *ws = m->scales + (size_t)r * nb;
+    const uint8_t *wz = m->zeros ? m->zeros + (size_t)r * nb : NULL;
+    float tmp[128];
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        float z = wz ? (float)wz[b] : (float)(1 << (s->bits - 1));
+        const float *xb = x + (size_t)b * s->B;
+        if (s->bits == 4) {
+            const uint8_t *wb = w + (size_t)b * s->B / 2;
+            for (int j = 0; j < s->B / 2; j++) {
+                tmp[2 * j] = (float)(wb[j] & 15) - z;
+                tmp[2 * j + 1] = (float)(wb[j] >> 4) - z;
+            }
+        } else {
+            const uint8_t *wb = w + (size_t)b * s->B;
+            for (int j = 0; j < s->B; j++) tmp[j] = (float)wb[j] - z;
+        }
+        acc += ws[b] * dot_f32(tmp, xb, s->B);
+    }
+    return acc;
+}
+
+
+#endif

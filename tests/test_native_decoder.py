@@ -1,0 +1,177 @@
+"""The native decoder (runtime/native/decoder.c): a paged bundle's whole step in C, against the
+same bundle's segment graphs in ONNX Runtime and against transformers, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from dsexport.core.errors import BundleError
+
+from test_paging import PROMPT, paged_bundle, quantized_bundles, teacher_forced_logits
+
+
+@pytest.fixture(autouse=True)
+def kernel_library():
+    from dsexport.runtime import native
+
+    if native.load() is None:
+        pytest.skip(f"native kernel library unavailable: {native.status()['reason']}")
+
+
+def load(path, decoder: str, monkeypatch, **kw):
+    from dsexport.runtime import Engine
+
+    monkeypatch.setenv("DSEXPORT_DECODER", decoder)
+    engine = Engine.load(path, verify=False, **kw)
+    assert engine.backend.name == ("native" if decoder == "native" else "onnxruntime-paged")
+    return engine
+
+
+@pytest.mark.parametrize("variant", ["v3_noaux_tc", "v2_greedy", "v2_group_limited", "v3_flat_tied"])
+def test_native_decoder_matches_the_segments_and_the_oracle_at_fp32(artifacts, variant, monkeypatch):
+    """docs/parity.md's fp32 tolerance (1e-4) against the segments, teacher-forced over a prefill
+    and 24 cached steps; free-running greedy tokens equal to transformers' generate."""
+    import torch
+
+    path = paged_bundle(artifacts, variant)
+    segments, nat = load(path, "onnxruntime", monkeypatch), load(path, "native", monkeypatch)
+    steps = segments.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
+    diff = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
+    assert diff.max() <= 1e-4
+    hf = artifacts.hf_model(variant)
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, min_new_tokens=24)[0, len(PROMPT):]
+    assert nat.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids == want.tolist()
+
+
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+def test_native_decoder_matches_the_segments_on_int4_bundles(artifacts, activations, monkeypatch):
+    """Same int4 rows, same int8 activation rounding (MatMulNBits accuracy_level 4, QMoE): the
+    tolerance of docs/quantization.md, and the same greedy tokens."""
+    path = quantized_bundles(artifacts, activations, paged=True)
+    segments, nat = load(path, "onnxruntime", monkeypatch), load(path, "native", monkeypatch)
+    steps = segments.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
+    per_position = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps)).max(-1)
+    if activations == "fp32":
+        assert per_position.max() <= 1e-3
+    else:  # a rare int8 rounding tie may flip one quantized activation
+        assert np.median(per_position) <= 1e-4 and per_position.max() <= 0.25
+    assert nat.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids == steps
+
+
+def test_long_prompts_chunked_prefill_and_cache_growth(artifacts, monkeypatch):
+    """A 150-token prompt outgrows the cache's first buffers (64 positions); prefilled in chunks of
+    40 it gives the logits of one prefill, and the segments' logits."""
+    path = paged_bundle(artifacts, "v3_noaux_tc")
+    nat, segments = load(path, "native", monkeypatch), load(path, "onnxruntime", monkeypatch)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 200, 150)]
+    whole = nat.generate(prompt, max_new_tokens=12, ignore_eos=True)
+    nat.prefill_chunk = 40
+    chunked = nat.generate(prompt, max_new_tokens=12, ignore_eos=True)
+    assert whole.output_ids == chunked.output_ids
+    diff = np.abs(teacher_forced_logits(segments, prompt, whole.output_ids) - teacher_forced_logits(nat, prompt, whole.output_ids))
+    assert diff.max() <= 1e-4
+
+
+def test_batched_rows_with_left_padding_equal_each_row_alone(artifacts, monkeypatch):
+    path = paged_bundle(artifacts, "v2_group_limited")
+    nat = load(path, "native", monkeypatch)
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:20]]
+    alone = [nat.generate(p, max_new_tokens=10, ignore_eos=True).output_ids for p in prompts]
+    batched = nat.generate_batch(prompts, max_new_tokens=10, ignore_eos=True)
+    assert [r.output_ids for r in batched] == alone
+
+
+def test_native_is_the_default_and_says_why_when_the_segments_run(artifacts, monkeypatch, run_cli):
+    from dsexport.runtime import Engine
+
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    path = paged_bundle(artifacts, "v3_noaux_tc")
+    engine = Engine.load(path, verify=False)
+    assert engine.backend.name == "native"
+    stats = engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).paging_stats
+    assert stats["decoder"] == "native" and stats["decode"]["tokens"] == 3 and stats["hit_rate"] == 1.0
+    # a budget below every expert pages: the segments run, and the stats say why
+    paging = json.loads((path / "manifest.json").read_text())["paging"]
+    small = Engine.load(path, verify=False, expert_cache_mb=paging["routed_expert_bytes"] / 2 / 2**20)
+    assert small.backend.name == "onnxruntime-paged"
+    reason = small.generate(PROMPT, max_new_tokens=2, ignore_eos=True).paging_stats["decoder"]
+    assert "does not hold every expert" in reason
+
+
+def test_a_store_with_zero_points_gets_no_native_section_and_runs_the_segments(artifacts, tmp_path, monkeypatch):
+    from dsexport.build import BuildConfig, build_bundle
+    from dsexport.runtime import Engine
+
+    out = tmp_path / "asym"
+    build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), out, paged=True, precision="int4",
+                             zero_points=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "native" not in manifest
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    engine = Engine.load(out, verify=False)
+    assert engine.backend.name == "onnxruntime-paged"
+    assert "no native section" in engine.generate(PROMPT, max_new_tokens=2).paging_stats["decoder"]
+
+
+def tampered(artifacts, tmp_path, edit) -> "Path":  # noqa: F821
+    out = tmp_path / "bundle"
+    shutil.copytree(paged_bundle(artifacts, "v3_noaux_tc"), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest["native"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda n: n["globals"]["embed"].update(offset=1 << 40), "lies outside it"),
+    (lambda n: n["layers"]["1"]["o_proj"].update(rows=7), "expected"),
+    (lambda n: n["layers"]["0"]["w_uk"].update(shape=[1, 2, 3]), "bytes for a float32 tensor"),
+    (lambda n: n["globals"]["embed"].update(file="../../etc/passwd"), "not a path inside the bundle"),
+    (lambda n: n["layers"].pop("2"), "not every layer"),
+])
+def test_a_native_section_that_lies_is_refused_before_anything_runs(artifacts, tmp_path, edit, message, monkeypatch):
+    from dsexport.runtime import Engine
+
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    path = tampered(artifacts, tmp_path, edit)
+    with pytest.raises(BundleError, match=message):
+        Engine.load(path, verify=False)
+
+
+def test_cli_reports_a_lying_native_section_in_one_line(artifacts, tmp_path, run_cli):
+    path = tampered(artifacts, tmp_path, lambda n: n["globals"]["embed"].update(offset=1 << 40))
+    code, out, err = run_cli("run", path, "--prompt", "hi", "--max-new-tokens", "2", "--no-verify")
+    assert code != 0 and "Traceback" not in err and "lies outside it" in err
+
+
+def test_runtime_native_backend_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import dsexport.runtime.native_backend, dsexport.runtime.backends; "
+            "assert 'torch' not in sys.modules and 'dsexport.exporter' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("variant", ["v3_noaux_tc", "v2_group_limited"])
+def test_pruned_layers_with_uneven_and_empty_groups_route_as_the_segments_do(artifacts, tmp_path, variant, monkeypatch):
+    """Per-layer expert counts (tests/test_expert_counts.py's plans): groups of different sizes
+    and empty groups, the routing's hardest case; the chosen experts and logits agree."""
+    from dsexport.build import BuildConfig, build_bundle
+
+    from test_expert_counts import PLANS
+
+    out = tmp_path / "pruned"
+    build_bundle(BuildConfig(artifacts.checkpoint(variant), out, kept_experts=PLANS[variant], paged=True))
+    segments, nat = load(out, "onnxruntime", monkeypatch), load(out, "native", monkeypatch)
+    steps = segments.generate(PROMPT, max_new_tokens=16, ignore_eos=True).output_ids
+    diff = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
+    assert diff.max() <= 1e-4
+    a = segments.generate(PROMPT, max_new_tokens=16, ignore_eos=True).paging_stats["expert_histograms"]
+    b = nat.generate(PROMPT, max_new_tokens=16, ignore_eos=True).paging_stats["expert_histograms"]
+    assert a == b  # the same experts, as often, in every layer
