@@ -115,7 +115,8 @@ static inline float hsum_ps(__m256 a) {
  * share each token's loads and each row's loads serve every token (prefill: 8 FMAs per 6 loads,
  * against 1 per 2 for a row-by-row dot). */
 static inline float dot_f32(const float *w, const float *x, int K);
-static inline void rows_f32(const float *W, int K, int r0, int r1, int T, const float *const *x, float *const *out) {
+#define DSX_INLINE static inline __attribute__((always_inline))
+DSX_INLINE void rows_f32_t(const float *W, int K, int r0, int r1, const int T, const float *const *x, float *const *out) {
 #if defined(DSX_AVX2)
     int r = T > 1 ? r0 : r1; /* one token: row by row (four FMA chains; measured faster at decode) */
     for (; r + 2 <= r1; r += 2) {
@@ -148,6 +149,16 @@ static inline void rows_f32(const float *W, int K, int r0, int r1, int T, const 
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < T; t++) out[t][r - r0] = dot_f32(W + (size_t)r * K, x[t], K);
 #endif
+}
+
+/* T a constant in each call below: the accumulators stay in registers */
+static inline void rows_f32(const float *W, int K, int r0, int r1, int T, const float *const *x, float *const *out) {
+    switch (T) {
+    case 4: rows_f32_t(W, K, r0, r1, 4, x, out); break;
+    case 3: rows_f32_t(W, K, r0, r1, 3, x, out); break;
+    case 2: rows_f32_t(W, K, r0, r1, 2, x, out); break;
+    default: rows_f32_t(W, K, r0, r1, 1, x, out);
+    }
 }
 
 static inline float dot_f32(const float *w, const float *x, int K) {
@@ -327,7 +338,7 @@ static inline void panel_rows(int bits, const uint8_t *pq, const float *ps, int 
 
 /* Up to 4 tokens against the same int4 panels: each block's nibbles are unpacked once for all of
  * them (prefill, and experts that several tokens chose). out[t][0 .. rows of the panels). */
-static inline void panels_b32_int4_multi(const uint8_t *pq, const float *ps, int nb, int p0, int p1, int T,
+DSX_INLINE void panels_int4_multi_t(const uint8_t *pq, const float *ps, int nb, int p0, int p1, const int T,
                                          const int8_t *const *xq, const float *const *xs,
                                          const int32_t *const *lanes, float *const *out) {
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
@@ -363,6 +374,17 @@ static inline void panels_b32_int4_multi(const uint8_t *pq, const float *ps, int
             _mm256_storeu_ps(lanes_out, acc[t]);
             for (int j = 0; j < PANEL; j++) out[t][(size_t)(p - p0) * PANEL + j] = lanes_out[panel_scale_slot(4, j)];
         }
+    }
+}
+
+static inline void panels_b32_int4_multi(const uint8_t *pq, const float *ps, int nb, int p0, int p1, int T,
+                                         const int8_t *const *xq, const float *const *xs,
+                                         const int32_t *const *lanes, float *const *out) {
+    switch (T) { /* T a constant in each call: the accumulators stay in registers */
+    case 4: panels_int4_multi_t(pq, ps, nb, p0, p1, 4, xq, xs, lanes, out); break;
+    case 3: panels_int4_multi_t(pq, ps, nb, p0, p1, 3, xq, xs, lanes, out); break;
+    case 2: panels_int4_multi_t(pq, ps, nb, p0, p1, 2, xq, xs, lanes, out); break;
+    default: panels_int4_multi_t(pq, ps, nb, p0, p1, 1, xq, xs, lanes, out);
     }
 }
 
