@@ -9,21 +9,24 @@ median/median), and roofline fractions:
   roofline = bytes one decoded token reads x tokens/s / bandwidth
   bandwidth: a 2-thread copy of 1 GiB (bytes read + written per second, best of 5), measured
              in the same run (benchmarks/bandwidth.py)
-  dsexport bytes/token, as the kernels hold the weights (core/quant.py weight_bytes with
-             resident=True): ONNX Runtime's repacked MatMulNBits/QMoE blocks (float32 scale +
-             float32 block sum per block), fp32 for the embeddings' one row, norms, router and the
-             absorbed W_UK/W_UV; routed experts of a paged bundle run by the native kernel at the
-             store's record bytes (int4 block 32 with float32 scales: 0.625 bytes/weight)
+  dsexport bytes/token, as the kernels hold the weights: a paged bundle run by the native decoder
+             reads the bundle's own bytes (every tensor of the manifest's native section as stored,
+             one embedding row, and per MoE layer its router and k expert records: int4 block 32
+             with float32 scales = 0.625 bytes/weight); a fused graph, ONNX Runtime's repacked
+             MatMulNBits/QMoE blocks (float32 scale + float32 block sum per block: core/quant.py
+             weight_bytes with resident=True), fp32 for the embeddings' one row, norms, router and
+             the absorbed W_UK/W_UV
   llama.cpp bytes/token: GGUF file size x active/total parameters (benchmarks/llamacpp.py)
 
 and, for dsexport, a per-step breakdown of one extra decode (ms per token): ONNX Runtime session
-runs, the routed experts (native kernel or numpy), and the rest (Python: feeds, numpy views,
-sampling, the decode loop). Weights are in memory for both (dsexport weights="memory", the
+runs, the routed experts (native kernel or numpy), the native decoder's call with its parts
+(projections, latent attention, routed experts, head, its serial work), and the rest (Python:
+feeds, numpy views, sampling, the decode loop). Weights are in memory for both (dsexport weights="memory", the
 expert store read into RAM; llama-bench --load-mode none).
 
     python benchmarks/decode_cpu.py --checkpoint /tmp/ckpt-m \
-        --bundle fp32=/tmp/m/fp32 --bundle int8=/tmp/m/int8 --bundle int4=/tmp/m/int4 \
-        --bundle int4=/tmp/m/paged-int4 [--numpy-experts]
+        --bundle fp32=/tmp/m/paged-fp32 --bundle int8=/tmp/m/paged-int8 --bundle int4=/tmp/m/paged-int4 \
+        --bundle int4=/tmp/m/int4 [--segments] [--numpy-experts]
 
 Several bundles may be given per precision (a fused and a paged one): each is run in every round.
 """
@@ -210,10 +213,14 @@ def main() -> None:
             per = {k: v / steps * 1e3 for k, v in best["profile"].items()}
             total = best["profile_total_s"] / steps * 1e3
             inside = per.pop("kernel", None)
+            parts = {k[len("native: "):]: per.pop(k) for k in list(per) if k.startswith("native: ")}  # inside "native"
             other = total - sum(per.values())
-            print("  decode step (ms, fastest round, {} engine.forward steps after the prompt): total {:.2f} = {}{} + "
-                  "Python/numpy/argmax {:.2f}".format(steps, total, " + ".join(f"{k} {v:.2f}" for k, v in per.items()),
-                                                      f" (native kernel itself {inside:.2f})" if inside else "", other))
+            print("  decode step (ms, fastest round, {} engine.forward steps after the prompt): total {:.2f} = {}{}{} + "
+                  "Python/numpy/argmax {:.2f}".format(
+                      steps, total, " + ".join(f"{k} {v:.2f}" for k, v in per.items()),
+                      f" (native kernel itself {inside:.2f})" if inside else "",
+                      " (" + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + ")" if parts else "", other))
+            per.update({f"native: {k}": v for k, v in parts.items()})
             results[precision]["dsexport"][label] = {"bundle": str(bundle), "experts": experts, "decode": r["decode"],
                                                      "prefill": r["prefill"], "bytes_per_token": our_bytes,
                                                      "profile_ms": per, "step_ms": total}

@@ -175,3 +175,31 @@ def test_pruned_layers_with_uneven_and_empty_groups_route_as_the_segments_do(art
     a = segments.generate(PROMPT, max_new_tokens=16, ignore_eos=True).paging_stats["expert_histograms"]
     b = nat.generate(PROMPT, max_new_tokens=16, ignore_eos=True).paging_stats["expert_histograms"]
     assert a == b  # the same experts, as often, in every layer
+
+
+def test_portable_build_of_the_decoder_matches_the_segments(artifacts, tmp_path, monkeypatch):
+    """The C path Arm builds take (no AVX2 intrinsics, rows instead of panels), built here and
+    loaded in place of the installed library."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the portable decoder")
+    src = Path(__file__).resolve().parents[1] / "runtime" / "native"
+    lib = tmp_path / "decoder_portable.so"
+    subprocess.run([cc, "-O2", "-std=c11", "-pthread", "-shared", "-fPIC", "-DDSX_PORTABLE", str(src / "experts.c"),
+                    str(src / "decoder.c"), "-o", str(lib), "-lm"], check=True)
+    from dsexport.runtime import native
+
+    monkeypatch.setattr(native, "_lib", None)  # load the portable build instead
+    monkeypatch.setenv("DSEXPORT_NATIVE_LIBRARY", str(lib))
+    for path, tolerance in ((paged_bundle(artifacts, "v3_noaux_tc"), 1e-4),
+                            (quantized_bundles(artifacts, "fp32", paged=True), 1e-3)):
+        nat = load(path, "native", monkeypatch)
+        assert native.status()["simd"] == "portable C" and not nat.backend.panels
+        segments = load(path, "onnxruntime", monkeypatch)
+        steps = segments.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
+        diff = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
+        assert diff.max() <= tolerance

@@ -112,13 +112,14 @@ typedef struct {
     const float *x; int ldx;  /* fp32 input [N, ldx] (padded copy for quantized fp32-activation rows) */
     const int8_t *xq; const float *xs, *xsum; const int32_t *xlanes;
     float *out; int ldo;
+    int chunk;                /* rows per chunk */
 } lin_work;
 
 static void linear_chunk(void *ctx, int c, int tid) {
     (void)tid;
     const lin_work *w = (const lin_work *)ctx;
     const dsx_linear *L = w->L;
-    const int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < L->rows ? r0 + CHUNK_ROWS : L->rows;
+    const int r0 = c * w->chunk, r1 = r0 + w->chunk < L->rows ? r0 + w->chunk : L->rows;
     dsx_matrix m = {(const uint8_t *)L->w, L->scales, NULL};
     matrix_shape s = {L->bits, w->Kp, L->block};
 #if defined(DSX_AVX2)
@@ -179,7 +180,7 @@ static void linear_chunk(void *ctx, int c, int tid) {
 
 /* out[n, :rows] (row stride ldo) = L x[n] for n < N; x [N, ldx]. scratch: the activations' copy. */
 static int linear(dsx_pool *pool, const dsx_linear *L, const float *x, int ldx, int N, float *out, int ldo, arena *a) {
-    lin_work w = {L, N, L->K, 1, 0, x, ldx, NULL, NULL, NULL, NULL, out, ldo};
+    lin_work w = {L, N, L->K, 1, 0, x, ldx, NULL, NULL, NULL, NULL, out, ldo, CHUNK_ROWS};
     size_t mark = a->used;
     if (L->bits != 32) {
         const int B = L->block;
@@ -204,7 +205,8 @@ static int linear(dsx_pool *pool, const dsx_linear *L, const float *x, int ldx, 
             w.fast = B == QK;
         }
     }
-    dsx_parallel(pool, (L->rows + CHUNK_ROWS - 1) / CHUNK_ROWS, linear_chunk, &w);
+    w.chunk = chunk_rows(L->bits == 32 ? (size_t)L->K * 4 : (size_t)w.Kp * L->bits / 8 + (size_t)w.nb * 4, L->bits != 32);
+    dsx_parallel(pool, (L->rows + w.chunk - 1) / w.chunk, linear_chunk, &w);
     a->used = mark;
     return 0;
 }

@@ -132,6 +132,7 @@ typedef struct {
     float *h;              /* gate_up outputs [P, 2I] */
     int8_t *hq; float *hs; float *hsum; int32_t *hlanes; float *hf; /* SwiGLU outputs per pair [P, Ip] */
     int fast; /* block 32, int8 activations, no zero points: rows_q_b32 */
+    int chunk_gu, chunk_dn; /* rows per chunk of each phase (a down chunk reads those rows of every active expert) */
 } moe_work;
 
 /* Wake the workers to run task(arg, tid) and run it on the caller (tid 0). Returns at once when
@@ -222,9 +223,9 @@ static void gate_up_chunk(void *ctx, int c, int tid) {
     (void)tid;
     moe_work *w = (moe_work *)ctx;
     const dsx_moe_args *a = w->a;
-    const int R = 2 * a->I, per_expert = (R + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    const int R = 2 * a->I, per_expert = (R + w->chunk_gu - 1) / w->chunk_gu;
     {
-        int e = c / per_expert, r0 = (c % per_expert) * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < R ? r0 + CHUNK_ROWS : R;
+        int e = c / per_expert, r0 = (c % per_expert) * w->chunk_gu, r1 = r0 + w->chunk_gu < R ? r0 + w->chunk_gu : R;
         dsx_matrix m = matrix_of(a->experts + 6 * e, 0);
 #if defined(DSX_AVX2)
         if (w->fast && a->panel) { /* the expert's tokens four at a time */
@@ -288,7 +289,7 @@ static void down_chunk(void *ctx, int c, int tid) {
     moe_work *w = (moe_work *)ctx;
     const dsx_moe_args *a = w->a;
     {
-        int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < a->D ? r0 + CHUNK_ROWS : a->D;
+        int r0 = c * w->chunk_dn, r1 = r0 + w->chunk_dn < a->D ? r0 + w->chunk_dn : a->D;
         for (int t = 0; t < a->n_tokens; t++)
             for (int r = r0; r < r1; r++)
                 a->out[(size_t)t * a->D + r] = a->residual ? a->residual[(size_t)t * a->D + r] : 0.0f;
@@ -426,7 +427,9 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
     w.fast = quant && B == QK;
     for (int e = 0; e < a->n_active && w.fast; e++)
         if (a->experts[6 * e + 2] || a->experts[6 * e + 5]) w.fast = 0; /* zero points */
-    dsx_parallel(pool, a->n_active * ((2 * I + CHUNK_ROWS - 1) / CHUNK_ROWS), gate_up_chunk, wp);
+    w.chunk_gu = chunk_rows(a->bits == 32 ? (size_t)a->D * 4 : (size_t)w.Dp * a->bits / 8 + (size_t)(w.Dp / B) * 4, a->bits != 32);
+    w.chunk_dn = chunk_rows(a->bits == 32 ? (size_t)a->I * 4 : (size_t)w.Ip * a->bits / 8 + (size_t)(w.Ip / B) * 4, a->bits != 32);
+    dsx_parallel(pool, a->n_active * ((2 * I + w.chunk_gu - 1) / w.chunk_gu), gate_up_chunk, wp);
     /* SwiGLU per (expert, token) pair, then its rounding for the down projection */
     for (int p = 0; p < P; p++) {
         const float *g = w.h + (size_t)p * 2 * I, *u = g + I;
@@ -438,7 +441,7 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
                          w.hsum + (size_t)p * (w.Ip / B), w.hlanes + (size_t)p * (w.Ip / B) * 8);
     }
     /* phase 2: down rows, the experts' outputs weighted and summed (with the residual) */
-    dsx_parallel(pool, (a->D + CHUNK_ROWS - 1) / CHUNK_ROWS, down_chunk, wp);
+    dsx_parallel(pool, (a->D + w.chunk_dn - 1) / w.chunk_dn, down_chunk, wp);
     return 0;
 #undef w
 }
