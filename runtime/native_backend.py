@@ -105,6 +105,10 @@ class NativeBackend:
         self._files: dict[str, tuple[int, int]] = {}
         try:
             self.model, self.layers = self._build(bundle, section)
+        except BaseException:
+            if getattr(self, "store", None) is not None:
+                self.store.close()
+            raise
         finally:
             for fd, _ in self._files.values():
                 os.close(fd)
@@ -128,8 +132,12 @@ class NativeBackend:
             raise BundleError(f"native: {ref.file} holds {size} bytes; a tensor at {ref.offset} + {ref.bytes} lies "
                               "outside it")
         buf = np.empty(ref.bytes, np.uint8)
-        if os.preadv(fd, [buf], ref.offset) != ref.bytes:
-            raise BundleError(f"native: short read from {ref.file}")
+        done, view = 0, memoryview(buf)
+        while done < ref.bytes:  # one read returns at most ~2 GB on Linux
+            n = os.preadv(fd, [view[done:]], ref.offset + done)
+            if n <= 0:
+                raise BundleError(f"native: short read from {ref.file}")
+            done += n
         return buf.view(np.float32 if ref.dtype == "float32" else np.uint8).reshape(ref.shape)
 
     def _f32(self, bundle: Bundle, ref: TensorRef | None) -> int:
