@@ -280,8 +280,7 @@ static void attention_chunk(void *p, int c, int tid) {
     for (int g = 0; g < G; g++) { /* q_lat = W_UK[h]^T q_nope, then the rope part */
         const float *q = w->q + ((size_t)n * H + h0 + g) * (dn + dr), *wuk = w->ly->w_uk + (size_t)(h0 + g) * dn * r;
         float *ql = qlat + (size_t)g * L;
-        for (int j = 0; j < r; j++) ql[j] = 0.0f;
-        for (int d = 0; d < dn; d++) axpy_f32(ql, q[d], wuk + (size_t)d * r, r);
+        gemv_t(wuk, dn, r, (size_t)r, q, ql);
         memcpy(ql + r, q + dn, (size_t)dr * 4);
     }
     const float *keys = w->cache + (size_t)b * s->capacity * L;
@@ -304,19 +303,12 @@ static void attention_chunk(void *p, int c, int tid) {
         }
         const float inv = 1.0f / total;
         for (int j = 0; j < S; j++) pg[j] *= inv;
-        for (int j = 0; j < r; j++) ctxlat[(size_t)g * r + j] = 0.0f;
+        /* the context on the latent: probs . latent[:, :r] (masked positions weigh 0) */
+        gemv_t(keys, S, r, (size_t)L, pg, ctxlat + (size_t)g * r);
     }
-    for (int j = 0; j < S; j++) {
-        const float *kj = keys + (size_t)j * L;
-        for (int g = 0; g < G; g++)
-            if (probs[(size_t)g * S + j] != 0.0f) axpy_f32(ctxlat + (size_t)g * r, probs[(size_t)g * S + j], kj, r);
-    }
-    for (int g = 0; g < G; g++) {
-        float *out = w->ctx + (size_t)n * H * dv + (size_t)(h0 + g) * dv;
-        const float *wuv = w->ly->w_uv + (size_t)(h0 + g) * r * dv, *cl = ctxlat + (size_t)g * r;
-        for (int v = 0; v < dv; v++) out[v] = 0.0f;
-        for (int j = 0; j < r; j++) axpy_f32(out, cl[j], wuv + (size_t)j * dv, dv);
-    }
+    for (int g = 0; g < G; g++) /* W_UV: [r, dv] per head */
+        gemv_t(w->ly->w_uv + (size_t)(h0 + g) * r * dv, r, dv, (size_t)dv, ctxlat + (size_t)g * r,
+               w->ctx + (size_t)n * H * dv + (size_t)(h0 + g) * dv);
 }
 
 /* ---- routing: the graph's (exporter/lowering.emit_routing, final_weights) ------------------ */

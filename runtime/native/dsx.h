@@ -195,17 +195,28 @@ static inline float dot_f32(const float *w, const float *x, int K) {
 #endif
 }
 
-/* y += a x over n floats (the attention's small matrix products) */
-static inline void axpy_f32(float *restrict y, float a, const float *restrict x, int n) {
+/* y[j] = sum_i x[i] W[i][j] for j < cols (W rows of stride ld): the accumulators stay in registers
+ * across the rows (64 columns at a time), where axpy row by row loads and stores y once per row. */
+static inline void gemv_t(const float *restrict W, int rows, int cols, size_t ld, const float *restrict x,
+                          float *restrict y) {
     int j = 0;
 #if defined(DSX_AVX2)
-    const __m256 va = _mm256_set1_ps(a);
-    for (; j + 16 <= n; j += 16) {
-        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
-        _mm256_storeu_ps(y + j + 8, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(y + j + 8)));
+    for (; j + 64 <= cols; j += 64) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+        for (int i = 0; i < rows; i++) {
+            const __m256 xi = _mm256_set1_ps(x[i]);
+            const float *w = W + (size_t)i * ld + j;
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(xi, _mm256_loadu_ps(w + 8 * u), a[u]);
+        }
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(y + j + 8 * u, a[u]);
     }
 #endif
-    for (; j < n; j++) y[j] += a * x[j];
+    for (; j < cols; j++) {
+        float s = 0.0f;
+        for (int i = 0; i < rows; i++) s += x[i] * W[(size_t)i * ld + j];
+        y[j] = s;
+    }
 }
 
 /* ---- one matrix row against one token's activations ---------------------------------------- */
