@@ -109,7 +109,16 @@ def load_backend(bundle: Bundle, requested: str, options: LoadOptions) -> Backen
         name = "native" if why_not is None else name
     module, cls = _REGISTRY[name]
     loader: Callable = getattr(importlib.import_module(module), cls).load
-    backend = loader(bundle, options)
+    try:
+        backend = loader(bundle, options)
+    except Exception as exc:
+        from .native import LibraryMismatch
+
+        if name != "native" or not isinstance(exc, LibraryMismatch):
+            raise
+        why_not = str(exc)  # a stale build of the library: the segments run, and say why
+        module, cls = _REGISTRY["onnxruntime-paged"]
+        backend = getattr(importlib.import_module(module), cls).load(bundle, options)
     if why_not is not None:
         backend.native_unavailable = why_not  # run --stats says why the segments ran
     return backend

@@ -26,6 +26,11 @@ SIMD = {0: "portable C", 1: "AVX2", 2: "NEON"}
 DEFAULT_SPIN = 2000
 
 
+class LibraryMismatch(RuntimeError):
+    """The loaded library was built from other sources than this runtime's (its structures or
+    weight layouts differ): the runtime falls back to ONNX Runtime and says so."""
+
+
 class MoEArgs(ctypes.Structure):
     _fields_ = [("bits", ctypes.c_int32), ("round_act", ctypes.c_int32), ("block", ctypes.c_int32),
                 ("n_tokens", ctypes.c_int32), ("D", ctypes.c_int32), ("I", ctypes.c_int32),

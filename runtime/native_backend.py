@@ -65,14 +65,18 @@ PROFILE_PARTS = ("projections", "attention", "routed experts", "head", "serial")
 _ERRORS = {-1: "bad arguments", -2: "out of memory", -3: "a token id outside the vocabulary"}
 
 
+LAYOUT_VERSION = 2  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels
+
+
 def check_abi(lib) -> None:
-    """The C structures' sizes equal the ctypes mirrors' (a library from another build would misread them)."""
-    sizes = (ctypes.c_int64 * 4)()
-    lib.dsx_decoder_abi(sizes, 4)
-    mine = [ctypes.sizeof(t) for t in (Linear, Layer, Model, Step)]
+    """The C structures' sizes and weight layouts are this module's (a library from another build
+    would read the weights wrongly rather than fail)."""
+    sizes = (ctypes.c_int64 * 5)()
+    lib.dsx_decoder_abi(sizes, 5)
+    mine = [ctypes.sizeof(t) for t in (Linear, Layer, Model, Step)] + [LAYOUT_VERSION]
     if list(sizes) != mine:
-        raise RuntimeError(f"the native decoder library's structures ({list(sizes)} bytes) differ from this runtime's "
-                           f"({mine}): reinstall dsexport so the library is rebuilt")
+        raise native.LibraryMismatch(f"the native library's structures and layouts ({list(sizes)}) differ from this "
+                                     f"runtime's ({mine}): reinstall dsexport so the library is rebuilt")
 
 
 class LatentCache(list):
@@ -140,12 +144,17 @@ class NativeBackend:
             done += n
         return buf.view(np.float32 if ref.dtype == "float32" else np.uint8).reshape(ref.shape)
 
-    def _f32(self, bundle: Bundle, ref: TensorRef | None) -> int:
+    def _f32(self, bundle: Bundle, ref: TensorRef | None, blocked: bool = False) -> int:
+        """A float32 tensor's address; blocked: W_UK [H, dn, r] as [H, r/64, dn, 64] when 64 divides r
+        (decoder.c reads 64 columns at a time: each block contiguous)."""
         if ref is None:
             return 0
         a = self._read(bundle, ref)
         if not np.isfinite(a).all():
             raise BundleError(f"native: a tensor in {ref.file} at {ref.offset} holds NaN or Inf")
+        if blocked and a.shape[2] % 64 == 0:
+            H, dn, r = a.shape
+            a = np.ascontiguousarray(a.reshape(H, dn, r // 64, 64).transpose(0, 2, 1, 3))
         self._keep.append(a)
         return native.address(a)
 
@@ -224,7 +233,7 @@ class NativeBackend:
         for i in range(cfg.num_hidden_layers):
             roles, ly = section.layers[i].roles, table[i]
             ly.attn_norm, ly.kv_norm = self._f32(bundle, roles["attn_norm"]), self._f32(bundle, roles["kv_norm"])
-            ly.w_uk, ly.w_uv = self._f32(bundle, roles["w_uk"]), self._f32(bundle, roles["w_uv"])
+            ly.w_uk, ly.w_uv = self._f32(bundle, roles["w_uk"], blocked=True), self._f32(bundle, roles["w_uv"])
             ly.mlp_norm, ly.q_a_norm = self._f32(bundle, roles["mlp_norm"]), self._f32(bundle, roles.get("q_a_norm"))
             for role in ("qkv", "q_b", "o_proj", "gate_up", "down"):
                 setattr(ly, role, self._linear(bundle, roles.get(role)))

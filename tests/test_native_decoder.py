@@ -133,6 +133,9 @@ def tampered(artifacts, tmp_path, edit) -> "Path":  # noqa: F821
     (lambda n: n["layers"]["0"]["w_uk"].update(shape=[1, 2, 3]), "bytes for a float32 tensor"),
     (lambda n: n["globals"]["embed"].update(file="../../etc/passwd"), "not a path inside the bundle"),
     (lambda n: n["layers"].pop("2"), "not every layer"),
+    (lambda n: n["globals"]["embed"].update(file="segment_99.onnx.data"), "segment_99"),
+    (lambda n: n["layers"]["1"]["qkv"].update(bits=3), "bits"),
+    (lambda n: n["globals"]["head"].update(col_start=1 << 20), "cannot hold|packed"),
 ])
 def test_a_native_section_that_lies_is_refused_before_anything_runs(artifacts, tmp_path, edit, message, monkeypatch):
     from dsexport.runtime import Engine
@@ -203,3 +206,15 @@ def test_portable_build_of_the_decoder_matches_the_segments(artifacts, tmp_path,
         steps = segments.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
         diff = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
         assert diff.max() <= tolerance
+
+
+def test_a_library_built_from_other_sources_falls_back_to_the_segments(artifacts, monkeypatch):
+    """Structures or weight layouts that differ would be read wrongly, not fail: the check at load
+    sends the bundle to the segments and says why."""
+    from dsexport.runtime import Engine, native_backend
+
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    monkeypatch.setattr(native_backend, "LAYOUT_VERSION", native_backend.LAYOUT_VERSION + 1)
+    engine = Engine.load(paged_bundle(artifacts, "v3_noaux_tc"), verify=False)
+    assert engine.backend.name == "onnxruntime-paged"
+    assert "reinstall dsexport" in engine.generate(PROMPT, max_new_tokens=2).paging_stats["decoder"]

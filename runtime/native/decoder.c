@@ -40,7 +40,7 @@ typedef struct {
     const float *q_a_norm;  /* [qr], q_lora only */
     dsx_linear q_b;         /* [H*(dn+dr), qr], q_lora only */
     const float *kv_norm;   /* [r] */
-    const float *w_uk;      /* [H, dn, r] */
+    const float *w_uk;      /* [H, r/64, dn, 64] when 64 divides r (each 64 columns contiguous), else [H, dn, r] */
     const float *w_uv;      /* [H, r, dv] */
     dsx_linear o_proj;      /* [D, H*dv] */
     const float *mlp_norm;  /* [D] */
@@ -280,7 +280,10 @@ static void attention_chunk(void *p, int c, int tid) {
     for (int g = 0; g < G; g++) { /* q_lat = W_UK[h]^T q_nope, then the rope part */
         const float *q = w->q + ((size_t)n * H + h0 + g) * (dn + dr), *wuk = w->ly->w_uk + (size_t)(h0 + g) * dn * r;
         float *ql = qlat + (size_t)g * L;
-        gemv_t(wuk, dn, r, (size_t)r, q, ql);
+        if (r % 64 == 0)
+            for (int jb = 0; jb < r / 64; jb++) gemv_t(wuk + (size_t)jb * dn * 64, dn, 64, 64, q, ql + jb * 64);
+        else
+            gemv_t(wuk, dn, r, (size_t)r, q, ql);
         memcpy(ql + r, q + dn, (size_t)dr * 4);
     }
     const float *keys = w->cache + (size_t)b * s->capacity * L;
@@ -533,9 +536,13 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
     return rc;
 }
 
-/* The structures' sizes, which runtime/native_backend.py checks its ctypes mirrors against. */
+/* What runtime/native_backend.py checks before it hands over weights: the structures' sizes and
+ * the version of the layouts it prepares (2: W_UK in 64-column blocks, block-32 rows as panels).
+ * A library from another build that disagrees would read the weights wrongly, not fail. */
+#define DSX_LAYOUT_VERSION 2
 int dsx_decoder_abi(int64_t *sizes, int n) {
-    const int64_t mine[] = {sizeof(dsx_linear), sizeof(dsx_layer), sizeof(dsx_model), sizeof(dsx_step)};
-    for (int i = 0; i < n && i < 4; i++) sizes[i] = mine[i];
-    return 4;
+    const int64_t mine[] = {sizeof(dsx_linear), sizeof(dsx_layer), sizeof(dsx_model), sizeof(dsx_step),
+                            DSX_LAYOUT_VERSION};
+    for (int i = 0; i < n && i < 5; i++) sizes[i] = mine[i];
+    return 5;
 }
