@@ -103,7 +103,6 @@ class NativeBackend:
         self.lib.dsx_pack_panels.restype = ctypes.c_int
         # the AVX2 build reads block-32 rows as 8-row panels (dsx.h); DSEXPORT_NATIVE_PANELS=0 keeps rows (A/B runs)
         self.panels = self.lib.dsx_simd() == 1 and os.environ.get("DSEXPORT_NATIVE_PANELS", "1") != "0"
-        self.pack_experts = os.environ.get("DSEXPORT_NATIVE_PANELS", "1") != "experts-off"
         self.resident_bytes = 0
         self._keep: list = []  # every array whose address the structures hold
         self._files: dict[str, tuple[int, int]] = {}
@@ -195,7 +194,7 @@ class NativeBackend:
         takes them: the records' own buffers are then dropped), and whether they are packed."""
         bits, round_act, block = layout
         entry = store.layers[layer]
-        pack = self.panels and self.pack_experts and bits != 32 and round_act and block == 32
+        pack = self.panels and bits != 32 and round_act and block == 32
         table = np.zeros((entry.experts, 6), np.uint64)
         for slot in range(entry.experts):
             expert = store.read(layer, slot)

@@ -17,11 +17,13 @@
  *   logits = W_head rmsnorm(x)
  * Quantized projections round their input to int8 per block when the bundle's do (MatMulNBits
  * accuracy_level 4), with the rule of experts.c. Weights are [rows, K] row-major: fp32, or
- * block-quantized rows (scales float [rows, Kp/B], q [rows, Kp*bits/8], symmetric: zero 2^(bits-1)).
+ * block-quantized rows (scales float [rows, Kp/B], q [rows, Kp*bits/8], symmetric: zero 2^(bits-1)),
+ * which AVX2 builds take as 8-row panels repacked at load (dsx_pack_panels; dsx.h says why).
  */
 #include "dsx.h"
 
 #include <float.h>
+#include <time.h>
 
 typedef struct {
     int32_t bits;      /* 32: fp32 [rows, K]; 8 or 4: block-quantized rows */
@@ -83,7 +85,6 @@ typedef struct {
 /* the step's parts, for the breakdown benchmarks print */
 enum { PROFILE_PROJECTIONS, PROFILE_ATTENTION, PROFILE_EXPERTS, PROFILE_HEAD, PROFILE_SERIAL, PROFILE_PARTS };
 
-#include <time.h>
 static inline double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
