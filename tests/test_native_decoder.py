@@ -91,6 +91,10 @@ def test_native_is_the_default_and_says_why_when_the_segments_run(artifacts, mon
 
     monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
     path = paged_bundle(artifacts, "v3_noaux_tc")
+    code, out, _ = run_cli("inspect", path, "--json")
+    assert code == 0 and json.loads(out)["native_decoder"] is True
+    code, out, _ = run_cli("inspect", artifacts.export("v3_noaux_tc"), "--json")
+    assert code == 0 and json.loads(out)["native_decoder"] is False
     engine = Engine.load(path, verify=False)
     assert engine.backend.name == "native"
     stats = engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).paging_stats
