@@ -138,7 +138,7 @@ class ContinuousBatch:
                 continue
             backend, n = self.engine.backend, len(request.prompt)
             logits, cache = prefill(backend, np.asarray([request.prompt]), np.arange(n)[None], np.ones((1, n), np.int64),
-                                    backend.empty_cache(1), self.engine.prefill_chunk)
+                                    backend.empty_cache(1), self.engine.prefill_chunk, last_only=True)
             last = logits[0, -1]
             check_finite(last, f"the {backend.name} decoder")
             token = request.row.sample(last)

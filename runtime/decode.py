@@ -150,7 +150,7 @@ class PlainStepper:
             self.mask[b, longest - len(r.prompt):] = 1
         positions = np.maximum(np.cumsum(self.mask, axis=1) - 1, 0)
         logits, self.cache = prefill(self.backend, ids, positions, self.mask, self.backend.empty_cache(B),
-                                     self.prefill_chunk)
+                                     self.prefill_chunk, last_only=True)
         self.next_pos = positions[:, -1] + 1
         return self._sample(logits)
 
@@ -169,15 +169,17 @@ class PlainStepper:
 
 
 def prefill(backend, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray, cache: list,
-            chunk: int | None = None) -> tuple[np.ndarray, list]:
+            chunk: int | None = None, last_only: bool = False) -> tuple[np.ndarray, list]:
     """forward() over a prompt, in chunks of at most `chunk` tokens where the bundle has a limit;
-    logits of the last chunk only."""
+    logits of the last chunk only. last_only: the caller reads logits[:, -1] only, so a backend
+    with `forward_last` (the native decoder) computes the head for each row's last token alone."""
     T, P = input_ids.shape[1], attention_mask.shape[1] - input_ids.shape[1]
     step = chunk or T
+    forward = getattr(backend, "forward_last", None) if last_only else None
+    forward = forward or backend.forward
     for start in range(0, T, step):
         end = min(T, start + step)
-        logits, cache = backend.forward(input_ids[:, start:end], position_ids[:, start:end],
-                                        attention_mask[:, :P + end], cache)
+        logits, cache = forward(input_ids[:, start:end], position_ids[:, start:end], attention_mask[:, :P + end], cache)
     return logits, cache
 
 

@@ -56,7 +56,8 @@ class Model(ctypes.Structure):
 
 class Step(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("B", "T", "past", "capacity")] + [
-        (n, ctypes.c_void_p) for n in ("ids", "positions", "mask", "cache", "logits", "hidden", "routed", "profile")]
+        (n, ctypes.c_void_p) for n in ("ids", "positions", "mask", "cache", "logits", "hidden", "routed", "profile")] + [
+        ("last_only", ctypes.c_int32), ("reserved", ctypes.c_int32)]
 
 
 PROFILE_PARTS = ("projections", "attention", "routed experts", "head", "serial")  # decoder.c's PROFILE_*
@@ -65,7 +66,7 @@ PROFILE_PARTS = ("projections", "attention", "routed experts", "head", "serial")
 _ERRORS = {-1: "bad arguments", -2: "out of memory", -3: "a token id outside the vocabulary"}
 
 
-LAYOUT_VERSION = 2  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels
+LAYOUT_VERSION = 3  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only
 
 
 def check_abi(lib) -> None:
@@ -298,8 +299,13 @@ class NativeBackend:
             cache = LatentCache(grown, cache.length)
         return cache
 
+    def forward_last(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                     cache: list) -> tuple[np.ndarray, LatentCache]:
+        """forward() that returns only each row's last logits [B, 1, V] (a prompt: the head skips the rest)."""
+        return self.forward(input_ids, position_ids, attention_mask, cache, last_only=True)
+
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                cache: list) -> tuple[np.ndarray, LatentCache]:
+                cache: list, last_only: bool = False) -> tuple[np.ndarray, LatentCache]:
         B, T = input_ids.shape
         past = cache.length if isinstance(cache, LatentCache) else (cache[0].shape[1] if cache else 0)
         if attention_mask.shape != (B, past + T) or position_ids.shape != (B, T):
@@ -309,13 +315,13 @@ class NativeBackend:
         ids = np.ascontiguousarray(input_ids, np.int64)
         pos = np.ascontiguousarray(position_ids, np.int64)
         mask = np.ascontiguousarray(attention_mask, np.int64)
-        logits = np.empty((B, T, self.cfg.vocab_size), np.float32)
+        logits = np.empty((B, 1 if last_only else T, self.cfg.vocab_size), np.float32)
         routed = np.empty((self.num_layers, B * T, self.k), np.int32)
         s = self.step
         s.B, s.T, s.past, s.capacity = B, T, past, cache.buffers[0].shape[1]
         s.ids, s.positions, s.mask = native.address(ids), native.address(pos), native.address(mask)
         s.cache, s.logits, s.hidden = ctypes.addressof(cache.pointers), native.address(logits), None
-        s.routed = native.address(routed)
+        s.routed, s.last_only = native.address(routed), int(last_only)
         parts = np.zeros(len(PROFILE_PARTS) + 1, np.float64) if self.profile is not None else None
         s.profile = native.address(parts)
         t0 = time.perf_counter()

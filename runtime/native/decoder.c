@@ -80,6 +80,8 @@ typedef struct {
     float *hidden;                /* [B, T, D] final-normed states, or NULL */
     int32_t *routed;              /* [n_layers, B * T, k] the experts each MoE layer chose, or NULL */
     double *profile;              /* [6] seconds added per part (PROFILE_*), or NULL */
+    int32_t last_only;            /* 1: logits [B, 1, vocab] of each row's last token only (a prompt's) */
+    int32_t reserved;
 } dsx_step;
 
 /* the step's parts, for the breakdown benchmarks print */
@@ -530,7 +532,13 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
         for (int n = 0; n < N; n++) rms_norm(x + (size_t)n * D, m->final_norm, D, m->eps, h + (size_t)n * D);
         if (s->hidden) memcpy(s->hidden, h, (size_t)N * D * 4);
         mark(s, &last, PROFILE_SERIAL);
-        rc = linear(pool, &m->head, h, D, N, s->logits, m->vocab, &a);
+        if (s->last_only && s->T > 1) { /* each row's last token: the head is ~10% of a prompt's work */
+            for (int b = 0; b < s->B; b++)
+                memmove(h + (size_t)b * D, h + ((size_t)b * s->T + s->T - 1) * D, (size_t)D * 4);
+            rc = linear(pool, &m->head, h, D, s->B, s->logits, m->vocab, &a);
+        } else {
+            rc = linear(pool, &m->head, h, D, N, s->logits, m->vocab, &a);
+        }
         mark(s, &last, PROFILE_HEAD);
     }
     free(a.p);
@@ -538,9 +546,10 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
 }
 
 /* What runtime/native_backend.py checks before it hands over weights: the structures' sizes and
- * the version of the layouts it prepares (2: W_UK in 64-column blocks, block-32 rows as panels).
+ * the version of the layouts it prepares (3: W_UK in 64-column blocks, block-32 rows as panels,
+ * dsx_step.last_only).
  * A library from another build that disagrees would read the weights wrongly, not fail. */
-#define DSX_LAYOUT_VERSION 2
+#define DSX_LAYOUT_VERSION 3
 int dsx_decoder_abi(int64_t *sizes, int n) {
     const int64_t mine[] = {sizeof(dsx_linear), sizeof(dsx_layer), sizeof(dsx_model), sizeof(dsx_step),
                             DSX_LAYOUT_VERSION};
