@@ -121,6 +121,17 @@ typedef struct {
     int32_t panel;             /* 1: every expert's q and scales packed by dsx_pack_panels (decoder.c) */
 } dsx_moe_args;
 
+/* One phase's activations: per row of the phase's input (a token for gate_up, an (expert, token)
+ * pair for down), fp32 [*, Kp] and, when rounded, int8 [*, Kp] with per-block scales, scale x sum,
+ * and the int4 offset lanes. */
+typedef struct {
+    const float *f;
+    const int8_t *q;
+    const float *s, *sum;
+    const int32_t *lanes;
+    int Kp, nb;
+} phase_input;
+
 typedef struct {
     const dsx_moe_args *a;
     matrix_shape gu, dn;
@@ -133,6 +144,7 @@ typedef struct {
     int8_t *hq; float *hs; float *hsum; int32_t *hlanes; float *hf; /* SwiGLU outputs per pair [P, Ip] */
     int fast; /* block 32, int8 activations, no zero points: rows_q_b32 */
     int chunk_gu, chunk_dn; /* rows per chunk of each phase (a down chunk reads those rows of every active expert) */
+    phase_input x_in, h_in; /* the two phases' inputs as the kernels read them (views of the above) */
 } moe_work;
 
 /* Wake the workers to run task(arg, tid) and run it on the caller (tid 0). Returns at once when
@@ -218,147 +230,84 @@ static dsx_matrix matrix_of(const uint64_t *e, int which) {
     return m;
 }
 
-/* phase 1: every (expert, 64 rows of gate_up) chunk; each loaded row serves all its tokens */
+/* Rows [r0, r1) of one expert matrix against up to 4 input rows in[rows[i]]: out[i][r - r0].
+ * The one dispatch over the kernels both phases use. */
+static void expert_rows(const moe_work *w, const dsx_matrix *m, const matrix_shape *shape, int K,
+                        const phase_input *in, const int *rows, int T, int r0, int r1, float *const *out) {
+    const dsx_moe_args *a = w->a;
+#if defined(DSX_AVX2)
+    if (w->fast) {
+        const int8_t *xq[4];
+        const float *xs[4];
+        const int32_t *lanes[4];
+        for (int i = 0; i < T; i++)
+            xq[i] = in->q + (size_t)rows[i] * in->Kp, xs[i] = in->s + (size_t)rows[i] * in->nb,
+            lanes[i] = in->lanes + (size_t)rows[i] * in->nb * 8;
+        if (a->panel) { /* the rows' tokens four at a time */
+            panel_rows_multi(a->bits, m->q, m->scales, in->nb, r0, r1, T, xq, xs, lanes, out);
+        } else {
+            for (int i = 0; i < T; i++)
+                rows_q_b32(a->bits, m->q, m->scales, (size_t)in->Kp * a->bits / 8, in->nb, r0, r1, xq[i], xs[i],
+                           lanes[i], out[i]);
+        }
+        return;
+    }
+#endif
+    if (a->bits == 32) {
+        const float *x[4];
+        for (int i = 0; i < T; i++) x[i] = in->f + (size_t)rows[i] * in->Kp;
+        rows_f32((const float *)m->q, K, r0, r1, T, x, out);
+        return;
+    }
+    for (int i = 0; i < T; i++) {
+        const size_t row = (size_t)rows[i];
+        for (int r = r0; r < r1; r++)
+            out[i][r - r0] = a->round_act ? row_dot_q(m, shape, r, in->q + row * in->Kp, in->s + row * in->nb,
+                                                      in->sum + row * in->nb)
+                                          : row_dot_qf(m, shape, r, in->f + row * in->Kp);
+    }
+}
+
+/* phase 1: every (expert, rows of gate_up) chunk; each chunk's rows serve all the expert's tokens */
 static void gate_up_chunk(void *ctx, int c, int tid) {
     (void)tid;
     moe_work *w = (moe_work *)ctx;
     const dsx_moe_args *a = w->a;
     const int R = 2 * a->I, per_expert = (R + w->chunk_gu - 1) / w->chunk_gu;
-    {
-        int e = c / per_expert, r0 = (c % per_expert) * w->chunk_gu, r1 = r0 + w->chunk_gu < R ? r0 + w->chunk_gu : R;
-        dsx_matrix m = matrix_of(a->experts + 6 * e, 0);
-#if defined(DSX_AVX2)
-        if (w->fast && a->panel) { /* the expert's tokens four at a time */
-            const int nb = w->Dp / QK;
-            for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
-                const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
-                const int8_t *xq[4];
-                const float *xs[4];
-                const int32_t *lanes[4];
-                float *out[4];
-                for (int i = 0; i < T; i++) {
-                    const int t = a->tok_index[p0 + i];
-                    xq[i] = w->xq + (size_t)t * w->Dp, xs[i] = w->xs + (size_t)t * nb;
-                    lanes[i] = w->xlanes + (size_t)t * nb * 8, out[i] = w->h + (size_t)(p0 + i) * R + r0;
-                }
-                panel_rows_multi(a->bits, m.q, m.scales, nb, r0, r1, T, xq, xs, lanes, out);
-            }
-            return;
-        }
-        if (w->fast) {
-            const int nb = w->Dp / QK;
-            for (int p = a->tok_start[e]; p < a->tok_start[e + 1]; p++) {
-                int t = a->tok_index[p];
-                rows_q_b32(a->bits, m.q, m.scales, (size_t)w->Dp * a->bits / 8, nb, r0, r1, w->xq + (size_t)t * w->Dp,
-                           w->xs + (size_t)t * nb, w->xlanes + (size_t)t * nb * 8, w->h + (size_t)p * R + r0);
-            }
-            return;
-        }
-#endif
-        if (a->bits == 32) { /* fp32 rows, the expert's tokens four at a time */
-            for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
-                const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
-                const float *x[4];
-                float *out[4];
-                for (int i = 0; i < T; i++)
-                    x[i] = w->xf + (size_t)a->tok_index[p0 + i] * w->Dp, out[i] = w->h + (size_t)(p0 + i) * R + r0;
-                rows_f32((const float *)m.q, a->D, r0, r1, T, x, out);
-            }
-            return;
-        }
-        for (int r = r0; r < r1; r++) {
-            for (int p = a->tok_start[e]; p < a->tok_start[e + 1]; p++) {
-                int t = a->tok_index[p];
-                float v;
-                if (a->bits == 32)
-                    v = dot_f32((const float *)m.q + (size_t)r * a->D, w->xf + (size_t)t * w->Dp, a->D);
-                else if (a->round_act)
-                    v = row_dot_q(&m, &w->gu, r, w->xq + (size_t)t * w->Dp, w->xs + (size_t)t * (w->Dp / a->block),
-                                  w->xsum + (size_t)t * (w->Dp / a->block));
-                else
-                    v = row_dot_qf(&m, &w->gu, r, w->xf + (size_t)t * w->Dp);
-                w->h[(size_t)p * R + r] = v;
-            }
-        }
+    const int e = c / per_expert, r0 = (c % per_expert) * w->chunk_gu, r1 = r0 + w->chunk_gu < R ? r0 + w->chunk_gu : R;
+    const dsx_matrix m = matrix_of(a->experts + 6 * e, 0);
+    for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
+        const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
+        int rows[4];
+        float *out[4];
+        for (int i = 0; i < T; i++) rows[i] = a->tok_index[p0 + i], out[i] = w->h + (size_t)(p0 + i) * R + r0;
+        expert_rows(w, &m, &w->gu, a->D, &w->x_in, rows, T, r0, r1, out);
     }
 }
 
-/* phase 2: every 64 rows of the output, all active experts summed in the order given */
+/* phase 2: every chunk of output rows, all active experts summed in the order given, each
+ * expert's (token) pairs in pair order */
 static void down_chunk(void *ctx, int c, int tid) {
     (void)tid;
     moe_work *w = (moe_work *)ctx;
     const dsx_moe_args *a = w->a;
-    {
-        int r0 = c * w->chunk_dn, r1 = r0 + w->chunk_dn < a->D ? r0 + w->chunk_dn : a->D;
-        for (int t = 0; t < a->n_tokens; t++)
-            for (int r = r0; r < r1; r++)
-                a->out[(size_t)t * a->D + r] = a->residual ? a->residual[(size_t)t * a->D + r] : 0.0f;
-        float acc[CHUNK_ROWS];
-        for (int e = 0; e < a->n_active; e++) {
-            dsx_matrix m = matrix_of(a->experts + 6 * e, 1);
-#if defined(DSX_AVX2)
-            if (w->fast && a->panel) { /* the expert's (token) pairs four at a time, summed in pair order */
-                const int nb = w->Ip / QK;
-                float acc4[4][CHUNK_ROWS];
-                for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
-                    const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
-                    const int8_t *xq[4];
-                    const float *xs[4];
-                    const int32_t *lanes[4];
-                    float *out[4];
-                    for (int i = 0; i < T; i++) {
-                        const int p = p0 + i;
-                        xq[i] = w->hq + (size_t)p * w->Ip, xs[i] = w->hs + (size_t)p * nb;
-                        lanes[i] = w->hlanes + (size_t)p * nb * 8, out[i] = acc4[i];
-                    }
-                    panel_rows_multi(a->bits, m.q, m.scales, nb, r0, r1, T, xq, xs, lanes, out);
-                    for (int i = 0; i < T; i++) {
-                        const int t = a->tok_index[p0 + i];
-                        const float g = a->tok_weight[p0 + i];
-                        for (int r = r0; r < r1; r++) a->out[(size_t)t * a->D + r] += g * acc4[i][r - r0];
-                    }
-                }
-                continue;
-            }
-#endif
-            if (a->bits == 32) { /* fp32 rows, the expert's pairs four at a time, summed in pair order */
-                float acc4[4][CHUNK_ROWS];
-                for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
-                    const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
-                    const float *x[4];
-                    float *out[4];
-                    for (int i = 0; i < T; i++) x[i] = w->hf + (size_t)(p0 + i) * w->Ip, out[i] = acc4[i];
-                    rows_f32((const float *)m.q, a->I, r0, r1, T, x, out);
-                    for (int i = 0; i < T; i++) {
-                        const int t = a->tok_index[p0 + i];
-                        const float g = a->tok_weight[p0 + i];
-                        for (int r = r0; r < r1; r++) a->out[(size_t)t * a->D + r] += g * acc4[i][r - r0];
-                    }
-                }
-                continue;
-            }
-            for (int p = a->tok_start[e]; p < a->tok_start[e + 1]; p++) {
-#if defined(DSX_AVX2)
-                if (w->fast) {
-                    const int nb = w->Ip / QK;
-                    rows_q_b32(a->bits, m.q, m.scales, (size_t)w->Ip * a->bits / 8, nb, r0, r1, w->hq + (size_t)p * w->Ip,
-                               w->hs + (size_t)p * nb, w->hlanes + (size_t)p * nb * 8, acc);
-                } else
-#endif
-                for (int r = r0; r < r1; r++) {
-                    float v;
-                    if (a->bits == 32)
-                        v = dot_f32((const float *)m.q + (size_t)r * a->I, w->hf + (size_t)p * w->Ip, a->I);
-                    else if (a->round_act)
-                        v = row_dot_q(&m, &w->dn, r, w->hq + (size_t)p * w->Ip, w->hs + (size_t)p * (w->Ip / a->block),
-                                      w->hsum + (size_t)p * (w->Ip / a->block));
-                    else
-                        v = row_dot_qf(&m, &w->dn, r, w->hf + (size_t)p * w->Ip);
-                    acc[r - r0] = v;
-                }
-                int t = a->tok_index[p];
-                float g = a->tok_weight[p];
-                for (int r = r0; r < r1; r++) a->out[(size_t)t * a->D + r] += g * acc[r - r0];
+    const int r0 = c * w->chunk_dn, r1 = r0 + w->chunk_dn < a->D ? r0 + w->chunk_dn : a->D;
+    for (int t = 0; t < a->n_tokens; t++)
+        for (int r = r0; r < r1; r++)
+            a->out[(size_t)t * a->D + r] = a->residual ? a->residual[(size_t)t * a->D + r] : 0.0f;
+    float acc[4][CHUNK_ROWS];
+    float *out[4] = {acc[0], acc[1], acc[2], acc[3]};
+    for (int e = 0; e < a->n_active; e++) {
+        const dsx_matrix m = matrix_of(a->experts + 6 * e, 1);
+        for (int p0 = a->tok_start[e]; p0 < a->tok_start[e + 1]; p0 += 4) {
+            const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
+            int rows[4];
+            for (int i = 0; i < T; i++) rows[i] = p0 + i;
+            expert_rows(w, &m, &w->dn, a->I, &w->h_in, rows, T, r0, r1, out);
+            for (int i = 0; i < T; i++) {
+                const int t = a->tok_index[p0 + i];
+                const float g = a->tok_weight[p0 + i];
+                for (int r = r0; r < r1; r++) a->out[(size_t)t * a->D + r] += g * acc[i][r - r0];
             }
         }
     }
@@ -410,6 +359,7 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
         for (int j = a->D; j < w.Dp; j++) xf[(size_t)t * w.Dp + j] = 0.0f;
     }
     w.xf = xf;
+    w.xq = w.hq = NULL, w.xs = w.xsum = w.hs = w.hsum = NULL, w.xlanes = w.hlanes = NULL; /* set when rounded */
     if (quant) {
         w.xq = (int8_t *)s; s += ALIGN64((size_t)N * w.Dp);
         w.xs = (float *)s; s += ALIGN64((size_t)N * (w.Dp / B) * 4);
@@ -429,6 +379,8 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
         if (a->experts[6 * e + 2] || a->experts[6 * e + 5]) w.fast = 0; /* zero points */
     w.chunk_gu = chunk_rows(a->bits == 32 ? (size_t)a->D * 4 : (size_t)w.Dp * a->bits / 8 + (size_t)(w.Dp / B) * 4, a->bits != 32);
     w.chunk_dn = chunk_rows(a->bits == 32 ? (size_t)a->I * 4 : (size_t)w.Ip * a->bits / 8 + (size_t)(w.Ip / B) * 4, a->bits != 32);
+    w.x_in = (phase_input){w.xf, w.xq, w.xs, w.xsum, w.xlanes, w.Dp, w.Dp / B};
+    w.h_in = (phase_input){w.hf, w.hq, w.hs, w.hsum, w.hlanes, w.Ip, w.Ip / B};
     dsx_parallel(pool, a->n_active * ((2 * I + w.chunk_gu - 1) / w.chunk_gu), gate_up_chunk, wp);
     /* SwiGLU per (expert, token) pair, then its rounding for the down projection */
     for (int p = 0; p < P; p++) {
