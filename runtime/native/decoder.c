@@ -111,9 +111,8 @@ static void *take(arena *a, size_t bytes) {
 /* ---- one linear layer over N tokens: rows split across threads ----------------------------- */
 typedef struct {
     const dsx_linear *L;
-    int N, Kp, nb, fast;
-    const float *x; int ldx;  /* fp32 input [N, ldx] (padded copy for quantized fp32-activation rows) */
-    const int8_t *xq; const float *xs, *xsum; const int32_t *xlanes;
+    int N, fast;
+    row_input in;             /* fp32 input (a padded copy for quantized rows) and its rounding */
     float *out; int ldo;
     int chunk;                /* rows per chunk */
 } lin_work;
@@ -123,92 +122,46 @@ static void linear_chunk(void *ctx, int c, int tid) {
     const lin_work *w = (const lin_work *)ctx;
     const dsx_linear *L = w->L;
     const int r0 = c * w->chunk, r1 = r0 + w->chunk < L->rows ? r0 + w->chunk : L->rows;
-    dsx_matrix m = {(const uint8_t *)L->w, L->scales, NULL};
-    matrix_shape s = {L->bits, w->Kp, L->block};
-#if defined(DSX_AVX2)
-    if (w->fast && L->panel) { /* tokens four at a time */
-        for (int n0 = 0; n0 < w->N; n0 += 4) {
-            const int T = w->N - n0 < 4 ? w->N - n0 : 4;
-            const int8_t *xq[4];
-            const float *xs[4];
-            const int32_t *lanes[4];
-            float *out[4];
-            for (int t = 0; t < T; t++) {
-                const int n = n0 + t;
-                xq[t] = w->xq + (size_t)n * w->Kp, xs[t] = w->xs + (size_t)n * w->nb;
-                lanes[t] = w->xlanes + (size_t)n * w->nb * 8, out[t] = w->out + (size_t)n * w->ldo + r0;
-            }
-            panel_rows_multi(L->bits, m.q, m.scales, w->nb, r0, r1, T, xq, xs, lanes, out);
-            if (L->bias)
-                for (int t = 0; t < T; t++)
-                    for (int r = r0; r < r1; r++) out[t][r - r0] += L->bias[r];
-        }
-        return;
-    }
-#endif
-    if (L->bits == 32) { /* fp32 rows, tokens four at a time */
-        for (int n0 = 0; n0 < w->N; n0 += 4) {
-            const int T = w->N - n0 < 4 ? w->N - n0 : 4;
-            const float *x[4];
-            float *out[4];
-            for (int t = 0; t < T; t++)
-                x[t] = w->x + (size_t)(n0 + t) * w->ldx, out[t] = w->out + (size_t)(n0 + t) * w->ldo + r0;
-            rows_f32((const float *)L->w, L->K, r0, r1, T, x, out);
-            if (L->bias)
-                for (int t = 0; t < T; t++)
-                    for (int r = r0; r < r1; r++) out[t][r - r0] += L->bias[r];
-        }
-        return;
-    }
-    for (int n = 0; n < w->N; n++) {
-        float *o = w->out + (size_t)n * w->ldo;
-#if defined(DSX_AVX2)
-        if (w->fast) {
-            rows_q_b32(L->bits, m.q, m.scales, (size_t)w->Kp * L->bits / 8, w->nb, r0, r1, w->xq + (size_t)n * w->Kp,
-                       w->xs + (size_t)n * w->nb, w->xlanes + (size_t)n * w->nb * 8, o + r0);
-        } else
-#endif
-        for (int r = r0; r < r1; r++) {
-            if (L->bits == 32)
-                o[r] = dot_f32((const float *)L->w + (size_t)r * L->K, w->x + (size_t)n * w->ldx, L->K);
-            else if (L->round_act)
-                o[r] = row_dot_q(&m, &s, r, w->xq + (size_t)n * w->Kp, w->xs + (size_t)n * w->nb, w->xsum + (size_t)n * w->nb);
-            else
-                o[r] = row_dot_qf(&m, &s, r, w->x + (size_t)n * w->ldx);
-        }
+    const dsx_matrix m = {(const uint8_t *)L->w, L->scales, NULL};
+    const matrix_shape s = {L->bits, w->in.Kp, L->block};
+    for (int n0 = 0; n0 < w->N; n0 += 4) { /* tokens four at a time */
+        const int T = w->N - n0 < 4 ? w->N - n0 : 4;
+        int rows[4];
+        float *out[4];
+        for (int t = 0; t < T; t++) rows[t] = n0 + t, out[t] = w->out + (size_t)(n0 + t) * w->ldo + r0;
+        matrix_rows(L->bits, w->fast, L->panel, L->round_act, &m, &s, L->K, &w->in, rows, T, r0, r1, out);
         if (L->bias)
-            for (int r = r0; r < r1; r++) o[r] += L->bias[r];
+            for (int t = 0; t < T; t++)
+                for (int r = r0; r < r1; r++) out[t][r - r0] += L->bias[r];
     }
 }
 
 /* out[n, :rows] (row stride ldo) = L x[n] for n < N; x [N, ldx]. scratch: the activations' copy. */
 static int linear(dsx_pool *pool, const dsx_linear *L, const float *x, int ldx, int N, float *out, int ldo, arena *a) {
-    lin_work w = {L, N, L->K, 1, 0, x, ldx, NULL, NULL, NULL, NULL, out, ldo, CHUNK_ROWS};
+    lin_work w = {L, N, 0, {x, NULL, NULL, NULL, NULL, ldx, L->K, 1}, out, ldo, CHUNK_ROWS};
     size_t mark = a->used;
     if (L->bits != 32) {
-        const int B = L->block;
-        w.Kp = (L->K + B - 1) / B * B;
-        w.nb = w.Kp / B;
-        float *xf = take(a, (size_t)N * w.Kp * 4);
+        const int B = L->block, Kp = (L->K + B - 1) / B * B, nb = Kp / B;
+        float *xf = take(a, (size_t)N * Kp * 4);
         if (!xf) return -2;
         for (int n = 0; n < N; n++) {
-            memcpy(xf + (size_t)n * w.Kp, x + (size_t)n * ldx, (size_t)L->K * 4);
-            memset(xf + (size_t)n * w.Kp + L->K, 0, (size_t)(w.Kp - L->K) * 4);
+            memcpy(xf + (size_t)n * Kp, x + (size_t)n * ldx, (size_t)L->K * 4);
+            memset(xf + (size_t)n * Kp + L->K, 0, (size_t)(Kp - L->K) * 4);
         }
-        w.x = xf, w.ldx = w.Kp;
+        w.in = (row_input){xf, NULL, NULL, NULL, NULL, Kp, Kp, nb};
         if (L->round_act) {
-            int8_t *xq = take(a, (size_t)N * w.Kp);
-            float *xs = take(a, (size_t)N * w.nb * 4), *xsum = take(a, (size_t)N * w.nb * 4);
-            int32_t *lanes = take(a, (size_t)N * w.nb * 32);
+            int8_t *xq = take(a, (size_t)N * Kp);
+            float *xs = take(a, (size_t)N * nb * 4), *xsum = take(a, (size_t)N * nb * 4);
+            int32_t *lanes = take(a, (size_t)N * nb * 32);
             if (!xq || !xs || !xsum || !lanes) return -2;
             for (int n = 0; n < N; n++)
-                quantize_row(xf + (size_t)n * w.Kp, w.Kp, B, L->bits == 4, xq + (size_t)n * w.Kp, xs + (size_t)n * w.nb,
-                             xsum + (size_t)n * w.nb, lanes + (size_t)n * w.nb * 8);
-            w.xq = xq, w.xs = xs, w.xsum = xsum, w.xlanes = lanes;
+                quantize_row(xf + (size_t)n * Kp, Kp, B, L->bits == 4, xq + (size_t)n * Kp, xs + (size_t)n * nb,
+                             xsum + (size_t)n * nb, lanes + (size_t)n * nb * 8);
+            w.in.q = xq, w.in.s = xs, w.in.sum = xsum, w.in.lanes = lanes;
             w.fast = B == QK;
         }
     }
-    w.chunk = chunk_rows(L->bits == 32 ? (size_t)L->K * 4 : (size_t)w.Kp * L->bits / 8 + (size_t)w.nb * 4, L->bits != 32);
+    w.chunk = chunk_rows(L->bits == 32 ? (size_t)L->K * 4 : (size_t)w.in.Kp * L->bits / 8 + (size_t)w.in.nb * 4, L->bits != 32);
     dsx_parallel(pool, (L->rows + w.chunk - 1) / w.chunk, linear_chunk, &w);
     a->used = mark;
     return 0;

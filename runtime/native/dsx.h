@@ -532,4 +532,56 @@ static inline float row_dot_qf(const dsx_matrix *m, const matrix_shape *s, int r
 }
 
 
+
+/* ---- one matrix's rows against a few input rows: the dispatch both the experts and the
+ * decoder's projections use ---------------------------------------------------------------- */
+typedef struct {
+    const float *f;        /* fp32 inputs, row stride ldf (padded to Kp for quantized weights) */
+    const int8_t *q;       /* rounded inputs [*, Kp] (int4: each 32 permuted), or NULL */
+    const float *s, *sum;  /* per block: scale, scale x sum of q [*, nb] */
+    const int32_t *lanes;  /* per block: the int4 offset term [*, nb, 8] */
+    int ldf, Kp, nb;
+} row_input;
+
+/* Rows [r0, r1) of matrix m (K inputs; shape for the generic paths) against up to 4 input rows
+ * in[rows[i]]: out[i][r - r0]. fast: block 32 with rounded inputs and no zero points (AVX2);
+ * panel: m packed by dsx_pack_panels. */
+static inline void matrix_rows(int bits, int fast, int panel, int round_act, const dsx_matrix *m,
+                               const matrix_shape *shape, int K, const row_input *in, const int *rows, int T,
+                               int r0, int r1, float *const *out) {
+#if defined(DSX_AVX2)
+    if (fast) {
+        const int8_t *xq[4];
+        const float *xs[4];
+        const int32_t *lanes[4];
+        for (int i = 0; i < T; i++)
+            xq[i] = in->q + (size_t)rows[i] * in->Kp, xs[i] = in->s + (size_t)rows[i] * in->nb,
+            lanes[i] = in->lanes + (size_t)rows[i] * in->nb * 8;
+        if (panel) {
+            panel_rows_multi(bits, m->q, m->scales, in->nb, r0, r1, T, xq, xs, lanes, out);
+        } else {
+            for (int i = 0; i < T; i++)
+                rows_q_b32(bits, m->q, m->scales, (size_t)in->Kp * bits / 8, in->nb, r0, r1, xq[i], xs[i], lanes[i],
+                           out[i]);
+        }
+        return;
+    }
+#else
+    (void)fast, (void)panel;
+#endif
+    if (bits == 32) {
+        const float *x[4];
+        for (int i = 0; i < T; i++) x[i] = in->f + (size_t)rows[i] * in->ldf;
+        rows_f32((const float *)m->q, K, r0, r1, T, x, out);
+        return;
+    }
+    for (int i = 0; i < T; i++) {
+        const size_t row = (size_t)rows[i];
+        for (int r = r0; r < r1; r++)
+            out[i][r - r0] = round_act ? row_dot_q(m, shape, r, in->q + row * in->Kp, in->s + row * in->nb,
+                                                   in->sum + row * in->nb)
+                                       : row_dot_qf(m, shape, r, in->f + row * in->ldf);
+    }
+}
+
 #endif

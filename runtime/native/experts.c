@@ -121,17 +121,6 @@ typedef struct {
     int32_t panel;             /* 1: every expert's q and scales packed by dsx_pack_panels (decoder.c) */
 } dsx_moe_args;
 
-/* One phase's activations: per row of the phase's input (a token for gate_up, an (expert, token)
- * pair for down), fp32 [*, Kp] and, when rounded, int8 [*, Kp] with per-block scales, scale x sum,
- * and the int4 offset lanes. */
-typedef struct {
-    const float *f;
-    const int8_t *q;
-    const float *s, *sum;
-    const int32_t *lanes;
-    int Kp, nb;
-} phase_input;
-
 typedef struct {
     const dsx_moe_args *a;
     matrix_shape gu, dn;
@@ -144,7 +133,7 @@ typedef struct {
     int8_t *hq; float *hs; float *hsum; int32_t *hlanes; float *hf; /* SwiGLU outputs per pair [P, Ip] */
     int fast; /* block 32, int8 activations, no zero points: rows_q_b32 */
     int chunk_gu, chunk_dn; /* rows per chunk of each phase (a down chunk reads those rows of every active expert) */
-    phase_input x_in, h_in; /* the two phases' inputs as the kernels read them (views of the above) */
+    row_input x_in, h_in; /* the two phases' inputs as the kernels read them (views of the above) */
 } moe_work;
 
 /* Wake the workers to run task(arg, tid) and run it on the caller (tid 0). Returns at once when
@@ -230,44 +219,6 @@ static dsx_matrix matrix_of(const uint64_t *e, int which) {
     return m;
 }
 
-/* Rows [r0, r1) of one expert matrix against up to 4 input rows in[rows[i]]: out[i][r - r0].
- * The one dispatch over the kernels both phases use. */
-static void expert_rows(const moe_work *w, const dsx_matrix *m, const matrix_shape *shape, int K,
-                        const phase_input *in, const int *rows, int T, int r0, int r1, float *const *out) {
-    const dsx_moe_args *a = w->a;
-#if defined(DSX_AVX2)
-    if (w->fast) {
-        const int8_t *xq[4];
-        const float *xs[4];
-        const int32_t *lanes[4];
-        for (int i = 0; i < T; i++)
-            xq[i] = in->q + (size_t)rows[i] * in->Kp, xs[i] = in->s + (size_t)rows[i] * in->nb,
-            lanes[i] = in->lanes + (size_t)rows[i] * in->nb * 8;
-        if (a->panel) { /* the rows' tokens four at a time */
-            panel_rows_multi(a->bits, m->q, m->scales, in->nb, r0, r1, T, xq, xs, lanes, out);
-        } else {
-            for (int i = 0; i < T; i++)
-                rows_q_b32(a->bits, m->q, m->scales, (size_t)in->Kp * a->bits / 8, in->nb, r0, r1, xq[i], xs[i],
-                           lanes[i], out[i]);
-        }
-        return;
-    }
-#endif
-    if (a->bits == 32) {
-        const float *x[4];
-        for (int i = 0; i < T; i++) x[i] = in->f + (size_t)rows[i] * in->Kp;
-        rows_f32((const float *)m->q, K, r0, r1, T, x, out);
-        return;
-    }
-    for (int i = 0; i < T; i++) {
-        const size_t row = (size_t)rows[i];
-        for (int r = r0; r < r1; r++)
-            out[i][r - r0] = a->round_act ? row_dot_q(m, shape, r, in->q + row * in->Kp, in->s + row * in->nb,
-                                                      in->sum + row * in->nb)
-                                          : row_dot_qf(m, shape, r, in->f + row * in->Kp);
-    }
-}
-
 /* phase 1: every (expert, rows of gate_up) chunk; each chunk's rows serve all the expert's tokens */
 static void gate_up_chunk(void *ctx, int c, int tid) {
     (void)tid;
@@ -281,7 +232,7 @@ static void gate_up_chunk(void *ctx, int c, int tid) {
         int rows[4];
         float *out[4];
         for (int i = 0; i < T; i++) rows[i] = a->tok_index[p0 + i], out[i] = w->h + (size_t)(p0 + i) * R + r0;
-        expert_rows(w, &m, &w->gu, a->D, &w->x_in, rows, T, r0, r1, out);
+        matrix_rows(a->bits, w->fast, a->panel, a->round_act, &m, &w->gu, a->D, &w->x_in, rows, T, r0, r1, out);
     }
 }
 
@@ -303,7 +254,7 @@ static void down_chunk(void *ctx, int c, int tid) {
             const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
             int rows[4];
             for (int i = 0; i < T; i++) rows[i] = p0 + i;
-            expert_rows(w, &m, &w->dn, a->I, &w->h_in, rows, T, r0, r1, out);
+            matrix_rows(a->bits, w->fast, a->panel, a->round_act, &m, &w->dn, a->I, &w->h_in, rows, T, r0, r1, out);
             for (int i = 0; i < T; i++) {
                 const int t = a->tok_index[p0 + i];
                 const float g = a->tok_weight[p0 + i];
@@ -379,8 +330,8 @@ int dsx_moe(dsx_pool *pool, const dsx_moe_args *a) {
         if (a->experts[6 * e + 2] || a->experts[6 * e + 5]) w.fast = 0; /* zero points */
     w.chunk_gu = chunk_rows(a->bits == 32 ? (size_t)a->D * 4 : (size_t)w.Dp * a->bits / 8 + (size_t)(w.Dp / B) * 4, a->bits != 32);
     w.chunk_dn = chunk_rows(a->bits == 32 ? (size_t)a->I * 4 : (size_t)w.Ip * a->bits / 8 + (size_t)(w.Ip / B) * 4, a->bits != 32);
-    w.x_in = (phase_input){w.xf, w.xq, w.xs, w.xsum, w.xlanes, w.Dp, w.Dp / B};
-    w.h_in = (phase_input){w.hf, w.hq, w.hs, w.hsum, w.hlanes, w.Ip, w.Ip / B};
+    w.x_in = (row_input){w.xf, w.xq, w.xs, w.xsum, w.xlanes, w.Dp, w.Dp, w.Dp / B};
+    w.h_in = (row_input){w.hf, w.hq, w.hs, w.hsum, w.hlanes, w.Ip, w.Ip, w.Ip / B};
     dsx_parallel(pool, a->n_active * ((2 * I + w.chunk_gu - 1) / w.chunk_gu), gate_up_chunk, wp);
     /* SwiGLU per (expert, token) pair, then its rounding for the down projection */
     for (int p = 0; p < P; p++) {
