@@ -206,6 +206,8 @@ class StoreLayer:
         if len(offsets) != experts:
             f.fail(f"{len(offsets)} offsets for {experts} experts", "offsets")
         groups = f.ints("groups", (), lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS)
+        if groups and len(groups) != experts:
+            f.fail(f"{len(groups)} routing groups for {experts} experts", "groups")
         return cls(experts, f.int("intermediate", lo=1, hi=1 << 20), f.int("hidden", lo=1, hi=1 << 20),
                    f.int("record_bytes", lo=1, hi=1 << 40), offsets, f.int("router", lo=0, hi=MAX_BYTES),
                    f.int("bias", None, lo=0, hi=MAX_BYTES), groups, quantized)

@@ -29,7 +29,6 @@ from .paged_backend import expert_addresses, kernel_layout
 from .paging import DEFAULT_POLICY, ExpertCache, ExpertStore, PagingStats
 
 
-
 class Linear(ctypes.Structure):
     _fields_ = [("bits", ctypes.c_int32), ("block", ctypes.c_int32), ("rows", ctypes.c_int32), ("K", ctypes.c_int32),
                 ("round_act", ctypes.c_int32), ("panel", ctypes.c_int32), ("w", ctypes.c_void_p),
@@ -244,6 +243,8 @@ class NativeBackend:
                 experts, ly.expert_panel = self._experts(store, i, layout)
                 router = np.ascontiguousarray(router, np.float32)
                 bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+                if not all(np.isfinite(a).all() for a in (router, bias) if a is not None):
+                    raise BundleError(f"layer {i}'s router in the expert store holds NaN or Inf")
                 self._keep += [router, bias, groups, experts]
                 ly.router, ly.router_bias = native.address(router), native.address(bias)
                 ly.groups, ly.experts = native.address(groups), native.address(experts)

@@ -222,3 +222,26 @@ def test_a_library_built_from_other_sources_falls_back_to_the_segments(artifacts
     engine = Engine.load(paged_bundle(artifacts, "v3_noaux_tc"), verify=False)
     assert engine.backend.name == "onnxruntime-paged"
     assert "reinstall dsexport" in engine.generate(PROMPT, max_new_tokens=2).paging_stats["decoder"]
+
+
+def test_store_routing_groups_and_routers_are_checked_before_the_decoder_reads_them(artifacts, tmp_path, monkeypatch):
+    """The C routing indexes a layer's groups by expert and reads its router: a groups list of the
+    wrong length, or a router holding NaN, is refused at load."""
+    from dsexport.runtime import Engine
+
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    out = tmp_path / "bundle"
+    shutil.copytree(paged_bundle(artifacts, "v3_noaux_tc"), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    good = json.dumps(manifest)
+    manifest["paging"]["layers"]["1"]["groups"] = [0]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="routing groups"):
+        Engine.load(out, verify=False)
+    (out / "manifest.json").write_text(good)
+    layer = json.loads(good)["paging"]["layers"]["1"]
+    with open(out / "experts.bin", "r+b") as f:
+        f.seek(layer["router"])
+        f.write(np.full(4, np.nan, np.float32).tobytes())
+    with pytest.raises(BundleError, match="router"):
+        Engine.load(out, verify=False)
