@@ -5,8 +5,8 @@ segment graphs already hold: MatMulNBits rows, fp32 MatMul weights, norms, W_UK/
 and the routed experts of experts.bin. Nothing is written twice: this module only records where
 each of those initializers lies in the segments' external-data files (GraphBuilder.locations),
 role by role, in the manifest's `native` section. A bundle whose graphs the decoder cannot
-reproduce exactly gets no section (the reason is returned for the build log), and the runtime
-then runs the segments.
+reproduce exactly (`unsupported` says why) gets no section, and the runtime then runs the
+segments (`run --stats` says so; `inspect` shows native_decoder false).
 """
 
 from __future__ import annotations

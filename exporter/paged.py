@@ -184,7 +184,6 @@ class PagedExportResult:
     weight_bytes: int  # non-expert weights in the segments + routed experts in the store
     non_expert_bytes: int
     native: NativeSection | None = None  # where the native decoder finds the weights (None: it cannot run them)
-    native_unsupported: str | None = None  # why not
 
 
 def export_paged(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConfig,
@@ -204,8 +203,7 @@ def export_paged(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConf
     out = Path(out_dir)
     store = _StoreWriter(out / STORE_FILE, quant)
     segments, non_expert = [], 0
-    why_not = unsupported(cfg, quant)
-    indexer = NativeIndexer(cfg, quant) if why_not is None else None
+    indexer = NativeIndexer(cfg, quant) if unsupported(cfg, quant) is None else None
     plan = segment_plan(cfg)
     for j, seg in enumerate(plan):
         g = _segment(reader, out, export_cfg, store, j, seg["layers"], seg["moe_layer"], progress)
@@ -221,7 +219,7 @@ def export_paged(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConf
                            layers=dict(store.layers), routed_expert_bytes=expert_bytes, store_bytes=store_bytes,
                            non_expert_bytes=non_expert, default_cache_mb=None)
     return PagedExportResult(cfg, tuple(segments), paging, non_expert + expert_bytes, non_expert,
-                             indexer.section() if indexer is not None else None, why_not)
+                             indexer.section() if indexer is not None else None)
 
 
 def store_format(quant: QuantSpec | None) -> dict:

@@ -107,16 +107,14 @@ def load_backend(bundle: Bundle, requested: str, options: LoadOptions) -> Backen
     if name == "onnxruntime-paged":  # the native decoder runs a paged bundle's step where it can
         why_not = native_unavailable(bundle, options)
         name = "native" if why_not is None else name
+    from .native import LibraryMismatch
+
     module, cls = _REGISTRY[name]
     loader: Callable = getattr(importlib.import_module(module), cls).load
     try:
         backend = loader(bundle, options)
-    except Exception as exc:
-        from .native import LibraryMismatch
-
-        if name != "native" or not isinstance(exc, LibraryMismatch):
-            raise
-        why_not = str(exc)  # a stale build of the library: the segments run, and say why
+    except LibraryMismatch as exc:  # a stale build of the library: the segments run, and say why
+        why_not = str(exc)
         module, cls = _REGISTRY["onnxruntime-paged"]
         backend = getattr(importlib.import_module(module), cls).load(bundle, options)
     if why_not is not None:
