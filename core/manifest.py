@@ -179,7 +179,7 @@ class Manifest:
     pruning: PruningRecord | None = None
     paging: PagingSection | None = None
     engines: EnginesSection | None = None
-    native: NativeSection | None = None  # paged bundles the native decoder can run (docs/native.md)
+    native: NativeSection | None = None  # CPU bundles the native decoder can run (docs/native.md)
     schema_version: int = SCHEMA_VERSION
     extra: dict = dataclasses.field(default_factory=dict)
 
@@ -402,6 +402,11 @@ def _read_manifest(f: Fields) -> Manifest:
         **sections)
     if manifest.is_paged and manifest.paging is None:
         f.fail("the decoder is paged but the manifest has no paging section", "graphs.decoder")
+    if manifest.native is not None:  # routed experts: in the store (paged) or in the fused graph's data (routed)
+        for i, layer in manifest.native.layers.items():
+            if cfg.is_moe_layer(i) and (layer.routed is None) != manifest.is_paged:
+                f.fail(f"layer {i}: the routed experts' location does not match the "
+                       f"{'paged' if manifest.is_paged else 'fused'} decoder", "native")
     return dataclasses.replace(manifest, extra=f.rest())
 
 

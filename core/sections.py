@@ -435,10 +435,13 @@ class NativeLinear:
     scales: TensorRef | None
     col_start: int = 0
     bias: TensorRef | None = None
+    layout: str = "matmul"  # fp32: "matmul" (stored [cols, total]) or "rows" ([rows, cols]: a head tied to the embedding)
 
     def to_json(self) -> dict:
         out = {"bits": self.bits, "block": self.block, "rows": self.rows, "cols": self.cols,
                "activations": self.activations, "weight": self.weight.to_json()}
+        if self.layout != "matmul":
+            out["layout"] = self.layout
         if self.scales is not None:
             out["scales"] = self.scales.to_json()
         if self.col_start:
@@ -458,7 +461,11 @@ class NativeLinear:
         bias = TensorRef.read(f.obj("bias")) if f.has("bias") else None
         col_start = f.int("col_start", 0, lo=0, hi=1 << 24)
         acts = f.str("activations", choices=("int8", "fp32"))
-        if bits == 32:
+        layout = f.str("layout", "matmul", choices=("matmul", "rows"))
+        if bits == 32 and layout == "rows":
+            if weight.dtype != "float32" or weight.shape != (rows, cols) or col_start:
+                f.fail(f"an fp32 weight of shape {list(weight.shape)} for {rows} x {cols} rows", "weight")
+        elif bits == 32:
             if weight.dtype != "float32" or len(weight.shape) != 2 or weight.shape[0] != cols or \
                     col_start + rows > weight.shape[1]:
                 f.fail(f"an fp32 weight of shape {list(weight.shape)} cannot hold {rows} x {cols} from column "
@@ -474,7 +481,7 @@ class NativeLinear:
                 f.fail("the scales are missing or do not match the weights", "scales")
         if bias is not None and (bias.dtype != "float32" or bias.shape != (rows,)):
             f.fail(f"a bias of shape {list(bias.shape)} for {rows} rows", "bias")
-        return cls(bits, block, rows, cols, acts, weight, scales, col_start, bias)
+        return cls(bits, block, rows, cols, acts, weight, scales, col_start, bias, layout)
 
 
 def _native_role(f: Fields, role: str) -> "TensorRef | NativeLinear":
@@ -482,11 +489,94 @@ def _native_role(f: Fields, role: str) -> "TensorRef | NativeLinear":
 
 
 @dataclasses.dataclass(frozen=True)
-class NativeLayer:
-    roles: dict  # role -> TensorRef | NativeLinear
+class NativeRouted:
+    """A fused bundle's routed experts as its MoE / QMoE op holds them (exporter/lowering.py):
+    fc1 [S*E, 2I/S, D] with gate and up rows interleaved, fc2 [S*E, D, I/S] times `fold`
+    (routed_scaling_factor x S); slot s*E + e is shard s of expert e. Packed and with scales at 8
+    or 4 bits. The router is columns router_col.. of an fp32 MatMul weight [D, total]."""
+    bits: int  # 32: fp32 weights
+    block: int | None
+    activations: str  # "int8": inputs rounded per block (QMoE's 8-bit path, accuracy_level 4)
+    shards: int
+    fold: float
+    fc1: TensorRef
+    fc2: TensorRef
+    fc1_scales: TensorRef | None
+    fc2_scales: TensorRef | None
+    router: TensorRef
+    router_col: int
+    bias: TensorRef | None
+    groups: tuple[int, ...]
 
     def to_json(self) -> dict:
-        return {role: value.to_json() for role, value in self.roles.items()}
+        out = {"bits": self.bits, "block": self.block, "activations": self.activations, "shards": self.shards,
+               "fold": self.fold, "fc1": self.fc1.to_json(), "fc2": self.fc2.to_json()}
+        if self.fc1_scales is not None:
+            out.update(fc1_scales=self.fc1_scales.to_json(), fc2_scales=self.fc2_scales.to_json())
+        out.update(router=self.router.to_json(), router_col=self.router_col, groups=list(self.groups))
+        if self.bias is not None:
+            out["bias"] = self.bias.to_json()
+        return out
+
+    def refs(self) -> list[TensorRef]:
+        return [r for r in (self.fc1, self.fc2, self.fc1_scales, self.fc2_scales, self.router, self.bias) if r]
+
+    @classmethod
+    def read(cls, f: Fields, experts: int, hidden: int, inter: int) -> "NativeRouted":
+        bits = f.int("bits")
+        if bits not in (4, 8, 32):
+            f.fail(f"{bits} bits; routed experts are fp32, 8 or 4 bits", "bits")
+        shards = f.int("shards", lo=1, hi=64)
+        if inter % shards:
+            f.fail(f"{shards} shards do not divide the {inter} intermediate units", "shards")
+        part, slots = inter // shards, shards * experts
+        fc1, fc2 = TensorRef.read(f.obj("fc1")), TensorRef.read(f.obj("fc2"))
+        block, s1, s2 = None, None, None
+        if bits == 32:
+            want = {"fc1": (fc1, "float32", (slots, 2 * part, hidden)), "fc2": (fc2, "float32", (slots, hidden, part))}
+        else:
+            block = f.int("block")
+            if block not in NATIVE_BLOCKS or part % block:
+                f.fail(f"block {block} for {part}-unit shards (the native decoder takes "
+                       f"{', '.join(map(str, NATIVE_BLOCKS))}, dividing the shard)", "block")
+            s1, s2 = TensorRef.read(f.obj("fc1_scales")), TensorRef.read(f.obj("fc2_scales"))
+            nb = -(-hidden // block)
+            want = {"fc1": (fc1, "uint8", (slots, 2 * part, nb * block * bits // 8)),
+                    "fc2": (fc2, "uint8", (slots, hidden, part * bits // 8)),
+                    "fc1_scales": (s1, "float32", (slots, 2 * part, nb)),
+                    "fc2_scales": (s2, "float32", (slots, hidden, part // block))}
+        for key, (ref, dtype, shape) in want.items():
+            if ref.dtype != dtype or ref.shape != shape:
+                f.fail(f"{ref.dtype} {list(ref.shape)}, expected {dtype} {list(shape)}", key)
+        router = TensorRef.read(f.obj("router"))
+        col = f.int("router_col", lo=0, hi=1 << 24)
+        if router.dtype != "float32" or len(router.shape) != 2 or router.shape[0] != hidden or \
+                col + experts > router.shape[1]:
+            f.fail(f"a router of shape {list(router.shape)} cannot hold {hidden} x {experts} from column {col}",
+                   "router")
+        bias = TensorRef.read(f.obj("bias")) if f.has("bias") else None
+        if bias is not None and (bias.dtype != "float32" or bias.shape != (experts,)):
+            f.fail(f"a correction bias of shape {list(bias.shape)} for {experts} experts", "bias")
+        groups = f.ints("groups", lo=0, hi=MAX_EXPERTS, max_len=MAX_EXPERTS)
+        if len(groups) != experts:
+            f.fail(f"{len(groups)} routing groups for {experts} experts", "groups")
+        acts = f.str("activations", choices=("int8", "fp32"))
+        if bits == 32 and acts != "fp32":
+            f.fail("fp32 experts take fp32 activations", "activations")
+        return cls(bits, block, acts, shards, f.float("fold", lo=0.0, lo_open=True, hi=1e6), fc1, fc2, s1, s2, router,
+                   col, bias, tuple(groups))
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeLayer:
+    roles: dict  # role -> TensorRef | NativeLinear
+    routed: NativeRouted | None = None  # fused bundles' MoE layers; paged bundles' experts are in the store
+
+    def to_json(self) -> dict:
+        out = {role: value.to_json() for role, value in self.roles.items()}
+        if self.routed is not None:
+            out["routed"] = self.routed.to_json()
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,6 +593,7 @@ class NativeSection:
         refs = []
         for value in [*self.globals.values(), *(v for layer in self.layers.values() for v in layer.roles.values())]:
             refs += [value] if isinstance(value, TensorRef) else [r for r in (value.weight, value.scales, value.bias) if r]
+        refs += [r for layer in self.layers.values() if layer.routed for r in layer.routed.refs()]
         return {ref.file for ref in refs}
 
     def to_json(self) -> dict:
@@ -543,7 +634,12 @@ class NativeSection:
                     entry.fail(f"shape {list(value.shape)}, expected float32 {list(shapes[role])}", role)
                 if isinstance(value, NativeLinear) and (value.rows, value.cols) != linears[role]:
                     entry.fail(f"{value.rows} x {value.cols}, expected {linears[role][0]} x {linears[role][1]}", role)
-            layers[i] = NativeLayer(roles)
+            routed = None
+            if entry.has("routed"):
+                if not cfg.is_moe_layer(i):
+                    entry.fail("routed experts in a dense layer", "routed")
+                routed = NativeRouted.read(entry.obj("routed"), cfg.num_experts(i), D, cfg.moe_intermediate_size)
+            layers[i] = NativeLayer(roles, routed)
         if sorted(layers) != list(range(cfg.num_hidden_layers)):
             f.fail("the layers listed are not every layer of the model", "layers")
         return cls(f.int("version", lo=1, hi=1), f.float("rope_scale", lo=0.0, lo_open=True, hi=1e6),

@@ -25,10 +25,12 @@ from onnx import TensorProto
 from dsexport.core.config import ModelConfig
 from dsexport.core.contract import HIDDEN_STATES, present_name
 from dsexport.core.quant import QuantSpec
+from dsexport.core.sections import NativeSection
 
 from .checkpoint import CheckpointReader
 from .emit import DecoderEmitter
 from .graph import OPSET, GraphBuilder
+from .native_index import NativeIndexer, fused_unsupported
 from .reference import layer_tensors
 
 GRAPH_FILE = "model.onnx"
@@ -55,6 +57,7 @@ class ExportResult:
     config: ModelConfig
     export_config: ExportConfig
     weight_bytes: int
+    native: NativeSection | None = None  # where the native decoder finds each weight (exporter/native_index.py)
 
 
 def export_decoder(reader: CheckpointReader, out: Path, export_cfg: ExportConfig,
@@ -105,4 +108,16 @@ def export_model(checkpoint_dir: str | Path | CheckpointReader, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     g = export_decoder(reader, out, export_cfg, progress)
     g.save(out / GRAPH_FILE, "dsexport_decoder")
-    return ExportResult(out, reader.config, export_cfg, g.weight_bytes)
+    return ExportResult(out, reader.config, export_cfg, g.weight_bytes, native_section(g, reader.config, export_cfg))
+
+
+def native_section(g: GraphBuilder, cfg: ModelConfig, export_cfg: ExportConfig) -> NativeSection | None:
+    """The fused graph's weights located for the native decoder, or None where it cannot run them."""
+    if fused_unsupported(cfg, export_cfg.quant, export_cfg.moe_lowering) is not None:
+        return None
+    indexer = NativeIndexer(cfg, export_cfg.quant)
+    indexer.add_segment(g, DATA_FILE, list(range(cfg.num_hidden_layers)), True, True)
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_moe_layer(i):
+            indexer.add_routed(g, DATA_FILE, i, export_cfg.moe_shards)
+    return indexer.section()

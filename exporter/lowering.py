@@ -146,6 +146,14 @@ def _emit_group_mask(g: GraphBuilder, choice: str, groups: tuple[int, ...], cfg:
     return g.op("Where", [keep, choice, g.const(-np.inf, np.float32)], name=name + "_masked")
 
 
+def moe_shard_count(inter: int, shards: int, expert_bits: int | None, block: int) -> int:
+    """How many shards the fused MoE op splits each expert's intermediate units into."""
+    S = shards if inter % shards == 0 else 1
+    if expert_bits and (inter // S) % block:
+        S = 1  # quantization blocks run along fc2's K (= inter / S): shards must not cut a block
+    return S
+
+
 @register("ort-moe", prefill_ok=True, ops=("com.microsoft.MoE",),
           description="ONNX Runtime fused MoE op (interleaved SwiGLU), routing computed before it")
 def emit_ort_moe(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: ModelConfig, name: str,
@@ -153,9 +161,7 @@ def emit_ort_moe(g: GraphBuilder, x: str, logits: str, w: ExpertWeights, cfg: Mo
     E, inter, D = w.gate.shape
     if opts.slot_bits and len(set(opts.slot_bits)) > 1:
         return _emit_mixed_width(g, x, logits, w, cfg, name, opts)
-    S = opts.moe_shards if inter % opts.moe_shards == 0 else 1
-    if opts.expert_bits and (inter // S) % opts.block_size:
-        S = 1  # quantization blocks run along fc2's K (= inter / S): shards must not cut a block
+    S = moe_shard_count(inter, opts.moe_shards, opts.expert_bits, opts.block_size)
     raw, idx = emit_routing(g, logits, w, cfg, name)
     # Router input: log(score) at the chosen slots, -inf elsewhere; the op's softmax then
     # yields score / (S * sum(scores)) at each of the S shards of each chosen expert. That is

@@ -1,23 +1,27 @@
-"""The native decoder's index into a paged bundle's own bytes (docs/native.md).
+"""The native decoder's index into a CPU bundle's own bytes (docs/native.md).
 
 The runtime's native decoder (runtime/native/decoder.c) runs a whole step in C on the weights the
-segment graphs already hold: MatMulNBits rows, fp32 MatMul weights, norms, W_UK/W_UV, the embedding,
-and the routed experts of experts.bin. Nothing is written twice: this module only records where
-each of those initializers lies in the segments' external-data files (GraphBuilder.locations),
-role by role, in the manifest's `native` section. A bundle whose graphs the decoder cannot
+graphs already hold: MatMulNBits rows, fp32 MatMul weights, norms, W_UK/W_UV, the embedding, and
+the routed experts (a paged bundle's experts.bin, or a fused bundle's MoE / QMoE initializers).
+Nothing is written twice: this module only records where each of those initializers lies in the
+graphs' external-data files (GraphBuilder.locations), role by role, in the manifest's `native`
+section. A bundle whose graphs the decoder cannot
 reproduce exactly (`unsupported` says why) gets no section, and the runtime then runs the
 segments (`run --stats` says so; `inspect` shows native_decoder false).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from dsexport.core.config import ModelConfig
 from dsexport.core.quant import QuantSpec
-from dsexport.core.sections import NATIVE_BLOCKS, NativeLayer, NativeLinear, NativeSection, TensorRef
+from dsexport.core.sections import NATIVE_BLOCKS, NativeLayer, NativeLinear, NativeRouted, NativeSection, TensorRef
 
 from .graph import GraphBuilder
+from .lowering import moe_shard_count
 from .reference import LATENT_NORM_EPS
 from .rope import rope_frequencies
 
@@ -37,6 +41,18 @@ def unsupported(cfg: ModelConfig, quant: QuantSpec | None) -> str | None:
     for part, bits in quant.bits.items():
         if bits is not None and quant.block_for(part) not in NATIVE_BLOCKS:
             return f"block {quant.block_for(part)} for {part} (the native decoder takes {', '.join(map(str, NATIVE_BLOCKS))})"
+    return None
+
+
+def fused_unsupported(cfg: ModelConfig, quant: QuantSpec | None, moe_lowering: str) -> str | None:
+    """Why the native decoder cannot run a fused bundle's graph exactly, or None."""
+    why = unsupported(cfg, quant)
+    if why is not None:
+        return why
+    if cfg.n_routed_experts and moe_lowering != "ort-moe":
+        return f"the {moe_lowering} MoE lowering (the native decoder reads the fused MoE op's weights)"
+    if quant is not None and quant.expert_bits:
+        return "per-expert widths (one QMoE per width)"
     return None
 
 
@@ -111,7 +127,42 @@ class NativeIndexer:
             self.layers[i] = NativeLayer(roles)
         if last:
             self.globals["final_norm"] = f32("norm.weight", (D,))
-            self.globals["head"] = self._linear(g, data_file, "lm_head", "lm_head", V, D)
+            if "lm_head.weight" in g.locations or "lm_head.qweight" in g.locations:
+                self.globals["head"] = self._linear(g, data_file, "lm_head", "lm_head", V, D)
+            else:  # the fused graph's head reads the embedding table in place (Gemm transB=1)
+                self.globals["head"] = NativeLinear(32, None, V, D, "fp32", f32("embed_tokens.weight", (V, D)), None,
+                                                    layout="rows")
+
+    def add_routed(self, g: GraphBuilder, data_file: str, i: int, shards: int) -> None:
+        """MoE layer i's routed experts and router as the fused graph holds them (lowering.emit_ort_moe)."""
+        cfg, q = self.cfg, self.quant
+        E, inter, D = cfg.num_experts(i), cfg.moe_intermediate_size, cfg.hidden_size
+        bits, block = q.bits.get("routed_experts"), q.block_for("routed_experts")
+        S = moe_shard_count(inter, shards, bits, block)
+        p = f"layers.{i}.mlp"
+        loc = lambda name: g.locations[name]  # noqa: E731
+        if f"{p}.router.weight" in g.locations:
+            router, col = self._ref(g, data_file, f"{p}.router.weight", "float32", (D, E)), 0
+        else:  # router | shared gate | shared up as one MatMul [D, E + 2Is]
+            total = loc(f"{p}.router_shared.weight")[1] // (4 * D)
+            router, col = self._ref(g, data_file, f"{p}.router_shared.weight", "float32", (D, total)), 0
+        bias = self._ref(g, data_file, f"{p}.bias", "float32", (E,)) if f"{p}.bias" in g.locations else None
+        groups = cfg.expert_groups(i)
+        part, slots = inter // S, S * E
+        fold = float(np.float32(cfg.routed_scaling_factor * S))
+        if bits is None:
+            fc1 = self._ref(g, data_file, f"{p}.fc1", "float32", (slots, 2 * part, D))
+            fc2 = self._ref(g, data_file, f"{p}.fc2", "float32", (slots, D, part))
+            routed = NativeRouted(32, None, "fp32", S, fold, fc1, fc2, None, None, router, col, bias, groups)
+        else:
+            nb = -(-D // block)
+            fc1 = self._ref(g, data_file, f"{p}.fc1q", "uint8", (slots, 2 * part, nb * block * bits // 8))
+            fc2 = self._ref(g, data_file, f"{p}.fc2q", "uint8", (slots, D, part * bits // 8))
+            s1 = self._ref(g, data_file, f"{p}.fc1s", "float32", (slots, 2 * part, nb))
+            s2 = self._ref(g, data_file, f"{p}.fc2s", "float32", (slots, D, part // block))
+            acts = "int8" if q.expert_activation_block(bits) is not None else "fp32"
+            routed = NativeRouted(bits, block, acts, S, fold, fc1, fc2, s1, s2, router, col, bias, groups)
+        self.layers[i] = dataclasses.replace(self.layers[i], routed=routed)
 
     def section(self) -> NativeSection:
         _, rope_scale = rope_frequencies(self.cfg)

@@ -2,7 +2,7 @@
 
     onnxruntime         the decoder graph in ONNX Runtime (.onnx with external data, or .ort)   runtime/ort_backend.py
     onnxruntime-paged   segment graphs in ONNX Runtime, routed experts from the store          runtime/paged_backend.py
-    native              a paged bundle's whole step in C (the kernel library), when it can run  runtime/native_backend.py
+    native              a CPU bundle's whole step in C (the kernel library), when it can run  runtime/native_backend.py
     tensorrt            the engines `dsexport engine` built on this device                     runtime/tensorrt_backend.py
 
 Every backend has the same small interface, which the one decode loop (runtime/decode.py) drives:
@@ -32,7 +32,7 @@ from dsexport.core.errors import UserError
 from .bundle import Bundle
 
 USER_BACKENDS = ("onnxruntime", "tensorrt")  # what Engine.load(backend=...) and --backend take
-DECODER_ENV = "DSEXPORT_DECODER"  # paged bundles: "native" (default where it can run) or "onnxruntime" (the segments)
+DECODER_ENV = "DSEXPORT_DECODER"  # CPU bundles: "native" (default where it can run) or "onnxruntime" (the graphs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,8 @@ def backend_name(bundle: Bundle, requested: str) -> str:
 
 
 def native_unavailable(bundle: Bundle, options: LoadOptions) -> str | None:
-    """Why a paged bundle runs its segments rather than the native decoder, or None."""
+    """Why a CPU bundle runs on ONNX Runtime (the segments, or the fused graph) rather than the
+    native decoder, or None."""
     from .native import load as load_native, status as native_status
     from .paging import make_policy
 
@@ -92,11 +93,13 @@ def native_unavailable(bundle: Bundle, options: LoadOptions) -> str | None:
         return "the bundle has no native section (built before it existed, or a layout the decoder does not read)"
     if load_native() is None:
         return f"the kernel library is not available: {native_status().get('reason')}"
-    paging = manifest.paging
-    mb = options.expert_cache_mb if options.expert_cache_mb is not None else paging.default_cache_mb
-    if mb is not None and mb * 2**20 < paging.routed_expert_bytes:
-        return f"an expert cache of {mb:g} MB does not hold every expert (the native decoder does not page)"
-    if manifest.model.num_experts_per_tok > min(layer.experts for layer in paging.layers.values()):
+    cfg, paging = manifest.model, manifest.paging
+    if paging is not None:
+        mb = options.expert_cache_mb if options.expert_cache_mb is not None else paging.default_cache_mb
+        if mb is not None and mb * 2**20 < paging.routed_expert_bytes:
+            return f"an expert cache of {mb:g} MB does not hold every expert (the native decoder does not page)"
+    experts = [cfg.num_experts(i) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    if experts and cfg.num_experts_per_tok > min(experts):
         return "a layer holds fewer experts than the router picks"
     return None
 
@@ -104,7 +107,8 @@ def native_unavailable(bundle: Bundle, options: LoadOptions) -> str | None:
 def load_backend(bundle: Bundle, requested: str, options: LoadOptions) -> Backend:
     name = backend_name(bundle, requested)
     why_not = None
-    if name == "onnxruntime-paged":  # the native decoder runs a paged bundle's step where it can
+    onnxruntime = name
+    if name in ("onnxruntime", "onnxruntime-paged"):  # the native decoder runs a CPU bundle's step where it can
         why_not = native_unavailable(bundle, options)
         name = "native" if why_not is None else name
     from .native import LibraryMismatch
@@ -113,9 +117,9 @@ def load_backend(bundle: Bundle, requested: str, options: LoadOptions) -> Backen
     loader: Callable = getattr(importlib.import_module(module), cls).load
     try:
         backend = loader(bundle, options)
-    except LibraryMismatch as exc:  # a stale build of the library: the segments run, and say why
+    except LibraryMismatch as exc:  # a stale build of the library: ONNX Runtime runs, and says why
         why_not = str(exc)
-        module, cls = _REGISTRY["onnxruntime-paged"]
+        module, cls = _REGISTRY[onnxruntime]
         backend = getattr(importlib.import_module(module), cls).load(bundle, options)
     if why_not is not None:
         backend.native_unavailable = why_not  # run --stats says why the segments ran

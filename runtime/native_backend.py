@@ -1,14 +1,14 @@
-"""The native backend: a paged bundle's whole decoder step in C (runtime/native/decoder.c).
+"""The native backend: a CPU bundle's whole decoder step in C (runtime/native/decoder.c).
 
 The bundle's `native` section (exporter/native_index.py) says where each weight lies in the
-segments' data files; the routed experts come from the expert store. Everything is read into
-memory at load, once: fp32 MatMul weights transposed to rows, MatMulNBits rows and the store's
-records as they are. The segment graphs are not loaded, so the weights are held once.
+graphs' data files; the routed experts come from a paged bundle's expert store, or from a fused
+bundle's MoE / QMoE initializers (de-interleaved and un-sharded here into the store's layout).
+Everything is read into memory at load, once: fp32 MatMul weights transposed to rows, MatMulNBits
+rows and the experts. No ONNX Runtime session is opened, so the weights are held once.
 
-Chosen for a paged bundle when the kernel library is built, the bundle has a native section and
-every routed expert fits the cache budget (the default); otherwise the segments run
-(runtime/paged_backend.py; runtime/backends.native_unavailable says why). DSEXPORT_DECODER=onnxruntime
-forces the segments.
+Chosen when the kernel library is built, the bundle has a native section and (paged bundles)
+every routed expert fits the cache budget (the default); otherwise ONNX Runtime runs the graphs
+(runtime/backends.native_unavailable says why). DSEXPORT_DECODER=onnxruntime forces ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+import types
 
 import numpy as np
 
 from dsexport.core.errors import BundleError
-from dsexport.core.sections import NativeLinear, TensorRef
+from dsexport.core.sections import NativeLinear, NativeRouted, TensorRef
 
 from . import native
 from .backends import LoadOptions
@@ -92,6 +93,7 @@ class LatentCache(list):
 
 class NativeBackend:
     name = "native"
+    has_hidden_states = True  # decoder.c writes the final-normed states the MTP graph reads
 
     def __init__(self, bundle: Bundle, options: LoadOptions):
         manifest, section = bundle.manifest, bundle.manifest.native
@@ -104,7 +106,9 @@ class NativeBackend:
         # the AVX2 build reads block-32 rows as 8-row panels (dsx.h); DSEXPORT_NATIVE_PANELS=0 keeps rows (A/B runs)
         self.panels = self.lib.dsx_simd() == 1 and os.environ.get("DSEXPORT_NATIVE_PANELS", "1") != "0"
         self.resident_bytes = 0
+        self.cfg_precision = manifest.precision
         self._keep: list = []  # every array whose address the structures hold
+        self._addresses: dict = {}  # fp32 tensors read, by location
         self._files: dict[str, tuple[int, int]] = {}
         try:
             self.model, self.layers = self._build(bundle, section)
@@ -148,6 +152,9 @@ class NativeBackend:
         (decoder.c reads 64 columns at a time: each block contiguous)."""
         if ref is None:
             return 0
+        key = (ref.file, ref.offset, ref.bytes, blocked)
+        if key in self._addresses:  # a head tied to the embedding: one copy
+            return self._addresses[key]
         a = self._read(bundle, ref)
         if not np.isfinite(a).all():
             raise BundleError(f"native: a tensor in {ref.file} at {ref.offset} holds NaN or Inf")
@@ -155,7 +162,8 @@ class NativeBackend:
             H, dn, r = a.shape
             a = np.ascontiguousarray(a.reshape(H, dn, r // 64, 64).transpose(0, 2, 1, 3))
         self._keep.append(a)
-        return native.address(a)
+        self._addresses[key] = native.address(a)
+        return self._addresses[key]
 
     def _pack(self, bits: int, rows: int, q: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Block-32 rows as 8-row panels (runtime/native/dsx.h); the rows' own arrays can then go."""
@@ -173,6 +181,8 @@ class NativeBackend:
         if lin is None:
             return Linear()
         round_act, panel = int(lin.bits != 32 and lin.activations == "int8"), 0
+        if lin.bits == 32 and lin.layout == "rows":  # already [rows, cols]: the embedding, read once
+            return Linear(32, 0, lin.rows, lin.cols, 0, 0, self._f32(bundle, lin.weight), 0, self._f32(bundle, lin.bias))
         if lin.bits == 32:  # the MatMul weight [cols, total]: rows as [rows, cols]
             w = np.ascontiguousarray(self._read(bundle, lin.weight)[:, lin.col_start:lin.col_start + lin.rows].T)
             scales = None
@@ -216,18 +226,65 @@ class NativeBackend:
                 self.resident_bytes += pq.nbytes + ps.nbytes
         return table, int(pack)
 
+    def _fused_experts(self, bundle: Bundle, routed: NativeRouted, E: int) -> tuple[np.ndarray, int]:
+        """[E, 6] addresses of a fused bundle's experts in the store's layout: gate rows then up rows
+        [2I, K] (the op holds them interleaved g0,u0,g1,.. per shard), down [D, I] (the shards'
+        columns side by side), down's scales (or fp32 weights) divided by the op's fold."""
+        S, fold = routed.shards, np.float32(routed.fold)
+        fc1, fc2 = self._read(bundle, routed.fc1), self._read(bundle, routed.fc2)
+        s1 = self._read(bundle, routed.fc1_scales) if routed.fc1_scales else None
+        s2 = self._read(bundle, routed.fc2_scales) if routed.fc2_scales else None
+        for a in (fc1, fc2) if routed.bits == 32 else (s1, s2):
+            if not np.isfinite(a).all():
+                raise BundleError("native: a fused MoE op's expert weights hold NaN or Inf: the bundle's weights are "
+                                  "corrupt")
+
+        def gate_up(a: np.ndarray, e: int) -> np.ndarray:  # [S*E, 2p, X] -> expert e's [2I, X]
+            shards = [a[s * E + e] for s in range(S)]
+            return np.ascontiguousarray(np.concatenate([x[0::2] for x in shards] + [x[1::2] for x in shards]))
+
+        def down(a: np.ndarray, e: int) -> np.ndarray:  # [S*E, D, X] -> expert e's [D, S*X]
+            return np.ascontiguousarray(np.concatenate([a[s * E + e] for s in range(S)], axis=1))
+
+        pack = self.panels and routed.bits != 32 and routed.activations == "int8" and routed.block == 32
+        table = np.zeros((E, 6), np.uint64)
+        for e in range(E):
+            if routed.bits == 32:
+                parts = [gate_up(fc1, e), None, None, (down(fc2, e) / fold).astype(np.float32), None, None]
+            else:
+                q1, d1 = gate_up(fc1, e), gate_up(s1, e).reshape(-1)
+                q2, d2 = down(fc2, e), (down(s2, e) / fold).astype(np.float32).reshape(-1)
+                if pack:
+                    (q1, d1), (q2, d2) = self._pack(routed.bits, q1.shape[0], q1, d1), \
+                        self._pack(routed.bits, q2.shape[0], q2, d2)
+                parts = [q1, d1, None, q2, d2, None]
+            self._keep += [a for a in parts if a is not None]
+            self.resident_bytes += sum(a.nbytes for a in parts if a is not None)
+            table[e] = [native.address(a) for a in parts]
+        return table, int(pack)
+
+    def _fused_router(self, bundle: Bundle, routed: NativeRouted, E: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The router [E, D] (the MatMul weight's columns router_col..) and the correction bias [E]."""
+        w = self._read(bundle, routed.router)
+        router = np.ascontiguousarray(w[:, routed.router_col:routed.router_col + E].T)
+        return router, (self._read(bundle, routed.bias) if routed.bias else None)
+
     def _build(self, bundle: Bundle, section) -> tuple[Model, ctypes.Array]:
         cfg = self.cfg
-        paging = bundle.manifest.paging
-        store = self.store = ExpertStore(bundle.path(paging.file, "paging.file"), paging, holds="quantized")
-        layout = kernel_layout(store)
-        if layout is None:
-            raise BundleError("native: the expert store's layout is not one the kernel reads")
-        layers = sorted(store.layers)
-        self.stats_counters = PagingStats(layers, {i: store.layers[i].experts for i in layers})
-        total = sum(store.expert_bytes(i) * entry.experts for i, entry in store.layers.items())
-        self.cache = ExpertCache(store, total, DEFAULT_POLICY, False, self.stats_counters)
-        bits, round_act, block = layout
+        paging, store, layout = bundle.manifest.paging, None, None
+        if paging is not None:
+            store = self.store = ExpertStore(bundle.path(paging.file, "paging.file"), paging, holds="quantized")
+            layout = kernel_layout(store)
+            if layout is None:
+                raise BundleError("native: the expert store's layout is not one the kernel reads")
+            layers = sorted(store.layers)
+            self.stats_counters = PagingStats(layers, {i: store.layers[i].experts for i in layers})
+            total = sum(store.expert_bytes(i) * entry.experts for i, entry in store.layers.items())
+            self.cache = ExpertCache(store, total, DEFAULT_POLICY, False, self.stats_counters)
+        else:
+            layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+            self.stats_counters = PagingStats(layers, {i: cfg.num_experts(i) for i in layers})
+            self.cache = None
         table = (Layer * cfg.num_hidden_layers)()
         for i in range(cfg.num_hidden_layers):
             roles, ly = section.layers[i].roles, table[i]
@@ -236,11 +293,20 @@ class NativeBackend:
             ly.mlp_norm, ly.q_a_norm = self._f32(bundle, roles["mlp_norm"]), self._f32(bundle, roles.get("q_a_norm"))
             for role in ("qkv", "q_b", "o_proj", "gate_up", "down"):
                 setattr(ly, role, self._linear(bundle, roles.get(role)))
-            if i in store.layers:
+            routed = section.layers[i].routed
+            if store is not None and i in store.layers:
                 entry = store.layers[i]
                 router, bias = store.router(i)
                 groups = np.asarray(entry.groups or [e // cfg.group_size for e in range(entry.experts)], np.int32)
                 experts, ly.expert_panel = self._experts(store, i, layout)
+                E, bits, round_act, block = entry.experts, *layout
+            elif routed is not None:
+                E = cfg.num_experts(i)
+                router, bias = self._fused_router(bundle, routed, E)
+                groups = np.asarray(routed.groups, np.int32)
+                experts, ly.expert_panel = self._fused_experts(bundle, routed, E)
+                bits, round_act, block = routed.bits, routed.activations == "int8", routed.block or 0
+            if store is not None and i in store.layers or routed is not None:
                 router = np.ascontiguousarray(router, np.float32)
                 bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
                 if not all(np.isfinite(a).all() for a in (router, bias) if a is not None):
@@ -248,7 +314,7 @@ class NativeBackend:
                 self._keep += [router, bias, groups, experts]
                 ly.router, ly.router_bias = native.address(router), native.address(bias)
                 ly.groups, ly.experts = native.address(groups), native.address(experts)
-                ly.E, ly.expert_I = entry.experts, entry.intermediate
+                ly.E, ly.expert_I = E, cfg.moe_intermediate_size
                 ly.expert_bits, ly.expert_block, ly.expert_round_act = bits, block, int(round_act)
         self.stats_counters.reset()
         g = section.globals
@@ -305,8 +371,15 @@ class NativeBackend:
         """forward() that returns only each row's last logits [B, 1, V] (a prompt: the head skips the rest)."""
         return self.forward(input_ids, position_ids, attention_mask, cache, last_only=True)
 
+    def forward_hidden(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                       cache: list) -> tuple[np.ndarray, np.ndarray, LatentCache]:
+        """logits [B, T, V], the final-normed hidden states [B, T, D] (the MTP graph's input), the cache."""
+        hidden = np.empty((*input_ids.shape, self.cfg.hidden_size), np.float32)
+        logits, cache = self.forward(input_ids, position_ids, attention_mask, cache, hidden=hidden)
+        return logits, hidden, cache
+
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                cache: list, last_only: bool = False) -> tuple[np.ndarray, LatentCache]:
+                cache: list, last_only: bool = False, hidden: np.ndarray | None = None) -> tuple[np.ndarray, LatentCache]:
         B, T = input_ids.shape
         past = cache.length if isinstance(cache, LatentCache) else (cache[0].shape[1] if cache else 0)
         if attention_mask.shape != (B, past + T) or position_ids.shape != (B, T):
@@ -321,7 +394,8 @@ class NativeBackend:
         s = self.step
         s.B, s.T, s.past, s.capacity = B, T, past, cache.buffers[0].shape[1]
         s.ids, s.positions, s.mask = native.address(ids), native.address(pos), native.address(mask)
-        s.cache, s.logits, s.hidden = ctypes.addressof(cache.pointers), native.address(logits), None
+        s.cache, s.logits, s.hidden = ctypes.addressof(cache.pointers), native.address(logits), \
+            None if hidden is None else native.address(hidden)
         s.routed, s.last_only = native.address(routed), int(last_only)
         parts = np.zeros(len(PROFILE_PARTS) + 1, np.float64) if self.profile is not None else None
         s.profile = native.address(parts)
@@ -353,7 +427,12 @@ class NativeBackend:
 
     def stats(self) -> dict:
         self._count()
-        out = self.stats_counters.to_json(self.cache)
+        # every expert is read once at load and stays: a fused bundle's "cache" is that set
+        cache = self.cache or types.SimpleNamespace(
+            policy=types.SimpleNamespace(name="resident"), prefetch_enabled=False, entries=(),
+            store=types.SimpleNamespace(precision=self.cfg_precision, holds="quantized"), budget=self.resident_bytes,
+            used=self.resident_bytes)
+        out = self.stats_counters.to_json(cache)
         # every expert is read once at load and stays (no cache in between)
         out.update(resident_bytes=self.resident_bytes, resident_experts=out["total_experts"])
         out["routed_experts"] = f"native decoder ({native.status().get('simd', '?')})"

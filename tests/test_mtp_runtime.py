@@ -75,6 +75,16 @@ def test_bundles_without_mtp_weights_keep_the_plain_contract(artifacts, run_cli)
     assert code == 2 and "has no MTP weights" in err
 
 
+def test_drafting_runs_on_the_native_decoder_where_it_can(engines):
+    """The default CPU bundle decodes natively, and the drafter reads the native decoder's hidden
+    states (forward_hidden); the tests below then check its tokens, acceptance and sampling."""
+    from dsexport.runtime import native
+
+    if native.load() is None:
+        pytest.skip(f"native kernel library unavailable: {native.status()['reason']}")
+    assert [e.backend.name for e in engines] == ["native", "native"]
+
+
 def test_greedy_drafting_reproduces_plain_greedy_decoding(engines):
     plain, drafting = engines
     drafted = accepted = near_ties = 0

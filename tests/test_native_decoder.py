@@ -1,5 +1,6 @@
-"""The native decoder (runtime/native/decoder.c): a paged bundle's whole step in C, against the
-same bundle's segment graphs in ONNX Runtime and against transformers, and what it refuses."""
+"""The native decoder (runtime/native/decoder.c): a CPU bundle's whole step in C, against the
+same bundle's graphs in ONNX Runtime (a paged bundle's segments, a fused bundle's one graph) and
+against transformers, and what it refuses."""
 
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def test_native_is_the_default_and_says_why_when_the_segments_run(artifacts, mon
     path = paged_bundle(artifacts, "v3_noaux_tc")
     code, out, _ = run_cli("inspect", path, "--json")
     assert code == 0 and json.loads(out)["native_decoder"] is True
-    code, out, _ = run_cli("inspect", artifacts.export("v3_noaux_tc"), "--json")
-    assert code == 0 and json.loads(out)["native_decoder"] is False
+    code, out, _ = run_cli("inspect", artifacts.export("v3_noaux_tc", lowering="gather"), "--json")
+    assert code == 0 and json.loads(out)["native_decoder"] is False  # the gather lowering's weights: not read
     engine = Engine.load(path, verify=False)
     assert engine.backend.name == "native"
     stats = engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).paging_stats
@@ -245,3 +246,106 @@ def test_store_routing_groups_and_routers_are_checked_before_the_decoder_reads_t
         f.write(np.full(4, np.nan, np.float32).tobytes())
     with pytest.raises(BundleError, match="router"):
         Engine.load(out, verify=False)
+
+
+# ---- fused bundles (the default CPU build): the experts as the MoE / QMoE op holds them ------------
+
+def load_fused(path, decoder: str, monkeypatch, **kw):
+    from dsexport.runtime import Engine
+
+    monkeypatch.setenv("DSEXPORT_DECODER", decoder)
+    engine = Engine.load(path, verify=False, **kw)
+    assert engine.backend.name == ("native" if decoder == "native" else "onnxruntime")
+    return engine
+
+
+@pytest.mark.parametrize("variant", ["v3_noaux_tc", "v2_greedy", "v2_group_limited", "v3_flat_tied"])
+def test_fused_bundles_run_natively_by_default_and_match_the_graph_and_the_oracle(artifacts, variant, monkeypatch):
+    """The default x86-cpu bundle (one graph, the fused MoE op in 2 shards, a tied head on
+    v3_flat_tied): native by default, within docs/parity.md's fp32 tolerance (1e-4) of ONNX
+    Runtime running the graph, and transformers' greedy tokens."""
+    import torch
+
+    from dsexport.runtime import Engine
+
+    path = artifacts.export(variant)
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    assert Engine.load(path, verify=False).backend.name == "native"
+    graph, nat = load_fused(path, "onnxruntime", monkeypatch), load_fused(path, "native", monkeypatch)
+    steps = graph.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
+    diff = np.abs(teacher_forced_logits(graph, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
+    assert diff.max() <= 1e-4
+    hf = artifacts.hf_model(variant)
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, min_new_tokens=24)[0, len(PROMPT):]
+    assert nat.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids == want.tolist()
+
+
+@pytest.mark.parametrize("precision, activations", [("int4", "fp32"), ("int4", "int8"), ("int8", "int8")])
+def test_quantized_fused_bundles_match_the_graph(artifacts, precision, activations, monkeypatch):
+    """QMoE's packed experts, de-interleaved and un-sharded at load, MatMulNBits projections: the
+    tolerance of docs/quantization.md against ONNX Runtime on the same graph, the same greedy tokens."""
+    from dsexport.build import BuildConfig, build_bundle
+
+    path = artifacts.root / f"fused_{precision}_{activations}"
+    if not (path / "manifest.json").is_file():
+        build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), path, precision=precision, activations=activations))
+    routed = json.loads((path / "manifest.json").read_text())["native"]["layers"]["1"]["routed"]
+    assert routed["bits"] == int(precision[3:]) and routed["shards"] >= 1
+    graph, nat = load_fused(path, "onnxruntime", monkeypatch), load_fused(path, "native", monkeypatch)
+    steps = graph.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
+    per_position = np.abs(teacher_forced_logits(graph, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps)).max(-1)
+    if activations == "fp32":
+        assert per_position.max() <= 1e-3
+    else:  # a rare int8 rounding tie may flip one quantized activation
+        assert np.median(per_position) <= 1e-4 and per_position.max() <= 0.25
+    assert nat.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids == steps
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(shards=3), "shards|expected"),
+    (lambda r: r["fc1"].update(offset=1 << 40), "lies outside it"),
+    (lambda r: r["router"].update(shape=[3, 5]), "bytes for a float32|cannot hold"),
+    (lambda r: r.update(groups=[0]), "routing groups"),
+    (lambda r: r.update(bits=4), "block"),
+])
+def test_a_fused_native_section_that_lies_is_refused(artifacts, tmp_path, edit, message, monkeypatch):
+    from dsexport.runtime import Engine
+
+    out = tmp_path / "bundle"
+    shutil.copytree(artifacts.export("v3_noaux_tc"), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest["native"]["layers"]["1"]["routed"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    with pytest.raises(BundleError, match=message):
+        Engine.load(out, verify=False)
+
+
+def test_fused_and_paged_sections_must_match_their_decoder(artifacts, tmp_path, monkeypatch):
+    """A fused bundle whose MoE layer lacks its routed experts' location (or a paged one that
+    claims them) is refused: the decoder would otherwise read experts from nowhere."""
+    from dsexport.runtime import Engine
+
+    out = tmp_path / "bundle"
+    shutil.copytree(artifacts.export("v3_noaux_tc"), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["native"]["layers"]["1"]["routed"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not match the fused decoder"):
+        Engine.load(out, verify=False)
+
+
+def test_fused_bundle_runs_onnxruntime_when_asked_or_when_the_library_is_stale(artifacts, monkeypatch, run_cli):
+    from dsexport.runtime import Engine, native_backend
+
+    path = artifacts.export("v3_noaux_tc")
+    monkeypatch.setenv("DSEXPORT_DECODER", "onnxruntime")
+    assert Engine.load(path, verify=False).backend.name == "onnxruntime"
+    monkeypatch.delenv("DSEXPORT_DECODER")
+    monkeypatch.setattr(native_backend, "LAYOUT_VERSION", native_backend.LAYOUT_VERSION + 1)
+    engine = Engine.load(path, verify=False)
+    assert engine.backend.name == "onnxruntime" and "reinstall dsexport" in engine.backend.native_unavailable
+    monkeypatch.undo()
+    code, out, err = run_cli("run", path, "--prompt", "hello", "--max-new-tokens", "3", "--no-verify", "--stats")
+    assert code == 0 and "decoder: native" in err

@@ -36,6 +36,7 @@ def _convert_copy(src: Path, dst: Path, style: str = "Fixed") -> dict:
     decoder = manifest["graphs"]["decoder"]
     decoder.pop("data")
     decoder.update(info)
+    manifest.pop("native", None)  # the .ort file holds the weights: no native section (as export_mobile writes)
     for name in ("model.onnx", "model.onnx.data"):  # the manifest lists the files the bundle has
         manifest["files"].pop(name)
     for name in (info["file"], info["required_operators"]):

@@ -127,9 +127,14 @@ def test_prompt_longer_than_the_context_is_a_clear_error(artifacts):
     assert result.finish_reason == "context" and len(result.prompt_ids) + len(result.output_ids) == 16
 
 
-def test_threads_are_settable(artifacts):
+def test_threads_are_settable(artifacts, monkeypatch):
+    monkeypatch.setenv("DSEXPORT_DECODER", "onnxruntime")
     engine = Engine.load(artifacts.export("v3_noaux_tc"), threads=1)
     assert engine.session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.setenv("DSEXPORT_DECODER", "native")
+    engine = Engine.load(artifacts.export("v3_noaux_tc"), threads=1)
+    if engine.backend.name == "native":  # the kernel library is built
+        assert engine.backend.kernel.threads == 1
 
 
 def test_token_ids_outside_the_vocabulary_are_rejected(engine):

@@ -54,11 +54,14 @@ def _fused(reader, staging: Path, plan: BuildPlan, progress: Progress) -> Export
     result = export_model(reader, staging, export_config(plan), progress)
     decoder = DecoderGraph(plan.moe_lowering, decoder_contract(plan.config, hidden_states=plan.mtp), GRAPH_FILE,
                            DATA_FILE, prompt_moe_lowering=plan.prefill_moe_lowering)
-    return Exported(decoder, result.weight_bytes)
+    return Exported(decoder, result.weight_bytes, native=result.native)
 
 
 def export_onnxruntime(reader, staging: Path, plan: BuildPlan, progress: Progress) -> Exported:
+    """The fused graph, with the native section CPUs run it from (docs/native.md)."""
     exported = _fused(reader, staging, plan, progress)
+    if plan.target.execution_providers[:1] != ("CPUExecutionProvider",):
+        exported.native = None  # an accelerator's graph: the native decoder is for CPU targets
     if plan.mtp:  # after the decoder: the MTP graph points into its data file
         from dsexport.exporter.mtp_export import MTP_DATA_FILE, MTP_GRAPH_FILE, export_mtp
 
@@ -85,6 +88,7 @@ def export_tensorrt(reader, staging: Path, plan: BuildPlan, progress: Progress) 
     from dsexport.targets.tensorrt_check import check_model, check_profiles
 
     exported = _fused(reader, staging, plan, progress)
+    exported.native = None  # TensorRT runs the graph
     versions = list(dict.fromkeys([*(plan.target.device.tensorrt if plan.target.device else ()), plan.tensorrt]))
     model = onnx.load(str(staging / GRAPH_FILE), load_external_data=False)
     checks: dict[str, dict] = {}
@@ -109,6 +113,7 @@ def export_mobile(reader, staging: Path, plan: BuildPlan, progress: Progress) ->
     from dsexport.targets.mobile import EP_SETTINGS, ORT_OPTIMIZATION_STYLE
 
     exported = _fused(reader, staging, plan, progress)
+    exported.native = None  # phones run the .ort file (its weights inside)
     progress("ort format", 0, 1)
     entry = convert_to_ort(staging, GRAPH_FILE, DATA_FILE, ORT_OPTIMIZATION_STYLE[plan.target.name])
     ort_file = entry.pop("file")

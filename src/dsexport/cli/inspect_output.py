@@ -45,7 +45,7 @@ def inspect_summary(manifest: Manifest) -> dict:
         "layers": layers, "precision": manifest.precision, "target": manifest.target.name,
         "moe_lowering": manifest.export.moe_lowering, "prefill_moe_lowering": manifest.export.prefill_moe_lowering,
         "graphs": graphs, "tensorrt": tensorrt, "pruning": pruning,
-        # a paged bundle whose step the native decoder can run (docs/native.md)
+        # a CPU bundle whose step the native decoder can run (docs/native.md)
         "native_decoder": manifest.native is not None,
         "parameters": manifest.stats.parameters, "active_parameters_per_token": manifest.stats.active_parameters_per_token,
         "cache_bytes_per_token": manifest.stats.cache_bytes_per_token,
@@ -68,7 +68,7 @@ def print_summary(s: dict) -> None:
                        "read per decoded token"],
         ["target", f"{s['target']}, precision {s['precision']}, MoE lowering {s['moe_lowering']}"],
         ["kv cache", f"{human_bytes(s['cache_bytes_per_token'])} per token (latent)"],
-        *([["decoder", "native on CPUs (docs/native.md), ONNX Runtime segments otherwise"]] if s.get("native_decoder")
+        *([["decoder", "native on CPUs (docs/native.md), ONNX Runtime otherwise"]] if s.get("native_decoder")
           else []),
         ["size", human_bytes(s["total_bytes"])],
     ]))
