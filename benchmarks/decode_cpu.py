@@ -9,10 +9,10 @@ median/median), and roofline fractions:
   roofline = bytes one decoded token reads x tokens/s / bandwidth
   bandwidth: a 2-thread copy of 1 GiB (bytes read + written per second, best of 5), measured
              in the same run (benchmarks/bandwidth.py)
-  dsexport bytes/token, as the kernels hold the weights: a paged bundle run by the native decoder
+  dsexport bytes/token, as the kernels hold the weights: a bundle run by the native decoder
              reads the bundle's own bytes (every tensor of the manifest's native section as stored,
-             one embedding row, and per MoE layer its router and k expert records: int4 block 32
-             with float32 scales = 0.625 bytes/weight); a fused graph, ONNX Runtime's repacked
+             one embedding row, and per MoE layer its router and k experts' bytes: int4 block 32
+             with float32 scales = 0.625 bytes/weight); a graph run by ONNX Runtime, its repacked
              MatMulNBits/QMoE blocks (float32 scale + float32 block sum per block: core/quant.py
              weight_bytes with resident=True), fp32 for the embeddings' one row, norms, router and
              the absorbed W_UK/W_UV
@@ -25,8 +25,8 @@ feeds, numpy views, sampling, the decode loop). Weights are in memory for both (
 expert store read into RAM; llama-bench --load-mode none).
 
     python benchmarks/decode_cpu.py --checkpoint /tmp/ckpt-m \
-        --bundle fp32=/tmp/m/paged-fp32 --bundle int8=/tmp/m/paged-int8 --bundle int4=/tmp/m/paged-int4 \
-        --bundle int4=/tmp/m/int4 [--segments] [--numpy-experts]
+        --bundle fp32=/tmp/m/fp32 --bundle int8=/tmp/m/int8 --bundle int4=/tmp/m/int4 \
+        [--bundle int4=/tmp/m/paged-int4] [--onnxruntime] [--numpy-experts]
 
 Several bundles may be given per precision (a fused and a paged one): each is run in every round.
 """
@@ -58,11 +58,11 @@ def bytes_read_per_token(bundle: Path, experts: str = "native") -> tuple[float, 
     cfg, spec = manifest.model, manifest.quantization
     _, active = quant.weight_bytes(cfg, spec, resident=True)
     paging = manifest.paging
-    if paging is None:
-        return active, "fused graph (ONNX Runtime holds every weight)"
     from dsexport.runtime import native
     if manifest.native is not None and experts == "native" and native.load() is not None:
-        return native_bytes_per_token(manifest), "native decoder: the bundle's own bytes (MatMulNBits rows, store records)"
+        return native_bytes_per_token(manifest), "native decoder: the bundle's own bytes (MatMulNBits rows, experts)"
+    if paging is None:
+        return active, "fused graph (ONNX Runtime's repacked blocks)"
     if experts == "numpy" or native.load() is None:
         return active, "paged, numpy experts" + (" (dequantized per use: more than this is touched)" if paging.bits else "")
     k = cfg.num_experts_per_tok
@@ -91,8 +91,17 @@ def native_bytes_per_token(manifest) -> float:
             refs.append(value.rows * value.cols * 4 if value.bits == 32 else value.weight.bytes + value.scales.bytes)
             refs.append(value.bias.bytes if value.bias else 0)
     total = sum(refs) + cfg.hidden_size * 4
+    k = cfg.num_experts_per_tok
+    if manifest.paging is None:  # a fused bundle: the op's experts (all shards) / E per expert, and the router
+        for i, layer in section.layers.items():
+            r = layer.routed
+            if r is not None:
+                E = cfg.num_experts(i)
+                total += k * sum(x.bytes for x in (r.fc1, r.fc2, r.fc1_scales, r.fc2_scales) if x) // E
+                total += E * cfg.hidden_size * 4 + (r.bias.bytes if r.bias else 0)
+        return total
     for entry in manifest.paging.layers.values():
-        total += cfg.num_experts_per_tok * entry.record_bytes + entry.experts * entry.hidden * 4
+        total += k * entry.record_bytes + entry.experts * entry.hidden * 4
         total += entry.experts * 4 if entry.bias is not None else 0
     return total
 
@@ -139,8 +148,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--numpy-experts", action="store_true",
                     help="also run each paged bundle with numpy routed experts (DSEXPORT_EXPERT_KERNEL=numpy)")
-    ap.add_argument("--segments", action="store_true",
-                    help="also run each paged bundle's segment graphs (ONNX Runtime + the expert kernel)")
+    ap.add_argument("--segments", "--onnxruntime", dest="segments", action="store_true",
+                    help="also run each bundle on ONNX Runtime: a paged bundle's segment graphs (+ the expert "
+                         "kernel), a fused bundle's graph")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     bundles: dict[str, list] = {}  # precision -> [(label, bundle, experts)]
@@ -150,8 +160,9 @@ def main() -> None:
         bundles.setdefault(precision, []).append((label, Path(path), "native"))
         if args.numpy_experts and (Path(path) / "experts.bin").exists():
             bundles[precision].append((label + " (numpy experts)", Path(path), "numpy"))
-        if args.segments and (Path(path) / "experts.bin").exists():
-            bundles[precision].append((label + " (segments)", Path(path), "segments"))
+        if args.segments:
+            paged = (Path(path) / "experts.bin").exists()
+            bundles[precision].append((label + (" (segments)" if paged else " (onnxruntime)"), Path(path), "segments"))
 
     llama = build_llamacpp()
     ggufs = convert(args.checkpoint, llama, [GGUF[p] for p in bundles])
@@ -196,7 +207,7 @@ def main() -> None:
             if last["backend"] == "native":
                 where = f"native decoder ({last['kernel']['simd']})"
             elif last["backend"] != "onnxruntime-paged":
-                where = "ONNX Runtime's QMoE (fused graph)"
+                where = "ONNX Runtime's MoE/QMoE (fused graph)"
             elif experts == "numpy" or last["kernel"]["routed_experts"] == "numpy":
                 where = "numpy"
             else:

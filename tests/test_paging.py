@@ -54,7 +54,9 @@ def test_paged_bundle_matches_the_fused_bundle_within_parity_tolerance(artifacts
     from dsexport.runtime import Engine
 
     use_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("DSEXPORT_DECODER", "onnxruntime")  # the reference: the fused graph in ONNX Runtime
     fused = Engine.load(artifacts.export(variant), verify=False)
+    monkeypatch.delenv("DSEXPORT_DECODER")
     paged = Engine.load(paged_bundle(artifacts, variant), verify=False)
     check_kernel(paged, kernel)
     manifest = paged.manifest.to_json()
@@ -181,7 +183,9 @@ def test_int4_paged_bundle_matches_the_fused_int4_bundle(artifacts, activations,
     from dsexport.runtime import Engine
 
     use_kernel(monkeypatch, kernel)
+    monkeypatch.setenv("DSEXPORT_DECODER", "onnxruntime")  # the reference: the fused graph's QMoE in ONNX Runtime
     fused = Engine.load(quantized_bundles(artifacts, activations, paged=False), verify=False)
+    monkeypatch.delenv("DSEXPORT_DECODER")
     paged = Engine.load(quantized_bundles(artifacts, activations, paged=True), verify=False)
     check_kernel(paged, kernel)
     p = paged.manifest.to_json()["paging"]

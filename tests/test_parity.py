@@ -35,14 +35,20 @@ def _prompt(seed: int, length: int, vocab: int) -> list[int]:
     return np.random.default_rng(1000 * seed + length).integers(3, vocab, size=length).tolist()
 
 
+@pytest.mark.parametrize("decoder", ["native", "onnxruntime"])
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_teacher_forced_logits_match_transformers(artifacts, variant, seed):
-    """Prefill, then 64 cached decode steps fed the oracle's tokens: every position within 1e-4."""
+def test_teacher_forced_logits_match_transformers(artifacts, variant, seed, decoder, monkeypatch):
+    """Prefill, then 64 cached decode steps fed the oracle's tokens: every position within 1e-4.
+    Both ways a CPU bundle runs: the native decoder (the default where its library is built) and
+    ONNX Runtime on the graph (what an app's own session runs)."""
     from dsexport.runtime import Engine
 
+    monkeypatch.setenv("DSEXPORT_DECODER", decoder)
     hf = artifacts.hf_model(variant, seed)
     engine = Engine.load(artifacts.export(variant, seed), threads=2)
+    if decoder == "native" and engine.backend.name != "native":
+        pytest.skip(f"the native decoder does not run here: {getattr(engine.backend, 'native_unavailable', '?')}")
     excused = positions = 0
     worst = 0.0
     for length in PROMPT_LENGTHS:
