@@ -166,20 +166,26 @@ def test_runtime_native_backend_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("paged", [True, False])
 @pytest.mark.parametrize("variant", ["v3_noaux_tc", "v2_group_limited"])
-def test_pruned_layers_with_uneven_and_empty_groups_route_as_the_segments_do(artifacts, tmp_path, variant, monkeypatch):
+def test_pruned_layers_with_uneven_and_empty_groups_route_as_the_segments_do(artifacts, tmp_path, variant, paged,
+                                                                             monkeypatch):
     """Per-layer expert counts (tests/test_expert_counts.py's plans): groups of different sizes
-    and empty groups, the routing's hardest case; the chosen experts and logits agree."""
+    and empty groups, the routing's hardest case; the chosen experts and logits agree with ONNX
+    Runtime on the same bundle, paged (the segments) or fused (the graph)."""
     from dsexport.build import BuildConfig, build_bundle
 
     from test_expert_counts import PLANS
 
     out = tmp_path / "pruned"
-    build_bundle(BuildConfig(artifacts.checkpoint(variant), out, kept_experts=PLANS[variant], paged=True))
-    segments, nat = load(out, "onnxruntime", monkeypatch), load(out, "native", monkeypatch)
+    build_bundle(BuildConfig(artifacts.checkpoint(variant), out, kept_experts=PLANS[variant], paged=paged))
+    segments = (load if paged else load_fused)(out, "onnxruntime", monkeypatch)
+    nat = (load if paged else load_fused)(out, "native", monkeypatch)
     steps = segments.generate(PROMPT, max_new_tokens=16, ignore_eos=True).output_ids
     diff = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
     assert diff.max() <= 1e-4
+    if not paged:
+        return
     a = segments.generate(PROMPT, max_new_tokens=16, ignore_eos=True).paging_stats["expert_histograms"]
     b = nat.generate(PROMPT, max_new_tokens=16, ignore_eos=True).paging_stats["expert_histograms"]
     assert a == b  # the same experts, as often, in every layer
@@ -351,3 +357,17 @@ def test_fused_bundle_runs_onnxruntime_when_asked_or_when_the_library_is_stale(a
     monkeypatch.undo()
     code, out, err = run_cli("run", path, "--prompt", "hello", "--max-new-tokens", "3", "--no-verify", "--stats")
     assert code == 0 and "decoder: native" in err
+
+
+def test_per_expert_widths_get_no_native_section_and_run_onnxruntime(artifacts, tmp_path, monkeypatch):
+    """One QMoE per width: not a layout the decoder reads, so the bundle says nothing it cannot back."""
+    from dsexport.build import BuildConfig, build_bundle
+    from dsexport.runtime import Engine
+
+    out = tmp_path / "mixed"
+    widths = {1: {e: 8 if e % 2 else 4 for e in range(16)}}
+    build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), out, precision="int4", expert_bits=widths))
+    assert "native" not in json.loads((out / "manifest.json").read_text())
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    engine = Engine.load(out, verify=False)
+    assert engine.backend.name == "onnxruntime" and "no native section" in engine.backend.native_unavailable
