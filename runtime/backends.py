@@ -81,6 +81,7 @@ def backend_name(bundle: Bundle, requested: str) -> str:
 def native_unavailable(bundle: Bundle, options: LoadOptions) -> str | None:
     """Why a CPU bundle runs on ONNX Runtime (the segments, or the fused graph) rather than the
     native decoder, or None."""
+    from .memory import available_bytes
     from .native import load as load_native, status as native_status
     from .paging import make_policy
 
@@ -101,7 +102,37 @@ def native_unavailable(bundle: Bundle, options: LoadOptions) -> str | None:
     experts = [cfg.num_experts(i) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     if experts and cfg.num_experts_per_tok > min(experts):
         return "a layer holds fewer experts than the router picks"
+    # the native decoder reads every weight into memory; ONNX Runtime can map a fused graph's
+    # weights from the file and let the kernel page them, so a model larger than memory still runs
+    need, free = native_resident_bytes(manifest), available_bytes()
+    if free is not None and need > NATIVE_MEMORY_FRACTION * free:
+        return (f"its weights ({need / 1e9:.2f} GB) do not fit the memory available ({free / 1e9:.2f} GB); "
+                "ONNX Runtime maps them instead")
     return None
+
+
+NATIVE_MEMORY_FRACTION = 0.9  # of MemAvailable: room for the cache, activations and the rest of the process
+
+
+def native_resident_bytes(manifest) -> int:
+    """Bytes the native decoder reads into memory: the native section's tensors, and a paged
+    bundle's routed experts (an fp32 weight shared with the router counts once)."""
+    from dsexport.core.sections import TensorRef
+
+    section, seen = manifest.native, set()
+    refs = [v for v in section.globals.values()] + [v for layer in section.layers.values() for v in layer.roles.values()]
+    tensors = []
+    for value in refs:
+        tensors += [value] if isinstance(value, TensorRef) else [r for r in (value.weight, value.scales, value.bias) if r]
+    tensors += [r for layer in section.layers.values() if layer.routed for r in layer.routed.refs()]
+    total = 0
+    for ref in tensors:
+        if (ref.file, ref.offset) not in seen:
+            seen.add((ref.file, ref.offset))
+            total += ref.bytes
+    if manifest.paging is not None:
+        total += manifest.paging.routed_expert_bytes
+    return total
 
 
 def load_backend(bundle: Bundle, requested: str, options: LoadOptions) -> Backend:

@@ -37,3 +37,16 @@ def lock_mapped_file(path: Path) -> int:
                             "raise the memory-lock limit (ulimit -l) or use weights='memory'")
         locked += length
     return locked
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel says a process can still take without swapping (MemAvailable), or None
+    where it does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -371,3 +371,23 @@ def test_per_expert_widths_get_no_native_section_and_run_onnxruntime(artifacts, 
     monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
     engine = Engine.load(out, verify=False)
     assert engine.backend.name == "onnxruntime" and "no native section" in engine.backend.native_unavailable
+
+
+@pytest.mark.parametrize("layout", ["fused", "paged"])
+def test_weights_larger_than_available_memory_run_onnxruntime_and_say_why(artifacts, monkeypatch, layout):
+    """The native decoder reads every weight into memory; where they would not fit (MemAvailable),
+    ONNX Runtime runs the graphs instead (a fused graph's weights mapped from the file) and the
+    reason names both sizes."""
+    from dsexport.runtime import Engine, memory
+    from dsexport.runtime.backends import native_resident_bytes
+
+    path = artifacts.export("v3_noaux_tc") if layout == "fused" else paged_bundle(artifacts, "v3_noaux_tc")
+    monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
+    need = native_resident_bytes(Engine.load(path, verify=False).manifest)
+    assert need >= sum(f.stat().st_size for f in path.glob("*.data")) * 0.5  # the weights, counted once
+    monkeypatch.setattr(memory, "available_bytes", lambda: need)  # 90% of it is the most the decoder takes
+    engine = Engine.load(path, verify=False)
+    assert engine.backend.name == ("onnxruntime" if layout == "fused" else "onnxruntime-paged")
+    assert "do not fit the memory available" in engine.backend.native_unavailable
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2 * need)
+    assert Engine.load(path, verify=False).backend.name == "native"
