@@ -42,6 +42,7 @@ class LoadOptions:
     expert_cache_mb: float | None = None  # paged bundles (docs/paging.md)
     prefetch: bool = True
     cache_policy: str | None = None
+    decoder: str | None = None  # "onnxruntime": the graphs even where the native decoder could run
 
 
 class Backend(Protocol):
@@ -90,6 +91,8 @@ def native_unavailable(bundle: Bundle, options: LoadOptions) -> str | None:
         make_policy(options.cache_policy)  # a bad name is the user's error, whichever decoder runs
     if os.environ.get(DECODER_ENV, "native") == "onnxruntime":
         return f"{DECODER_ENV}=onnxruntime"
+    if options.decoder == "onnxruntime":
+        return "ONNX Runtime was asked for (decoder='onnxruntime')"
     if manifest.native is None:
         return "the bundle has no native section (built before it existed, or a layout the decoder does not read)"
     if load_native() is None:

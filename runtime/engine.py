@@ -86,7 +86,7 @@ class Engine:
     def load(cls, path: str | Path, threads: int | None = None, max_context: int | None = None,
              weights: str = "mmap", verify: bool = True, backend: str = "onnxruntime",
              draft: str | None = None, expert_cache_mb: float | None = None, prefetch: bool = True,
-             cache_policy: str | None = None) -> "Engine":
+             cache_policy: str | None = None, decoder: str | None = None) -> "Engine":
         """Open a bundle.
 
         threads: ONNX Runtime intra-op threads (default: one per core).
@@ -101,6 +101,8 @@ class Engine:
           steps here and drafts when that predicts a speedup (runtime/draft_policy.py;
           engine.draft_decision says what it found); None (default) does not draft.
         expert_cache_mb, prefetch, cache_policy: paged bundles (docs/paging.md).
+        decoder: on CPU bundles, None (default) runs the native decoder where it can
+          (docs/native.md), "onnxruntime" the ONNX graphs.
         """
         bundle = read_bundle(path, verify=verify)
         if (expert_cache_mb is not None or cache_policy is not None) and not bundle.manifest.is_paged:
@@ -111,7 +113,9 @@ class Engine:
             raise UserError(f"drafting runs on the onnxruntime backend, not {backend}")
         limit = _context_limit(bundle.manifest.model, max_context)
         tokenizer = _tokenizer(bundle)
-        options = LoadOptions(threads, weights, expert_cache_mb, prefetch, cache_policy)
+        if decoder not in (None, "native", "onnxruntime"):
+            raise UserError(f"decoder must be 'native', 'onnxruntime' or None, got {decoder!r}")
+        options = LoadOptions(threads, weights, expert_cache_mb, prefetch, cache_policy, decoder)
         try:
             runner = load_backend(bundle, backend, options)
         except ImportError as e:  # no TensorRT / CUDA bindings on this machine

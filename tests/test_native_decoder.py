@@ -391,3 +391,27 @@ def test_weights_larger_than_available_memory_run_onnxruntime_and_say_why(artifa
     assert "do not fit the memory available" in engine.backend.native_unavailable
     monkeypatch.setattr(memory, "available_bytes", lambda: 2 * need)
     assert Engine.load(path, verify=False).backend.name == "native"
+
+
+def test_a_build_whose_native_section_reads_the_weights_wrongly_fails(artifacts, tmp_path, monkeypatch):
+    """The build holds the native decoder to the bundle's golden outputs (the graph in ONNX
+    Runtime made them, checked against the reference): a section that scales the experts wrongly
+    fails the build, and nothing is published."""
+    import dataclasses
+
+    from dsexport.build import BuildConfig, build_bundle
+    from dsexport.core.errors import InternalError
+    from dsexport.exporter import native_index
+
+    original = native_index.NativeIndexer.add_routed
+
+    def wrong_fold(self, g, data_file, i, shards):
+        original(self, g, data_file, i, shards)
+        routed = self.layers[i].routed
+        self.layers[i] = dataclasses.replace(self.layers[i], routed=dataclasses.replace(routed, fold=routed.fold * 2))
+
+    monkeypatch.setattr(native_index.NativeIndexer, "add_routed", wrong_fold)
+    out = tmp_path / "bundle"
+    with pytest.raises(InternalError, match="native decoder fails the bundle's golden outputs"):
+        build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), out))
+    assert not (out / "manifest.json").exists()

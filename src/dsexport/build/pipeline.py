@@ -108,7 +108,7 @@ def verify(staging: Path, plan: BuildPlan, reader, manifest: Manifest, progress:
     from dsexport.runtime import Engine
 
     progress("verifying", 0, 2)
-    engine = Engine.load(staging, verify=False)
+    engine = Engine.load(staging, verify=False, decoder="onnxruntime")  # the graphs, what the bundle ships
     logits, _ = engine.forward(np.array([[0]]), np.array([[0]]), np.ones((1, 1), np.int64), engine.empty_cache(1))
     if logits.shape != (1, 1, plan.config.vocab_size) or not np.isfinite(logits).all():
         raise InternalError(f"exported graph produced logits of shape {logits.shape} / non-finite values")
@@ -129,6 +129,30 @@ def verify(staging: Path, plan: BuildPlan, reader, manifest: Manifest, progress:
     atomic_write(staging / GOLDEN_FILE, dump_json(golden, indent=None))
     progress("verifying", 2, 2)
     return final
+
+
+def verify_native(staging: Path, manifest: Manifest, progress: Progress) -> None:
+    """The native decoder holds the finished bundle to its golden outputs, as `dsexport validate`
+    does, where this machine can run it: a native section that reads the graphs' weights wrongly
+    fails the build rather than the user's first run."""
+    from dsexport.runtime import Engine
+    from dsexport.runtime.golden import validate_golden
+    from dsexport.runtime.validate import Thresholds
+
+    if manifest.native is None or manifest.golden_file is None:
+        return
+    progress("native check", 0, 1)
+    engine = Engine.load(staging, verify=False)
+    try:
+        if engine.backend.name == "native":
+            report = validate_golden(engine, Thresholds.for_bundle(manifest))
+            if not report.passed:
+                failed = "; ".join(f"{c.name} {c.value:.4g} ({c.kind} {c.limit:.4g})" for c in report.checks
+                                   if not c.passed)
+                raise InternalError(f"the native decoder fails the bundle's golden outputs: {failed}")
+    finally:
+        engine.close()
+    progress("native check", 1, 1)
 
 
 def merge_experts(reader, plan: BuildPlan, profile: Profile | None) -> BuildPlan:
@@ -181,6 +205,7 @@ def build_bundle(request: BuildConfig, progress: Progress = lambda stage, done, 
         manifest = verify(staging, plan, reader, manifest, progress)
         manifest = checksum_files(staging, manifest, progress)
         write_manifest(staging, manifest)
+        verify_native(staging, manifest, progress)
         fsync_directory(staging)
         check_output(out, request.overwrite, [Path(request.model_dir)])  # nothing appeared meanwhile
         publish(staging, out)
