@@ -393,7 +393,8 @@ def test_weights_larger_than_available_memory_run_onnxruntime_and_say_why(artifa
     assert Engine.load(path, verify=False).backend.name == "native"
 
 
-def test_a_build_whose_native_section_reads_the_weights_wrongly_fails(artifacts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "int4"])  # exact kernels, and int8-rounded activations
+def test_a_build_whose_native_section_reads_the_weights_wrongly_fails(artifacts, tmp_path, monkeypatch, precision):
     """The build holds the native decoder to the bundle's golden outputs (the graph in ONNX
     Runtime made them, checked against the reference): a section that scales the experts wrongly
     fails the build, and nothing is published."""
@@ -413,5 +414,6 @@ def test_a_build_whose_native_section_reads_the_weights_wrongly_fails(artifacts,
     monkeypatch.setattr(native_index.NativeIndexer, "add_routed", wrong_fold)
     out = tmp_path / "bundle"
     with pytest.raises(InternalError, match="native decoder fails golden checks the graphs pass"):
-        build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), out))
+        build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), out,
+                                 precision=None if precision == "fp32" else precision))
     assert not (out / "manifest.json").exists()

@@ -155,8 +155,20 @@ def verify_native(staging: Path, manifest: Manifest, progress: Progress) -> None
         finally:
             engine.close()
         progress("native check", len(reports), 2)
+    rounding = manifest.rounds_activations
+
+    def worse(c, graph) -> bool:
+        if c.passed or not graph.passed:
+            return False
+        if not rounding:  # exact kernels: the two decoders agree to ~1e-5
+            return True
+        # int8 activations: a rounding tie can flip a token in either decoder; fail on clear margins only
+        if c.name == "greedy_match_fraction":
+            return False
+        return c.value < graph.value - 0.05 if c.kind == "min" else c.value > 2 * graph.value
+
     failed = [f"{name} {c.value:.4g} ({c.kind} {c.limit:.4g}; ONNX Runtime {reports['onnxruntime'][name].value:.4g})"
-              for name, c in reports[None].items() if not c.passed and reports["onnxruntime"][name].passed]
+              for name, c in reports[None].items() if worse(c, reports["onnxruntime"][name])]
     if failed:
         raise InternalError("the native decoder fails golden checks the graphs pass: " + "; ".join(failed))
 
