@@ -80,6 +80,12 @@ def check_abi(lib) -> None:
                                      f"runtime's ({mine}): reinstall dsexport so the library is rebuilt")
 
 
+def finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in a: min and max propagate NaN and show an infinity, in two passes without a
+    temporary the size of a (np.isfinite(a).all() made one and took most of a large bundle's load)."""
+    return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
 class LatentCache(list):
     """Per layer [B, S, L] views of buffers with room to grow; forward writes new positions in place
     and returns a new LatentCache over the same buffers (a truncated one reuses them too)."""
@@ -128,8 +134,8 @@ class NativeBackend:
         self.profile: dict | None = None
 
     # ---- loading ------------------------------------------------------------------------
-    def _read(self, bundle: Bundle, ref: TensorRef) -> np.ndarray:
-        """The bytes ref names, checked against the file (a manifest is untrusted input)."""
+    def _open(self, bundle: Bundle, ref: TensorRef) -> int:
+        """The open file ref lies in, its bytes checked to lie inside it (a manifest is untrusted input)."""
         if ref.file not in self._files:
             path = bundle.path(ref.file, "native")
             fd = os.open(path, os.O_RDONLY)
@@ -138,6 +144,11 @@ class NativeBackend:
         if ref.offset + ref.bytes > size:
             raise BundleError(f"native: {ref.file} holds {size} bytes; a tensor at {ref.offset} + {ref.bytes} lies "
                               "outside it")
+        return fd
+
+    def _read(self, bundle: Bundle, ref: TensorRef) -> np.ndarray:
+        """The bytes ref names, read into memory."""
+        fd = self._open(bundle, ref)
         buf = np.empty(ref.bytes, np.uint8)
         done, view = 0, memoryview(buf)
         while done < ref.bytes:  # one read returns at most ~2 GB on Linux
@@ -146,6 +157,14 @@ class NativeBackend:
                 raise BundleError(f"native: short read from {ref.file}")
             done += n
         return buf.view(np.float32 if ref.dtype == "float32" else np.uint8).reshape(ref.shape)
+
+    def _map(self, bundle: Bundle, ref: TensorRef) -> np.ndarray:
+        """The bytes ref names, mapped read-only (checked against the file like _read): for tensors
+        copied once into another layout, which then need no buffer of their own."""
+        fd = self._open(bundle, ref)
+        with os.fdopen(os.dup(fd), "rb") as f:  # the file already opened and checked, not its name again
+            mapped = np.memmap(f, np.float32 if ref.dtype == "float32" else np.uint8, "r", ref.offset, ref.shape)
+        return mapped
 
     def _f32(self, bundle: Bundle, ref: TensorRef | None, blocked: bool = False) -> int:
         """A float32 tensor's address; blocked: W_UK [H, dn, r] as [H, r/64, dn, 64] when 64 divides r
@@ -156,7 +175,7 @@ class NativeBackend:
         if key in self._addresses:  # a head tied to the embedding: one copy
             return self._addresses[key]
         a = self._read(bundle, ref)
-        if not np.isfinite(a).all():
+        if not finite(a):
             raise BundleError(f"native: a tensor in {ref.file} at {ref.offset} holds NaN or Inf")
         if blocked and a.shape[2] % 64 == 0:
             H, dn, r = a.shape
@@ -190,7 +209,7 @@ class NativeBackend:
             w = self._read(bundle, lin.weight)
             scales = self._read(bundle, lin.scales)
         for a in (w, scales):
-            if a is not None and a.dtype == np.float32 and not np.isfinite(a).all():
+            if a is not None and a.dtype == np.float32 and not finite(a):
                 raise BundleError("native: a projection's weights hold NaN or Inf")
         if self.panels and round_act and lin.block == 32:
             w, scales = self._pack(lin.bits, lin.rows, w, scales)
@@ -210,7 +229,7 @@ class NativeBackend:
             expert = store.read(layer, slot)
             values = [expert.w_gate_up, expert.w_down] if expert.q is None else \
                 [part[2] for part in expert.q.parts.values()]  # fp32 weights, or the scales
-            if not all(np.isfinite(v).all() for v in values):
+            if not all(finite(v) for v in values):
                 raise BundleError(f"layer {layer}, expert slot {slot} of the expert store holds NaN or Inf: the "
                                   "bundle's weights are corrupt")
             if not pack:
@@ -231,29 +250,38 @@ class NativeBackend:
         [2I, K] (the op holds them interleaved g0,u0,g1,.. per shard), down [D, I] (the shards'
         columns side by side), down's scales (or fp32 weights) divided by the op's fold."""
         S, fold = routed.shards, np.float32(routed.fold)
-        fc1, fc2 = self._read(bundle, routed.fc1), self._read(bundle, routed.fc2)
-        s1 = self._read(bundle, routed.fc1_scales) if routed.fc1_scales else None
-        s2 = self._read(bundle, routed.fc2_scales) if routed.fc2_scales else None
+        fc1, fc2 = self._map(bundle, routed.fc1), self._map(bundle, routed.fc2)  # copied per expert below
+        s1 = self._map(bundle, routed.fc1_scales) if routed.fc1_scales else None
+        s2 = self._map(bundle, routed.fc2_scales) if routed.fc2_scales else None
         for a in (fc1, fc2) if routed.bits == 32 else (s1, s2):
-            if not np.isfinite(a).all():
+            if not finite(a):
                 raise BundleError("native: a fused MoE op's expert weights hold NaN or Inf: the bundle's weights are "
                                   "corrupt")
 
         def gate_up(a: np.ndarray, e: int) -> np.ndarray:  # [S*E, 2p, X] -> expert e's [2I, X]
-            shards = [a[s * E + e] for s in range(S)]
-            return np.ascontiguousarray(np.concatenate([x[0::2] for x in shards] + [x[1::2] for x in shards]))
+            p, X = a.shape[1] // 2, a.shape[2]
+            out = np.empty((2, S, p, X), a.dtype)  # gate rows then up rows, shard by shard
+            np.copyto(out, a.reshape(S, E, p, 2, X)[:, e].transpose(2, 0, 1, 3))
+            return out.reshape(2 * S * p, X)
 
         def down(a: np.ndarray, e: int) -> np.ndarray:  # [S*E, D, X] -> expert e's [D, S*X]
-            return np.ascontiguousarray(np.concatenate([a[s * E + e] for s in range(S)], axis=1))
+            D, X = a.shape[1], a.shape[2]
+            out = np.empty((D, S, X), a.dtype)
+            np.copyto(out, a.reshape(S, E, D, X)[:, e].transpose(1, 0, 2))
+            return out.reshape(D, S * X)
+
+        def unfold(a: np.ndarray) -> np.ndarray:  # down's scales (or fp32 weights) without the op's fold
+            np.divide(a, fold, out=a)
+            return a
 
         pack = self.panels and routed.bits != 32 and routed.activations == "int8" and routed.block == 32
         table = np.zeros((E, 6), np.uint64)
         for e in range(E):
             if routed.bits == 32:
-                parts = [gate_up(fc1, e), None, None, (down(fc2, e) / fold).astype(np.float32), None, None]
+                parts = [gate_up(fc1, e), None, None, unfold(down(fc2, e)), None, None]
             else:
                 q1, d1 = gate_up(fc1, e), gate_up(s1, e).reshape(-1)
-                q2, d2 = down(fc2, e), (down(s2, e) / fold).astype(np.float32).reshape(-1)
+                q2, d2 = down(fc2, e), unfold(down(s2, e)).reshape(-1)
                 if pack:
                     (q1, d1), (q2, d2) = self._pack(routed.bits, q1.shape[0], q1, d1), \
                         self._pack(routed.bits, q2.shape[0], q2, d2)
@@ -309,7 +337,7 @@ class NativeBackend:
             if store is not None and i in store.layers or routed is not None:
                 router = np.ascontiguousarray(router, np.float32)
                 bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
-                if not all(np.isfinite(a).all() for a in (router, bias) if a is not None):
+                if not all(finite(a) for a in (router, bias) if a is not None):
                     raise BundleError(f"layer {i}'s router in the expert store holds NaN or Inf")
                 self._keep += [router, bias, groups, experts]
                 ly.router, ly.router_bias = native.address(router), native.address(bias)
