@@ -589,12 +589,15 @@ class NativeSection:
     globals: dict  # embed, inv_freq, final_norm: TensorRef; head: NativeLinear
     layers: dict[int, NativeLayer]
 
-    def files(self) -> set[str]:
+    def refs(self) -> list[TensorRef]:
+        """Every tensor the section names (one may be named twice: a weight shared by two roles)."""
         refs = []
         for value in [*self.globals.values(), *(v for layer in self.layers.values() for v in layer.roles.values())]:
             refs += [value] if isinstance(value, TensorRef) else [r for r in (value.weight, value.scales, value.bias) if r]
-        refs += [r for layer in self.layers.values() if layer.routed for r in layer.routed.refs()]
-        return {ref.file for ref in refs}
+        return refs + [r for layer in self.layers.values() if layer.routed for r in layer.routed.refs()]
+
+    def files(self) -> set[str]:
+        return {ref.file for ref in self.refs()}
 
     def to_json(self) -> dict:
         return {"version": self.version, "rope_scale": self.rope_scale, "latent_eps": self.latent_eps,

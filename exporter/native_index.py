@@ -140,12 +140,11 @@ class NativeIndexer:
         bits, block = q.bits.get("routed_experts"), q.block_for("routed_experts")
         S = moe_shard_count(inter, shards, bits, block)
         p = f"layers.{i}.mlp"
-        loc = lambda name: g.locations[name]  # noqa: E731
         if f"{p}.router.weight" in g.locations:
-            router, col = self._ref(g, data_file, f"{p}.router.weight", "float32", (D, E)), 0
-        else:  # router | shared gate | shared up as one MatMul [D, E + 2Is]
-            total = loc(f"{p}.router_shared.weight")[1] // (4 * D)
-            router, col = self._ref(g, data_file, f"{p}.router_shared.weight", "float32", (D, total)), 0
+            router = self._ref(g, data_file, f"{p}.router.weight", "float32", (D, E))
+        else:  # router | shared gate | shared up as one MatMul [D, E + 2Is]: the router is columns 0..E
+            total = g.locations[f"{p}.router_shared.weight"][1] // (4 * D)
+            router = self._ref(g, data_file, f"{p}.router_shared.weight", "float32", (D, total))
         bias = self._ref(g, data_file, f"{p}.bias", "float32", (E,)) if f"{p}.bias" in g.locations else None
         groups = cfg.expert_groups(i)
         part, slots = inter // S, S * E
@@ -153,7 +152,7 @@ class NativeIndexer:
         if bits is None:
             fc1 = self._ref(g, data_file, f"{p}.fc1", "float32", (slots, 2 * part, D))
             fc2 = self._ref(g, data_file, f"{p}.fc2", "float32", (slots, D, part))
-            routed = NativeRouted(32, None, "fp32", S, fold, fc1, fc2, None, None, router, col, bias, groups)
+            routed = NativeRouted(32, None, "fp32", S, fold, fc1, fc2, None, None, router, 0, bias, groups)
         else:
             nb = -(-D // block)
             fc1 = self._ref(g, data_file, f"{p}.fc1q", "uint8", (slots, 2 * part, nb * block * bits // 8))
@@ -161,7 +160,7 @@ class NativeIndexer:
             s1 = self._ref(g, data_file, f"{p}.fc1s", "float32", (slots, 2 * part, nb))
             s2 = self._ref(g, data_file, f"{p}.fc2s", "float32", (slots, D, part // block))
             acts = "int8" if q.expert_activation_block(bits) is not None else "fp32"
-            routed = NativeRouted(bits, block, acts, S, fold, fc1, fc2, s1, s2, router, col, bias, groups)
+            routed = NativeRouted(bits, block, acts, S, fold, fc1, fc2, s1, s2, router, 0, bias, groups)
         self.layers[i] = dataclasses.replace(self.layers[i], routed=routed)
 
     def section(self) -> NativeSection:

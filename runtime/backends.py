@@ -120,19 +120,7 @@ NATIVE_MEMORY_FRACTION = 0.9  # of MemAvailable: room for the cache, activations
 def native_resident_bytes(manifest) -> int:
     """Bytes the native decoder reads into memory: the native section's tensors, and a paged
     bundle's routed experts (an fp32 weight shared with the router counts once)."""
-    from dsexport.core.sections import TensorRef
-
-    section, seen = manifest.native, set()
-    refs = [v for v in section.globals.values()] + [v for layer in section.layers.values() for v in layer.roles.values()]
-    tensors = []
-    for value in refs:
-        tensors += [value] if isinstance(value, TensorRef) else [r for r in (value.weight, value.scales, value.bias) if r]
-    tensors += [r for layer in section.layers.values() if layer.routed for r in layer.routed.refs()]
-    total = 0
-    for ref in tensors:
-        if (ref.file, ref.offset) not in seen:
-            seen.add((ref.file, ref.offset))
-            total += ref.bytes
+    total = sum({(ref.file, ref.offset): ref.bytes for ref in manifest.native.refs()}.values())
     if manifest.paging is not None:
         total += manifest.paging.routed_expert_bytes
     return total

@@ -101,8 +101,9 @@ class Engine:
           steps here and drafts when that predicts a speedup (runtime/draft_policy.py;
           engine.draft_decision says what it found); None (default) does not draft.
         expert_cache_mb, prefetch, cache_policy: paged bundles (docs/paging.md).
-        decoder: on CPU bundles, None (default) runs the native decoder where it can
-          (docs/native.md), "onnxruntime" the ONNX graphs.
+        decoder: on CPU bundles, None (default) or "native" runs the native decoder where it can
+          (docs/native.md; ONNX Runtime otherwise, backend.native_unavailable says why),
+          "onnxruntime" the ONNX graphs.
         """
         bundle = read_bundle(path, verify=verify)
         if (expert_cache_mb is not None or cache_policy is not None) and not bundle.manifest.is_paged:

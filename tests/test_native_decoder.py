@@ -24,11 +24,14 @@ def kernel_library():
 
 
 def load(path, decoder: str, monkeypatch, **kw):
+    """The bundle run by the native decoder, or by ONNX Runtime (a paged bundle's segments, a fused
+    bundle's graph)."""
     from dsexport.runtime import Engine
 
     monkeypatch.setenv("DSEXPORT_DECODER", decoder)
     engine = Engine.load(path, verify=False, **kw)
-    assert engine.backend.name == ("native" if decoder == "native" else "onnxruntime-paged")
+    graphs = "onnxruntime-paged" if engine.manifest.is_paged else "onnxruntime"
+    assert engine.backend.name == ("native" if decoder == "native" else graphs)
     return engine
 
 
@@ -179,8 +182,8 @@ def test_pruned_layers_with_uneven_and_empty_groups_route_as_the_segments_do(art
 
     out = tmp_path / "pruned"
     build_bundle(BuildConfig(artifacts.checkpoint(variant), out, kept_experts=PLANS[variant], paged=paged))
-    segments = (load if paged else load_fused)(out, "onnxruntime", monkeypatch)
-    nat = (load if paged else load_fused)(out, "native", monkeypatch)
+    segments = load(out, "onnxruntime", monkeypatch)
+    nat = load(out, "native", monkeypatch)
     steps = segments.generate(PROMPT, max_new_tokens=16, ignore_eos=True).output_ids
     diff = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
     assert diff.max() <= 1e-4
@@ -212,10 +215,9 @@ def test_portable_build_of_the_decoder_matches_the_segments(artifacts, tmp_path,
     for path, tolerance in ((paged_bundle(artifacts, "v3_noaux_tc"), 1e-4),
                             (quantized_bundles(artifacts, "fp32", paged=True), 1e-3),
                             (quantized_bundles(artifacts, "int8", paged=False), 0.25)):  # int8 rounding ties
-        paged = (path / "experts.bin").exists()
-        nat = (load if paged else load_fused)(path, "native", monkeypatch)
+        nat = load(path, "native", monkeypatch)
         assert native.status()["simd"] == "portable C" and not nat.backend.panels
-        segments = (load if paged else load_fused)(path, "onnxruntime", monkeypatch)
+        segments = load(path, "onnxruntime", monkeypatch)
         steps = segments.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
         diff = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
         assert diff.max() <= tolerance
@@ -258,15 +260,6 @@ def test_store_routing_groups_and_routers_are_checked_before_the_decoder_reads_t
 
 # ---- fused bundles (the default CPU build): the experts as the MoE / QMoE op holds them ------------
 
-def load_fused(path, decoder: str, monkeypatch, **kw):
-    from dsexport.runtime import Engine
-
-    monkeypatch.setenv("DSEXPORT_DECODER", decoder)
-    engine = Engine.load(path, verify=False, **kw)
-    assert engine.backend.name == ("native" if decoder == "native" else "onnxruntime")
-    return engine
-
-
 @pytest.mark.parametrize("variant", ["v3_noaux_tc", "v2_greedy", "v2_group_limited", "v3_flat_tied"])
 def test_fused_bundles_run_natively_by_default_and_match_the_graph_and_the_oracle(artifacts, variant, monkeypatch):
     """The default x86-cpu bundle (one graph, the fused MoE op in 2 shards, a tied head on
@@ -279,7 +272,7 @@ def test_fused_bundles_run_natively_by_default_and_match_the_graph_and_the_oracl
     path = artifacts.export(variant)
     monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
     assert Engine.load(path, verify=False).backend.name == "native"
-    graph, nat = load_fused(path, "onnxruntime", monkeypatch), load_fused(path, "native", monkeypatch)
+    graph, nat = load(path, "onnxruntime", monkeypatch), load(path, "native", monkeypatch)
     steps = graph.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
     diff = np.abs(teacher_forced_logits(graph, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
     assert diff.max() <= 1e-4
@@ -300,7 +293,7 @@ def test_quantized_fused_bundles_match_the_graph(artifacts, precision, activatio
         build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), path, precision=precision, activations=activations))
     routed = json.loads((path / "manifest.json").read_text())["native"]["layers"]["1"]["routed"]
     assert routed["bits"] == int(precision[3:]) and routed["shards"] >= 1
-    graph, nat = load_fused(path, "onnxruntime", monkeypatch), load_fused(path, "native", monkeypatch)
+    graph, nat = load(path, "onnxruntime", monkeypatch), load(path, "native", monkeypatch)
     steps = graph.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
     per_position = np.abs(teacher_forced_logits(graph, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps)).max(-1)
     if activations == "fp32":

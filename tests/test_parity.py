@@ -44,11 +44,14 @@ def test_teacher_forced_logits_match_transformers(artifacts, variant, seed, deco
     ONNX Runtime on the graph (what an app's own session runs)."""
     from dsexport.runtime import Engine
 
+    from dsexport.runtime import native
+
+    if decoder == "native" and native.load() is None:
+        pytest.skip(f"native kernel library unavailable: {native.status()['reason']}")
     monkeypatch.setenv("DSEXPORT_DECODER", decoder)
     hf = artifacts.hf_model(variant, seed)
     engine = Engine.load(artifacts.export(variant, seed), threads=2)
-    if decoder == "native" and engine.backend.name != "native":
-        pytest.skip(f"the native decoder does not run here: {getattr(engine.backend, 'native_unavailable', '?')}")
+    assert engine.backend.name == decoder, getattr(engine.backend, "native_unavailable", None)
     excused = positions = 0
     worst = 0.0
     for length in PROMPT_LENGTHS:
