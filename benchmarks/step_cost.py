@@ -1,9 +1,12 @@
 """What verifying 2 tokens costs against decoding 1: the decoder step at T=1 and T=2, and the MTP draft.
 
 After a prompt of --prompt-tokens, it times engine.forward with 1 new token and with 2 (the
-drafting verify step), --repeats times each, interleaved, from the same cache; and the MTP graph
-on 1 token when the bundle has one. Prints the medians, t2/t1, and the speedup drafting would
-give at acceptance a: (1 + a) x t1 / (t2 + t_draft) (docs/mtp.md). Weights in memory.
+drafting verify step), --repeats times each, interleaved, from the same cache; and the MTP block
+on 1 token when the bundle has one (natively where the native decoder runs it, else the MTP graph
+in ONNX Runtime: the drafter `Engine.load(draft=...)` uses). Prints the medians, t2/t1, and the
+speedup drafting would give at acceptance a: (1 + a) x t1 / (t2 + t_draft) (docs/mtp.md); then
+what `--draft auto` measures at load (runtime/draft_policy.py: whole plain and drafting steps,
+the decode loop's own costs included) and what it decides. Weights in memory.
 
     python benchmarks/step_cost.py --bundle /tmp/m/int4 [--threads 2] [--repeats 30]
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dsexport.runtime import Engine
-from dsexport.runtime.speculative import MTPGraph
+from dsexport.runtime.engine import load_drafter
 
 
 def step_costs(engine: Engine, prompt_tokens: int = 64, repeats: int = 30) -> dict:
@@ -28,7 +31,7 @@ def step_costs(engine: Engine, prompt_tokens: int = 64, repeats: int = 30) -> di
     prompt = np.random.default_rng(0).integers(3, min(vocab, 300), size=prompt_tokens)
     T = len(prompt)
     _, cache = engine.forward(prompt[None], np.arange(T)[None], np.ones((1, T), np.int64), engine.empty_cache(1))
-    drafter = MTPGraph.load(engine.bundle) if engine.manifest.graphs.mtp is not None else None
+    drafter = load_drafter(engine.backend, engine.bundle) if engine.manifest.graphs.mtp is not None else None
     times = {1: [], 2: [], "draft": []}
     hidden = np.zeros((1, 1, engine.manifest.model.hidden_size), np.float32)
     for _ in range(repeats):
@@ -44,7 +47,8 @@ def step_costs(engine: Engine, prompt_tokens: int = 64, repeats: int = 30) -> di
             times["draft"].append(time.perf_counter() - t0)
     t1, t2 = statistics.median(times[1]), statistics.median(times[2])
     td = statistics.median(times["draft"]) if times["draft"] else None
-    return {"t1_s": t1, "t2_s": t2, "ratio": t2 / t1, "draft_s": td}
+    return {"t1_s": t1, "t2_s": t2, "ratio": t2 / t1, "draft_s": td,
+            "drafter": type(drafter).__name__ if drafter is not None else None}
 
 
 def predicted_speedup(costs: dict, acceptance: float) -> float | None:
@@ -64,10 +68,17 @@ def main() -> None:
     c = step_costs(engine, args.prompt_tokens, args.repeats)
     print(f"{args.bundle} ({engine.backend.name}, {args.threads} threads, context {args.prompt_tokens}): "
           f"1-token step {c['t1_s'] * 1e3:.2f} ms, 2-token step {c['t2_s'] * 1e3:.2f} ms, ratio {c['ratio']:.2f}"
-          + (f", MTP draft {c['draft_s'] * 1e3:.2f} ms" if c["draft_s"] is not None else ", no MTP graph"))
+          + (f", MTP draft {c['draft_s'] * 1e3:.2f} ms ({c['drafter']})" if c["draft_s"] is not None
+             else ", no MTP graph"))
     if c["draft_s"] is not None:
         print("predicted drafting speedup (1 + a) t1 / (t2 + t_draft): "
               + ", ".join(f"a={a}: {predicted_speedup(c, a):.2f}x" for a in (0.6, 0.7, 0.8, 0.9)))
+        from dsexport.runtime.draft_policy import decide
+
+        decision = decide(engine, load_drafter(engine.backend, engine.bundle))
+        c["auto"] = decision.to_json()
+        print(f"--draft auto at load: plain step {decision.token_ms:.2f} ms, drafting step {decision.verify_ms:.2f} ms "
+              f"-> {'drafts' if decision.draft else 'does not draft'} ({decision.reason})")
     print(json.dumps(c))
 
 

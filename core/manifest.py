@@ -407,6 +407,11 @@ def _read_manifest(f: Fields) -> Manifest:
             if cfg.is_moe_layer(i) and (layer.routed is None) != manifest.is_paged:
                 f.fail(f"layer {i}: the routed experts' location does not match the "
                        f"{'paged' if manifest.is_paged else 'fused'} decoder", "native")
+        mtp = manifest.native.mtp
+        if mtp is not None and (manifest.graphs.mtp is None or manifest.is_paged):
+            f.fail("an MTP block for the native decoder in a bundle without a fused decoder and an MTP graph", "native")
+        if mtp is not None and (mtp.layer.routed is None) == cfg.is_moe_layer(cfg.num_hidden_layers):
+            f.fail("the MTP block's routed experts do not match its layer", "native")
     return dataclasses.replace(manifest, extra=f.rest())
 
 

@@ -579,35 +579,104 @@ class NativeLayer:
         return out
 
 
+def _read_native_layer(entry: Fields, cfg: ModelConfig, i: int) -> NativeLayer:
+    """Layer i's roles (a decoder layer, or the MTP block's at index num_hidden_layers), shapes checked."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    qdim, lora = H * (dn + dr), cfg.q_lora_rank is not None
+    needed = ["attn_norm", "qkv", "kv_norm", "w_uk", "w_uv", "o_proj", "mlp_norm"]
+    needed += ["q_a_norm", "q_b"] if lora else []
+    needed += ["gate_up", "down"] if not cfg.is_moe_layer(i) or cfg.n_shared_experts else []
+    roles = {role: _native_role(entry, role) for role in needed}
+    inter = cfg.moe_intermediate_size * cfg.n_shared_experts if cfg.is_moe_layer(i) else cfg.intermediate_size
+    shapes = {"attn_norm": (D,), "kv_norm": (r,), "w_uk": (H, dn, r), "w_uv": (H, r, dv), "mlp_norm": (D,),
+              "q_a_norm": (cfg.q_lora_rank,)}
+    linears = {"qkv": ((cfg.q_lora_rank if lora else qdim) + r + dr, D), "q_b": (qdim, cfg.q_lora_rank),
+               "o_proj": (D, H * dv), "gate_up": (2 * inter, D), "down": (D, inter)}
+    for role, value in roles.items():
+        if isinstance(value, TensorRef) and (value.shape != shapes[role] or value.dtype != "float32"):
+            entry.fail(f"shape {list(value.shape)}, expected float32 {list(shapes[role])}", role)
+        if isinstance(value, NativeLinear) and (value.rows, value.cols) != linears[role]:
+            entry.fail(f"{value.rows} x {value.cols}, expected {linears[role][0]} x {linears[role][1]}", role)
+    routed = None
+    if entry.has("routed"):
+        if not cfg.is_moe_layer(i):
+            entry.fail("routed experts in a dense layer", "routed")
+        routed = NativeRouted.read(entry.obj("routed"), cfg.num_experts(i), D, cfg.moe_intermediate_size)
+    return NativeLayer(roles, routed)
+
+
+def _linear_refs(value) -> list[TensorRef]:
+    return [value] if isinstance(value, TensorRef) else [r for r in (value.weight, value.scales, value.bias) if r]
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeMTP:
+    """The MTP block (docs/mtp.md) as mtp.onnx holds it: its decoder layer (index num_hidden_layers),
+    the two input norms, eh_proj [D, 2D] (fp32) and the head's norm. The embedding, rope and head
+    are the decoder's (the MTP graph reads them from model.onnx.data too)."""
+    layer: NativeLayer
+    enorm: TensorRef
+    hnorm: TensorRef
+    eh_proj: NativeLinear
+    norm: TensorRef
+
+    def refs(self) -> list[TensorRef]:
+        refs = [r for v in self.layer.roles.values() for r in _linear_refs(v)]
+        refs += self.layer.routed.refs() if self.layer.routed else []
+        return refs + [self.enorm, self.hnorm, self.norm] + _linear_refs(self.eh_proj)
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer.to_json(), "enorm": self.enorm.to_json(), "hnorm": self.hnorm.to_json(),
+                "eh_proj": self.eh_proj.to_json(), "norm": self.norm.to_json()}
+
+    @classmethod
+    def read(cls, f: Fields, cfg: ModelConfig) -> "NativeMTP":
+        D = cfg.hidden_size
+        norms = {name: TensorRef.read(f.obj(name)) for name in ("enorm", "hnorm", "norm")}
+        for name, ref in norms.items():
+            if ref.dtype != "float32" or ref.shape != (D,):
+                f.fail(f"shape {list(ref.shape)}, expected float32 [{D}]", name)
+        eh_proj = NativeLinear.read(f.obj("eh_proj"))
+        if (eh_proj.bits, eh_proj.rows, eh_proj.cols) != (32, D, 2 * D):
+            f.fail(f"{eh_proj.bits}-bit {eh_proj.rows} x {eh_proj.cols}, expected fp32 {D} x {2 * D}", "eh_proj")
+        return cls(_read_native_layer(f.obj("layer"), cfg, cfg.num_hidden_layers), norms["enorm"], norms["hnorm"],
+                   eh_proj, norms["norm"])
+
+
 @dataclasses.dataclass(frozen=True)
 class NativeSection:
-    """Where the native decoder finds each weight in the paged bundle's files (docs/native.md).
+    """Where the native decoder finds each weight in the bundle's files (docs/native.md).
     Shapes are checked against the model here; offsets against the files when the runtime loads."""
     version: int
     rope_scale: float
     latent_eps: float
     globals: dict  # embed, inv_freq, final_norm: TensorRef; head: NativeLinear
     layers: dict[int, NativeLayer]
+    mtp: NativeMTP | None = None  # the MTP block, where the bundle has an MTP graph: drafting runs natively
 
     def refs(self) -> list[TensorRef]:
         """Every tensor the section names (one may be named twice: a weight shared by two roles)."""
         refs = []
         for value in [*self.globals.values(), *(v for layer in self.layers.values() for v in layer.roles.values())]:
-            refs += [value] if isinstance(value, TensorRef) else [r for r in (value.weight, value.scales, value.bias) if r]
-        return refs + [r for layer in self.layers.values() if layer.routed for r in layer.routed.refs()]
+            refs += _linear_refs(value)
+        refs += [r for layer in self.layers.values() if layer.routed for r in layer.routed.refs()]
+        return refs + (self.mtp.refs() if self.mtp else [])
 
     def files(self) -> set[str]:
         return {ref.file for ref in self.refs()}
 
     def to_json(self) -> dict:
-        return {"version": self.version, "rope_scale": self.rope_scale, "latent_eps": self.latent_eps,
-                "globals": {k: v.to_json() for k, v in self.globals.items()},
-                "layers": {str(i): layer.to_json() for i, layer in self.layers.items()}}
+        out = {"version": self.version, "rope_scale": self.rope_scale, "latent_eps": self.latent_eps,
+               "globals": {k: v.to_json() for k, v in self.globals.items()},
+               "layers": {str(i): layer.to_json() for i, layer in self.layers.items()}}
+        if self.mtp is not None:
+            out["mtp"] = self.mtp.to_json()
+        return out
 
     @classmethod
     def read(cls, f: Fields, cfg: ModelConfig) -> "NativeSection":
-        D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
-        dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        D, V, dr = cfg.hidden_size, cfg.vocab_size, cfg.qk_rope_head_dim
         g = f.obj("globals")
         globals_ = {role: _native_role(g, role) for role in NATIVE_GLOBALS}
         expect = {"embed": (V, D), "inv_freq": (dr // 2,), "final_norm": (D,)}
@@ -617,33 +686,12 @@ class NativeSection:
         if (globals_["head"].rows, globals_["head"].cols) != (V, D):
             g.fail("the head's shape is not vocab x hidden", "head")
         layers = {}
-        qdim = H * (dn + dr)
         for name, entry in f.items("layers", max_len=MAX_LAYERS):
             if not name.isdigit() or int(name) >= cfg.num_hidden_layers:
                 entry.fail(f"layer {name!r} is not a layer of the model")
-            i = int(name)
-            lora = cfg.q_lora_rank is not None
-            needed = ["attn_norm", "qkv", "kv_norm", "w_uk", "w_uv", "o_proj", "mlp_norm"]
-            needed += ["q_a_norm", "q_b"] if lora else []
-            needed += ["gate_up", "down"] if not cfg.is_moe_layer(i) or cfg.n_shared_experts else []
-            roles = {role: _native_role(entry, role) for role in needed}
-            inter = cfg.moe_intermediate_size * cfg.n_shared_experts if cfg.is_moe_layer(i) else cfg.intermediate_size
-            shapes = {"attn_norm": (D,), "kv_norm": (r,), "w_uk": (H, dn, r), "w_uv": (H, r, dv), "mlp_norm": (D,),
-                      "q_a_norm": (cfg.q_lora_rank,)}
-            linears = {"qkv": ((cfg.q_lora_rank if lora else qdim) + r + dr, D), "q_b": (qdim, cfg.q_lora_rank),
-                       "o_proj": (D, H * dv), "gate_up": (2 * inter, D), "down": (D, inter)}
-            for role, value in roles.items():
-                if isinstance(value, TensorRef) and (value.shape != shapes[role] or value.dtype != "float32"):
-                    entry.fail(f"shape {list(value.shape)}, expected float32 {list(shapes[role])}", role)
-                if isinstance(value, NativeLinear) and (value.rows, value.cols) != linears[role]:
-                    entry.fail(f"{value.rows} x {value.cols}, expected {linears[role][0]} x {linears[role][1]}", role)
-            routed = None
-            if entry.has("routed"):
-                if not cfg.is_moe_layer(i):
-                    entry.fail("routed experts in a dense layer", "routed")
-                routed = NativeRouted.read(entry.obj("routed"), cfg.num_experts(i), D, cfg.moe_intermediate_size)
-            layers[i] = NativeLayer(roles, routed)
+            layers[int(name)] = _read_native_layer(entry, cfg, int(name))
         if sorted(layers) != list(range(cfg.num_hidden_layers)):
             f.fail("the layers listed are not every layer of the model", "layers")
+        mtp = NativeMTP.read(f.obj("mtp"), cfg) if f.has("mtp") else None
         return cls(f.int("version", lo=1, hi=1), f.float("rope_scale", lo=0.0, lo_open=True, hi=1e6),
-                   f.float("latent_eps", lo=0.0, lo_open=True, hi=1.0), globals_, layers)
+                   f.float("latent_eps", lo=0.0, lo_open=True, hi=1.0), globals_, layers, mtp)

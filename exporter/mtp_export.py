@@ -28,9 +28,12 @@ from dsexport.core.errors import InternalError
 from .checkpoint import CheckpointReader
 from dsexport.core.contract import HIDDEN_STATES, MTP_PAST, MTP_PRESENT
 
+from dsexport.core.sections import NativeMTP
+
 from .emit import DecoderEmitter
 from .export import DATA_FILE, GRAPH_FILE, ExportConfig
 from .graph import GraphBuilder
+from .native_index import fused_unsupported, mtp_block
 from .reference import layer_tensors
 
 MTP_GRAPH_FILE = "mtp.onnx"
@@ -114,6 +117,7 @@ class MTPExportResult:
     weight_bytes: int  # written to mtp.onnx.data
     shared_bytes: int  # read from the decoder's model.onnx.data instead of copied
     shared_weights: tuple[str, ...]
+    native: NativeMTP | None = None  # where the native decoder finds the block (exporter/native_index.py)
 
 
 def export_mtp(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConfig,
@@ -126,7 +130,11 @@ def export_mtp(reader: CheckpointReader, out_dir: Path, export_cfg: ExportConfig
     g = SharedWeightsBuilder(out / MTP_DATA_FILE, _decoder_initializers(out))
     _emit_mtp(g, reader, export_cfg, progress)
     g.save(out / MTP_GRAPH_FILE, "dsexport_mtp")
-    return MTPExportResult(g.weight_bytes, sum(g.shared_used.values()), tuple(sorted(g.shared_used)))
+    cfg = reader.config
+    native = None
+    if fused_unsupported(cfg, export_cfg.quant, export_cfg.moe_lowering) is None:
+        native = mtp_block(g, MTP_DATA_FILE, cfg, export_cfg.quant, export_cfg.moe_shards)
+    return MTPExportResult(g.weight_bytes, sum(g.shared_used.values()), tuple(sorted(g.shared_used)), native)
 
 
 def reference_mtp(reader: CheckpointReader, quant=None):

@@ -18,7 +18,8 @@ import numpy as np
 
 from dsexport.core.config import ModelConfig
 from dsexport.core.quant import QuantSpec
-from dsexport.core.sections import NATIVE_BLOCKS, NativeLayer, NativeLinear, NativeRouted, NativeSection, TensorRef
+from dsexport.core.sections import (NATIVE_BLOCKS, NativeLayer, NativeLinear, NativeMTP, NativeRouted, NativeSection,
+                                    TensorRef)
 
 from .graph import GraphBuilder
 from .lowering import moe_shard_count
@@ -167,3 +168,22 @@ class NativeIndexer:
         _, rope_scale = rope_frequencies(self.cfg)
         return NativeSection(NATIVE_VERSION, float(np.float32(rope_scale)), LATENT_NORM_EPS, dict(self.globals),
                              dict(self.layers))
+
+
+def mtp_block(g: GraphBuilder, data_file: str, cfg: ModelConfig, quant: QuantSpec | None, shards: int) -> NativeMTP | None:
+    """The MTP graph's block (exporter/mtp_export.py) located for the native decoder, or None where
+    the graph holds its own embedding, rope or head instead of the decoder's (the native block
+    runs with the decoder's)."""
+    if any(name in g.locations for name in ("embed_tokens.weight", "rope.inv_freq", "lm_head.weight",
+                                            "lm_head.qweight")):
+        return None
+    D, L = cfg.hidden_size, cfg.num_hidden_layers
+    indexer = NativeIndexer(cfg, quant)
+    indexer.globals["inv_freq"] = None  # the decoder's: not located again
+    indexer.add_segment(g, data_file, [L], False, False)
+    if cfg.is_moe_layer(L):
+        indexer.add_routed(g, data_file, L, shards)
+    f32 = lambda name: indexer._ref(g, data_file, name, "float32", (D,))  # noqa: E731
+    eh_proj = indexer._linear(g, data_file, "mtp.eh_proj", "eh_proj", D, 2 * D)  # fp32 at every precision
+    return NativeMTP(indexer.layers[L], f32("mtp.enorm.weight"), f32("mtp.hnorm.weight"), eh_proj,
+                     f32("mtp.shared_head_norm.weight"))

@@ -28,6 +28,9 @@ import numpy as np
 # benchmarks/results/mtp-embedded.json); DeepSeek-V3 reports 0.85-0.90 for its MTP module.
 ACCEPTANCE_PRIOR = 0.7
 MIN_SPEEDUP = 1.05  # below this the measurement's noise could make drafting a loss
+# Drafting decided at load on the prior is re-checked on the acceptance real generations get: after
+# this many drafts, it stops where (1 + observed acceptance) x t_token / t_verify < 1 (a loss).
+MIN_OBSERVED_DRAFTS = 64
 PROBE_PROMPT_TOKENS = 16
 PROBE_NEW_TOKENS = 12
 PROBE_REPEATS = 3
@@ -44,6 +47,25 @@ class DraftDecision:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def break_even(self) -> float | None:
+        """The acceptance at which drafting neither gains nor loses here: t_verify / t_token - 1."""
+        return self.verify_ms / self.token_ms - 1 if self.token_ms and self.verify_ms else None
+
+
+def recheck(decision: DraftDecision, drafted: int, accepted: int) -> DraftDecision:
+    """The decision again once real generations have drafted `drafted` tokens and kept `accepted`:
+    drafting stops when the acceptance they got makes it a loss (the load-time probe assumed
+    ACCEPTANCE_PRIOR; a model whose MTP block predicts worse, or text it predicts badly, gets less)."""
+    if not decision.draft or drafted < MIN_OBSERVED_DRAFTS or decision.break_even is None:
+        return decision
+    observed = accepted / drafted
+    if observed >= decision.break_even:
+        return decision
+    return dataclasses.replace(decision, draft=False, reason=(
+        f"stopped: acceptance {observed:.2f} over {drafted} drafts, below the {decision.break_even:.2f} at which "
+        f"drafting pays here ({decision.reason})"))
 
 
 def step_costs(engine, drafter, prompt_tokens: int = PROBE_PROMPT_TOKENS, new_tokens: int = PROBE_NEW_TOKENS,

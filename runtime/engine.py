@@ -54,6 +54,17 @@ class Generation:
     paging_stats: dict | None = None  # paged bundles: expert cache hits, bytes read, stalls (runtime/paging.py)
 
 
+def load_drafter(backend, bundle: Bundle):
+    """The MTP block: in the native decoder where it runs the bundle and its section locates the
+    block, else the bundle's MTP graph in ONNX Runtime (docs/mtp.md)."""
+    native = backend.drafter() if hasattr(backend, "drafter") else None
+    if native is not None:
+        return native
+    from .speculative import MTPGraph
+
+    return MTPGraph.load(bundle)
+
+
 class Engine:
     def __init__(self, bundle: Bundle, backend, tokenizer: BundleTokenizer | None, max_context: int):
         self.bundle = bundle
@@ -73,6 +84,7 @@ class Engine:
         self.drafter = None  # the MTP graph, with load(draft="mtp"), or "auto" where it pays
         self.draft_decision = None  # load(draft="auto"): runtime/draft_policy.DraftDecision
         self.last_draft_stats = None
+        self.auto_drafts = [0, 0]  # draft="auto": drafted and accepted over this engine's generations
         self._lock = threading.Lock()
         self._owner: int | None = None
 
@@ -123,15 +135,12 @@ class Engine:
             raise EngineUnavailable(f"the {backend} backend cannot run on this machine ({e})") from None
         engine = cls(bundle, runner, tokenizer, limit)
         if draft == "mtp":
-            from .speculative import MTPGraph
-
-            engine.drafter = MTPGraph.load(bundle)
+            engine.drafter = load_drafter(engine.backend, bundle)
         elif draft == "auto":
             from .draft_policy import DraftDecision, decide
-            from .speculative import MTPGraph
 
             can = backend == "onnxruntime" and bundle.manifest.graphs.mtp is not None and not bundle.manifest.is_paged
-            drafter = MTPGraph.load(bundle) if can else None
+            drafter = load_drafter(engine.backend, bundle) if can else None
             engine.draft_decision = decide(engine, drafter) if can else DraftDecision(
                 False, "the bundle has no MTP graph" if bundle.manifest.graphs.mtp is None
                 else "drafting runs on the fused onnxruntime backend only")
@@ -230,8 +239,16 @@ class Engine:
                 stepper = PlainStepper(self.backend, rows, self.pad_id, self.prefill_chunk)
             yield from decode_loop(stepper, rows, timings)
             if "draft_stats" in timings:
-                timings["draft_stats"].decode_s = timings["decode_s"]
-                timings["draft_stats"].decode_tokens = timings["decode_steps"]
+                stats = timings["draft_stats"]
+                stats.decode_s, stats.decode_tokens = timings["decode_s"], timings["decode_steps"]
+                if self.draft_decision is not None and self.draft_decision.draft:  # auto: does it still pay?
+                    from .draft_policy import recheck
+
+                    self.auto_drafts[0] += stats.drafted
+                    self.auto_drafts[1] += stats.accepted
+                    self.draft_decision = recheck(self.draft_decision, *self.auto_drafts)
+                    if not self.draft_decision.draft:
+                        self.drafter = None
 
     def _config(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                 repetition_penalty: float, seed: int | None, stop: str | Sequence[str] | None,

@@ -51,13 +51,13 @@ class Model(ctypes.Structure):
         "group_top2", "norm_topk", "reserved")] + [(n, ctypes.c_float) for n in (
             "routed_scale", "eps", "latent_eps", "rope_scale")] + [
         ("inv_freq", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("head", Linear),
-        ("layers", ctypes.c_void_p)]
+        ("layers", ctypes.c_void_p), ("eh_proj", Linear), ("enorm", ctypes.c_void_p), ("hnorm", ctypes.c_void_p)]
 
 
 class Step(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("B", "T", "past", "capacity")] + [
         (n, ctypes.c_void_p) for n in ("ids", "positions", "mask", "cache", "logits", "hidden", "routed", "profile")] + [
-        ("last_only", ctypes.c_int32), ("reserved", ctypes.c_int32)]
+        ("last_only", ctypes.c_int32), ("reserved", ctypes.c_int32), ("hidden_in", ctypes.c_void_p)]
 
 
 PROFILE_PARTS = ("projections", "attention", "routed experts", "head", "serial")  # decoder.c's PROFILE_*
@@ -66,7 +66,8 @@ PROFILE_PARTS = ("projections", "attention", "routed experts", "head", "serial")
 _ERRORS = {-1: "bad arguments", -2: "out of memory", -3: "a token id outside the vocabulary"}
 
 
-LAYOUT_VERSION = 3  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only
+LAYOUT_VERSION = 4  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only,
+# the MTP block's input (eh_proj, hidden_in)
 
 
 def check_abi(lib) -> None:
@@ -84,6 +85,17 @@ def finite(a: np.ndarray) -> bool:
     """No NaN or Inf in a: min and max propagate NaN and show an infinity, in two passes without a
     temporary the size of a (np.isfinite(a).all() made one and took most of a large bundle's load)."""
     return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; elsewhere nothing). The
+    weights are many arrays of a few MB, which glibc serves from its heap once an earlier free
+    raised its mmap threshold; freed, they stay in the process: a build that loads the native
+    decoder and then ONNX Runtime held both (checkpoint M fp32: 9.8 GB peak instead of 5.3)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class LatentCache(list):
@@ -315,46 +327,65 @@ class NativeBackend:
             self.cache = None
         table = (Layer * cfg.num_hidden_layers)()
         for i in range(cfg.num_hidden_layers):
-            roles, ly = section.layers[i].roles, table[i]
-            ly.attn_norm, ly.kv_norm = self._f32(bundle, roles["attn_norm"]), self._f32(bundle, roles["kv_norm"])
-            ly.w_uk, ly.w_uv = self._f32(bundle, roles["w_uk"], blocked=True), self._f32(bundle, roles["w_uv"])
-            ly.mlp_norm, ly.q_a_norm = self._f32(bundle, roles["mlp_norm"]), self._f32(bundle, roles.get("q_a_norm"))
-            for role in ("qkv", "q_b", "o_proj", "gate_up", "down"):
-                setattr(ly, role, self._linear(bundle, roles.get(role)))
-            routed = section.layers[i].routed
-            if store is not None and i in store.layers:
-                entry = store.layers[i]
-                router, bias = store.router(i)
-                groups = np.asarray(entry.groups or [e // cfg.group_size for e in range(entry.experts)], np.int32)
-                experts, ly.expert_panel = self._experts(store, i, layout)
-                E, bits, round_act, block = entry.experts, *layout
-            elif routed is not None:
-                E = cfg.num_experts(i)
-                router, bias = self._fused_router(bundle, routed, E)
-                groups = np.asarray(routed.groups, np.int32)
-                experts, ly.expert_panel = self._fused_experts(bundle, routed, E)
-                bits, round_act, block = routed.bits, routed.activations == "int8", routed.block or 0
-            if store is not None and i in store.layers or routed is not None:
-                router = np.ascontiguousarray(router, np.float32)
-                bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
-                if not all(finite(a) for a in (router, bias) if a is not None):
-                    raise BundleError(f"layer {i}'s router in the expert store holds NaN or Inf")
-                self._keep += [router, bias, groups, experts]
-                ly.router, ly.router_bias = native.address(router), native.address(bias)
-                ly.groups, ly.experts = native.address(groups), native.address(experts)
-                ly.E, ly.expert_I = E, cfg.moe_intermediate_size
-                ly.expert_bits, ly.expert_block, ly.expert_round_act = bits, block, int(round_act)
+            self._layer(bundle, table[i], i, section.layers[i], store, layout)
         self.stats_counters.reset()
         g = section.globals
-        m = Model(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.qk_nope_head_dim,
-                  cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank or 0, cfg.vocab_size,
-                  cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, int(cfg.scoring_func == "sigmoid"),
-                  int(cfg.topk_method == "noaux_tc"), int(cfg.norm_topk_prob), 0, cfg.routed_scaling_factor,
-                  cfg.rms_norm_eps, section.latent_eps, section.rope_scale)
+        m = self._model(cfg.num_hidden_layers, section)
         m.inv_freq, m.embed = self._f32(bundle, g["inv_freq"]), self._f32(bundle, g["embed"])
         m.final_norm, m.head = self._f32(bundle, g["final_norm"]), self._linear(bundle, g["head"])
         m.layers = ctypes.addressof(table)
+        self.mtp_model = self._draft_head = None
+        if section.mtp is not None:  # the MTP block: its layer, input norms, eh_proj; the decoder's embedding and head
+            mtp = section.mtp
+            self.mtp_layer = (Layer * 1)()
+            self._layer(bundle, self.mtp_layer[0], cfg.num_hidden_layers, mtp.layer, None, None)
+            mm = self.mtp_model = self._model(1, section)
+            mm.inv_freq, mm.embed, mm.head = m.inv_freq, m.embed, m.head
+            mm.final_norm, mm.layers = self._f32(bundle, mtp.norm), ctypes.addressof(self.mtp_layer)
+            mm.eh_proj = self._linear(bundle, mtp.eh_proj)
+            mm.enorm, mm.hnorm = self._f32(bundle, mtp.enorm), self._f32(bundle, mtp.hnorm)
         return m, table
+
+    def _model(self, n_layers: int, section) -> Model:
+        cfg = self.cfg
+        return Model(n_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                     cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank or 0, cfg.vocab_size,
+                     cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, int(cfg.scoring_func == "sigmoid"),
+                     int(cfg.topk_method == "noaux_tc"), int(cfg.norm_topk_prob), 0, cfg.routed_scaling_factor,
+                     cfg.rms_norm_eps, section.latent_eps, section.rope_scale)
+
+    def _layer(self, bundle: Bundle, ly: Layer, i: int, layer, store, layout) -> None:
+        """Fill ly with layer i's weights (a decoder layer, or the MTP block's at num_hidden_layers)."""
+        cfg, roles = self.cfg, layer.roles
+        ly.attn_norm, ly.kv_norm = self._f32(bundle, roles["attn_norm"]), self._f32(bundle, roles["kv_norm"])
+        ly.w_uk, ly.w_uv = self._f32(bundle, roles["w_uk"], blocked=True), self._f32(bundle, roles["w_uv"])
+        ly.mlp_norm, ly.q_a_norm = self._f32(bundle, roles["mlp_norm"]), self._f32(bundle, roles.get("q_a_norm"))
+        for role in ("qkv", "q_b", "o_proj", "gate_up", "down"):
+            setattr(ly, role, self._linear(bundle, roles.get(role)))
+        routed = layer.routed
+        if store is not None and i in store.layers:
+            entry = store.layers[i]
+            router, bias = store.router(i)
+            groups = np.asarray(entry.groups or [e // cfg.group_size for e in range(entry.experts)], np.int32)
+            experts, ly.expert_panel = self._experts(store, i, layout)
+            E, bits, round_act, block = entry.experts, *layout
+        elif routed is not None:
+            E = cfg.num_experts(i)
+            router, bias = self._fused_router(bundle, routed, E)
+            groups = np.asarray(routed.groups, np.int32)
+            experts, ly.expert_panel = self._fused_experts(bundle, routed, E)
+            bits, round_act, block = routed.bits, routed.activations == "int8", routed.block or 0
+        else:
+            return
+        router = np.ascontiguousarray(router, np.float32)
+        bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+        if not all(finite(a) for a in (router, bias) if a is not None):
+            raise BundleError(f"layer {i}'s router holds NaN or Inf")
+        self._keep += [router, bias, groups, experts]
+        ly.router, ly.router_bias = native.address(router), native.address(bias)
+        ly.groups, ly.experts = native.address(groups), native.address(experts)
+        ly.E, ly.expert_I = E, cfg.moe_intermediate_size
+        ly.expert_bits, ly.expert_block, ly.expert_round_act = bits, block, int(round_act)
 
     @classmethod
     def load(cls, bundle: Bundle, options: LoadOptions) -> "NativeBackend":
@@ -440,6 +471,43 @@ class NativeBackend:
             self._count()
         return logits, LatentCache(cache.buffers, past + T, cache.pointers)
 
+    def drafter(self, head: str | None = None) -> "NativeDrafter | None":
+        """The MTP block run natively (the bundle's native section locates it), or None.
+
+        head: "bundle" drafts with the bundle's own head; "int8" (the default for an fp32 head,
+        DSEXPORT_DRAFT_HEAD overrides) with an int8 copy made here, a quarter of the bytes: a draft
+        only proposes a token, which the decoder then checks with the bundle's own weights, so the
+        output is unchanged and only the acceptance can move (docs/mtp.md)."""
+        if self.mtp_model is None:
+            return None
+        head = head or os.environ.get("DSEXPORT_DRAFT_HEAD", "int8")
+        if head not in ("bundle", "int8"):
+            raise BundleError(f"draft head must be 'bundle' or 'int8', got {head!r}")
+        model = self.mtp_model
+        if head == "int8" and self.model.head.bits == 32:
+            if self._draft_head is None:
+                self._draft_head = self._int8_copy(self.model.head)
+            model = Model.from_buffer_copy(self.mtp_model)
+            model.head = self._draft_head
+        return NativeDrafter(self, model)
+
+    def _int8_copy(self, lin: Linear, rows_per_pass: int = 4096) -> Linear:
+        """An fp32 projection [rows, K] as int8 rows, blocks of 32 with fp32 scales (absmax, as the
+        exporter quantizes), int8-rounded activations; packed into panels where the kernel takes them."""
+        from dsexport.core.quant import pack, quantize_rows
+
+        rows, K = lin.rows, lin.K
+        w = np.ctypeslib.as_array((ctypes.c_float * (rows * K)).from_address(lin.w)).reshape(rows, K)
+        nb = -(-K // 32)
+        q, scales = np.empty((rows, nb * 32), np.uint8), np.empty((rows, nb), np.float32)
+        for r in range(0, rows, rows_per_pass):  # bounded temporaries
+            q[r:r + rows_per_pass], scales[r:r + rows_per_pass], _ = quantize_rows(w[r:r + rows_per_pass], 8, 32)
+        q, scales, panel = pack(q, 8), scales.reshape(-1), 0
+        if self.panels:
+            (q, scales), panel = self._pack(8, rows, q, scales), 1
+        self._keep += [q, scales]
+        return Linear(8, 32, rows, K, 1, panel, native.address(q), native.address(scales), lin.bias)
+
     def _count(self) -> None:
         """Fold the steps' expert choices into the statistics (deferred: ~90 us a step otherwise)."""
         for routed, tokens, phase_name in self._routed:
@@ -478,3 +546,55 @@ class NativeBackend:
         if getattr(self, "cache", None) is not None:
             self.cache.close()
             self.cache = None
+        if getattr(self, "_keep", None):  # the weights go now, back to the system (not kept by the allocator)
+            self.model = self.layers = self.mtp_model = self._draft_head = None
+            self._keep.clear()
+            self._addresses.clear()
+            release_freed_memory()
+
+
+class NativeDrafter:
+    """The MTP block in decoder.c (runtime/speculative.py's drafter interface, as MTPGraph): the
+    block's one layer on the backend's thread pool, with the decoder's embedding and head, so a
+    draft costs one layer and a head instead of an ONNX Runtime session run (docs/mtp.md)."""
+
+    def __init__(self, backend: NativeBackend, model: Model):
+        self.backend, self.model, self.latent_dim = backend, model, backend.latent_dim
+        self.step = Step()
+
+    def empty_cache(self, batch: int = 1) -> LatentCache:
+        return LatentCache([np.zeros((batch, 64, self.latent_dim), np.float32)], 0)
+
+    def forward(self, hidden: np.ndarray, next_ids: np.ndarray, position_ids: np.ndarray,
+                attention_mask: np.ndarray, cache: LatentCache) -> tuple[np.ndarray, LatentCache]:
+        """hidden [B, T, D] of tokens t, next_ids [B, T] = tokens t+1, positions of tokens t -> the
+        last logits [B, 1, V] (for the token after the last t+1: the draft) and the grown cache."""
+        b = self.backend
+        B, T = next_ids.shape
+        past = cache.length
+        if hidden.shape != (B, T, b.cfg.hidden_size) or position_ids.shape != (B, T) or \
+                attention_mask.shape != (B, past + T):
+            raise BundleError(f"native MTP: hidden {hidden.shape}, positions {position_ids.shape} and mask "
+                              f"{attention_mask.shape} for {B} x {T} tokens after {past}")
+        buf = cache.buffers[0]
+        if buf.shape[1] < past + T:
+            grown = np.zeros((B, max(past + T, 2 * buf.shape[1]), self.latent_dim), np.float32)
+            grown[:, :past] = buf[:, :past]
+            cache = LatentCache([grown], past)
+        ids = np.ascontiguousarray(next_ids, np.int64)
+        pos = np.ascontiguousarray(position_ids, np.int64)
+        mask = np.ascontiguousarray(attention_mask, np.int64)
+        h = np.ascontiguousarray(hidden, np.float32)
+        logits = np.empty((B, 1, b.cfg.vocab_size), np.float32)
+        s = self.step
+        s.B, s.T, s.past, s.capacity = B, T, past, cache.buffers[0].shape[1]
+        s.ids, s.positions, s.mask = native.address(ids), native.address(pos), native.address(mask)
+        s.cache, s.logits, s.hidden, s.routed = ctypes.addressof(cache.pointers), native.address(logits), None, None
+        s.last_only, s.hidden_in, s.profile = 1, native.address(h), None
+        t0 = time.perf_counter()
+        rc = b.lib.dsx_decoder_forward(b.kernel.pool, ctypes.byref(self.model), ctypes.byref(s))
+        if b.profile is not None:
+            b.profile["native: MTP block"] = b.profile.get("native: MTP block", 0.0) + time.perf_counter() - t0
+        if rc:
+            raise BundleError(f"the native MTP block failed: {_ERRORS.get(rc, rc)}")
+        return logits, LatentCache(cache.buffers, past + T, cache.pointers)

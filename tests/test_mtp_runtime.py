@@ -83,6 +83,47 @@ def test_drafting_runs_on_the_native_decoder_where_it_can(engines):
     if native.load() is None:
         pytest.skip(f"native kernel library unavailable: {native.status()['reason']}")
     assert [e.backend.name for e in engines] == ["native", "native"]
+    assert type(engines[1].drafter).__name__ == "NativeDrafter"  # the MTP block runs natively too
+    # an fp32 head drafts from an int8 copy (a quarter of the bytes); the decoder verifies with its own
+    assert engines[1].drafter.model.head.bits == 8 and engines[1].backend.model.head.bits == 32
+    assert engines[1].backend.drafter(head="bundle").model.head.bits == 32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_native_mtp_block_matches_the_mtp_graph(bundle, tmp_path_factory, precision):
+    """The native MTP block (the manifest's native.mtp) against mtp.onnx in ONNX Runtime, both fed
+    the decoder's hidden states: a prompt, then steps of 1 and 2 tokens through the block's cache,
+    as drafting runs it. Tolerance 1e-4 on the logits (the graph's own check against the torch
+    module, docs/mtp.md; measured ~1e-5 at both precisions: the int4 block rounds the same
+    activations the same way)."""
+    from dsexport.build import BuildConfig, build_bundle
+    from dsexport.runtime import Engine, native
+    from dsexport.runtime.speculative import MTPGraph
+
+    if native.load() is None:
+        pytest.skip(f"native kernel library unavailable: {native.status()['reason']}")
+    if precision != "fp32":
+        bundle = tmp_path_factory.mktemp("mtp-int4") / "embedded"
+        build_bundle(BuildConfig(EMBEDDED_MODEL, bundle, precision=precision))
+    engine = Engine.load(bundle, threads=2)
+    assert engine.backend.name == "native"
+    drafters = [engine.backend.drafter(head="bundle"), MTPGraph.load(engine.bundle)]
+    ids = np.asarray([engine.encode("And God said unto Moses, Speak unto the children of Israel")])
+    n = ids.shape[1]
+    ones = lambda k: np.ones((1, k), np.int64)  # noqa: E731
+    _, hidden, _ = engine.backend.forward_hidden(ids, np.arange(n)[None], ones(n), engine.empty_cache(1))
+    last = []
+    for drafter in drafters:
+        cache, start, out = drafter.empty_cache(1), 0, []
+        for step in (n - 4, 1, 2):
+            logits, cache = drafter.forward(hidden[:, start:start + step], ids[:, start + 1:start + step + 1],
+                                            np.arange(start, start + step)[None], ones(start + step), cache)
+            out.append(logits[0, -1])
+            start += step
+        last.append(np.stack(out))
+    assert np.abs(last[0] - last[1]).max() <= 1e-4
+    assert (last[0].argmax(-1) == last[1].argmax(-1)).all()
+    engine.close()
 
 
 def test_greedy_drafting_reproduces_plain_greedy_decoding(engines):
@@ -246,3 +287,75 @@ def test_auto_measures_this_machine_and_reports_it(bundle, artifacts, run_cli):
     assert code == 0 and json.loads(out)["draft_decision"]["reason"].startswith("predicted")
     plain = Engine.load(artifacts.export("v3_noaux_tc"), draft="auto")  # no MTP graph: no drafting, no probe
     assert plain.drafter is None and plain.draft_decision.reason == "the bundle has no MTP graph"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["native"]["mtp"]["eh_proj"]["weight"].update(offset=1 << 40), "lies outside it"),
+    (lambda m: m["native"]["mtp"]["enorm"].update(shape=[3]), "bytes for a float32|expected float32"),
+    (lambda m: m["native"]["mtp"]["eh_proj"].update(bits=4), "block|expected fp32"),
+    (lambda m: m["native"]["mtp"]["layer"].pop("routed"), "MTP block's routed experts"),
+    (lambda m: m["native"]["mtp"]["layer"]["routed"]["fc2"].update(offset=1 << 40), "lies outside it"),
+])
+def test_a_native_mtp_section_that_lies_is_refused(bundle, tmp_path, edit, message):
+    """The native MTP block's locations are checked like the decoder's (docs/security.md): shapes
+    when the manifest is read, offsets against the file when the runtime loads."""
+    import shutil
+
+    from dsexport.runtime import Engine, native
+
+    if native.load() is None:
+        pytest.skip(f"native kernel library unavailable: {native.status()['reason']}")
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        Engine.load(out, verify=False)
+
+
+def test_a_build_whose_native_mtp_block_reads_the_wrong_weights_fails(bundle, tmp_path):
+    """hnorm located at enorm's bytes (right shape, wrong tensor): only the values tell, and the
+    build's check against the MTP graph (pipeline.check_native_mtp) does."""
+    import shutil
+
+    from dsexport.build.pipeline import check_native_mtp
+    from dsexport.core.errors import InternalError
+    from dsexport.runtime import Engine, native
+
+    if native.load() is None:
+        pytest.skip(f"native kernel library unavailable: {native.status()['reason']}")
+    engine = Engine.load(bundle, verify=False)
+    assert check_native_mtp(engine, rounding=False) <= 1e-4
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["native"]["mtp"]["hnorm"] = manifest["native"]["mtp"]["enorm"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InternalError, match="native MTP block disagrees"):
+        check_native_mtp(Engine.load(out, verify=False), rounding=False)
+
+
+def test_auto_drafting_stops_when_the_acceptance_real_text_gets_does_not_pay(bundle):
+    """--draft auto decides at load on an assumed acceptance; real generations then re-check it:
+    below the break-even acceptance t_verify / t_token - 1, drafting stops for the engine."""
+    import dataclasses
+
+    from dsexport.runtime import Engine
+    from dsexport.runtime.draft_policy import MIN_OBSERVED_DRAFTS, DraftDecision, recheck
+
+    decision = DraftDecision(True, "test", token_ms=1.0, verify_ms=1.5)  # break-even 0.5
+    assert recheck(decision, MIN_OBSERVED_DRAFTS - 1, 0) is decision  # too few drafts to judge
+    assert recheck(decision, 100, 60) is decision
+    stopped = recheck(decision, 100, 40)
+    assert not stopped.draft and stopped.reason.startswith("stopped: acceptance 0.40 over 100 drafts")
+    for verify_ms, keeps in ((1.3, True), (1.99, False)):  # break-even 0.3 (below the model's ~0.7), 0.99
+        engine = Engine.load(bundle, threads=2, draft="mtp")
+        engine.draft_decision = dataclasses.replace(decision, verify_ms=verify_ms)
+        prompts = _test_prompts(engine, 2)
+        for prompt in prompts:
+            engine.generate(prompt, max_new_tokens=48, ignore_eos=True)
+        assert engine.auto_drafts[0] >= MIN_OBSERVED_DRAFTS or not keeps
+        assert (engine.drafter is not None) == keeps and engine.draft_decision.draft == keeps
+        if not keeps:
+            assert engine.generate(prompts[0], max_new_tokens=8).draft_stats is None  # plain decoding now

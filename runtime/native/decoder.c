@@ -68,6 +68,10 @@ typedef struct {
     const float *final_norm; /* [D] */
     dsx_linear head;        /* [vocab, D] */
     const dsx_layer *layers;
+    /* An MTP block's input (eh_proj.rows > 0): x = eh_proj [enorm(embed[ids]), hnorm(hidden_in)]
+     * instead of the embedding row (docs/mtp.md); its one layer, final norm and head follow as usual. */
+    dsx_linear eh_proj;     /* [D, 2D] fp32 */
+    const float *enorm, *hnorm; /* [D] */
 } dsx_model;
 
 typedef struct {
@@ -82,6 +86,7 @@ typedef struct {
     double *profile;              /* [6] seconds added per part (PROFILE_*), or NULL */
     int32_t last_only;            /* 1: logits [B, 1, vocab] of each row's last token only (a prompt's) */
     int32_t reserved;
+    const float *hidden_in;       /* [B, T, D] the main model's final-normed states: an MTP block's input */
 } dsx_step;
 
 /* the step's parts, for the breakdown benchmarks print */
@@ -337,6 +342,8 @@ static inline void mark(const dsx_step *s, double *last, int part) {
 static int check(const dsx_model *m, const dsx_step *s) {
     if (!m || !s || s->B < 1 || s->T < 1 || s->past < 0 || s->past + s->T > s->capacity) return -1;
     if (m->dr % 2 || m->r < 1 || m->H < 1 || m->n_layers < 0 || m->k < 1) return -1;
+    if (m->eh_proj.rows && (m->eh_proj.rows != m->D || m->eh_proj.K != 2 * m->D || m->eh_proj.bits != 32 ||
+                            !s->hidden_in || !m->enorm || !m->hnorm)) return -1;
     for (long i = 0; i < (long)s->B * s->T; i++)
         if (s->ids[i] < 0 || s->ids[i] >= m->vocab) return -3;
     return 0;
@@ -357,7 +364,8 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
     }
     widest = inter > widest ? inter : widest;
     widest = m->qr > widest ? m->qr : widest;
-    const size_t Kp = ((size_t)widest + 127) / 128 * 128, floats = (size_t)N * (3 * D + qkv_rows + qdim + H * dv + 3 * inter + E);
+    const size_t Kp = ((size_t)widest + 127) / 128 * 128,
+                 floats = (size_t)N * (5 * D + qkv_rows + qdim + H * dv + 3 * inter + E); /* 2D: an MTP block's input */
     /* attention: heads in groups, one group per thread for a single token */
     const int group = N >= pool->n ? 1 : (H + pool->n - 1) / pool->n, groups = (H + group - 1) / group;
     const size_t per_thread = (size_t)group * (S + 2 * L) + 64;
@@ -377,9 +385,9 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
     float *tok_weight = take(&a, (size_t)m->k * N * 4);
     uint64_t *active = take(&a, (size_t)E * 48 + 8);
     float *cosv = take(&a, (size_t)N * dr * 4 + 4), *sinv = cosv + (size_t)N * dr / 2;
-    float *qa = take(&a, (size_t)N * m->qr * 4 + 4);
+    float *qa = take(&a, (size_t)N * m->qr * 4 + 4), *eh = take(&a, (size_t)N * 2 * D * 4);
     if (!x || !h || !y || !qkv || !qfull || !ctx || !gu || !act || !rlog || !att || !scores || !choice || !slots ||
-        !count || !weights || !tok_index || !tok_start || !tok_weight || !active || !cosv || !qa) {
+        !count || !weights || !tok_index || !tok_start || !tok_weight || !active || !cosv || !qa || !eh) {
         free(a.p);
         return -2;
     }
@@ -391,6 +399,15 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
             cosv[(size_t)n * dr / 2 + i] = cosf(f) * m->rope_scale;
             sinv[(size_t)n * dr / 2 + i] = sinf(f) * m->rope_scale;
         }
+    }
+    if (m->eh_proj.rows) { /* the MTP block: [enorm(embedding of token t+1), hnorm(h_t)] -> eh_proj */
+        for (int n = 0; n < N; n++) {
+            rms_norm(x + (size_t)n * D, m->enorm, D, m->eps, eh + (size_t)n * 2 * D);
+            rms_norm(s->hidden_in + (size_t)n * D, m->hnorm, D, m->eps, eh + (size_t)n * 2 * D + D);
+        }
+        mark(s, &last, PROFILE_SERIAL);
+        rc = linear(pool, &m->eh_proj, eh, 2 * D, N, x, D, &a);
+        mark(s, &last, PROFILE_PROJECTIONS);
     }
     for (int l = 0; l < m->n_layers && !rc; l++) {
         const dsx_layer *ly = &m->layers[l];
@@ -500,9 +517,9 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
 
 /* What runtime/native_backend.py checks before it hands over weights: the structures' sizes and
  * the version of the layouts it prepares (3: W_UK in 64-column blocks, block-32 rows as panels,
- * dsx_step.last_only).
+ * dsx_step.last_only; 4: the MTP block's input, dsx_model.eh_proj and dsx_step.hidden_in).
  * A library from another build that disagrees would read the weights wrongly, not fail. */
-#define DSX_LAYOUT_VERSION 3
+#define DSX_LAYOUT_VERSION 4
 int dsx_decoder_abi(int64_t *sizes, int n) {
     const int64_t mine[] = {sizeof(dsx_linear), sizeof(dsx_layer), sizeof(dsx_model), sizeof(dsx_step),
                             DSX_LAYOUT_VERSION};

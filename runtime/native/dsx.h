@@ -161,12 +161,42 @@ DSX_INLINE void rows_f32_t(const float *W, int K, int r0, int r1, const int T, c
 #endif
 }
 
+/* fp32 rows against 2-3 tokens streamed once (a verify step, a prompt's last tokens): one row at a
+ * time, two FMA chains per token. Streams DRAM faster than two rows per pass (M's head, 2 tokens:
+ * 17.3-17.5 against 14.4-16.2 GB/s on the 2-core EPYC; benchmarks in docs/performance.md); a
+ * prompt's groups of 4, which reuse rows from cache, keep rows_f32_t. */
+DSX_INLINE void rows_f32_few(const float *W, int K, int r0, int r1, const int T, const float *const *x,
+                             float *const *out) {
+#if defined(DSX_AVX2)
+    for (int r = r0; r < r1; r++) {
+        const float *w = W + (size_t)r * K;
+        __m256 a[3][2];
+        for (int t = 0; t < 3; t++) a[t][0] = a[t][1] = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+            for (int t = 0; t < T; t++) {
+                a[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[t] + k), a[t][0]);
+                a[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[t] + k + 8), a[t][1]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            float sum = hsum_ps(_mm256_add_ps(a[t][0], a[t][1]));
+            for (int j = k; j < K; j++) sum += w[j] * x[t][j];
+            out[t][r - r0] = sum;
+        }
+    }
+#else
+    rows_f32_t(W, K, r0, r1, T, x, out);
+#endif
+}
+
 /* T a constant in each call below: the accumulators stay in registers */
 static inline void rows_f32(const float *W, int K, int r0, int r1, int T, const float *const *x, float *const *out) {
     switch (T) {
     case 4: rows_f32_t(W, K, r0, r1, 4, x, out); break;
-    case 3: rows_f32_t(W, K, r0, r1, 3, x, out); break;
-    case 2: rows_f32_t(W, K, r0, r1, 2, x, out); break;
+    case 3: rows_f32_few(W, K, r0, r1, 3, x, out); break;
+    case 2: rows_f32_few(W, K, r0, r1, 2, x, out); break;
     default: rows_f32_t(W, K, r0, r1, 1, x, out);
     }
 }

@@ -68,6 +68,8 @@ def export_onnxruntime(reader, staging: Path, plan: BuildPlan, progress: Progres
         mtp = export_mtp(reader, staging, export_config(plan), progress)
         exported.mtp = MTPGraphInfo(MTP_GRAPH_FILE, MTP_DATA_FILE, mtp.weight_bytes, DATA_FILE, mtp.shared_weights,
                                     mtp.shared_bytes, mtp_contract(plan.config), plan.config.num_hidden_layers)
+        if exported.native is not None and mtp.native is not None:  # drafting runs natively too
+            exported.native = dataclasses.replace(exported.native, mtp=mtp.native)
     return exported
 
 
