@@ -97,8 +97,8 @@ def test_native_mtp_block_matches_the_mtp_graph(bundle, tmp_path_factory, precis
     module, docs/mtp.md; measured ~1e-5 at both precisions: the int4 block rounds the same
     activations the same way)."""
     from dsexport.build import BuildConfig, build_bundle
+    from dsexport.build.pipeline import check_native_mtp
     from dsexport.runtime import Engine, native
-    from dsexport.runtime.speculative import MTPGraph
 
     if native.load() is None:
         pytest.skip(f"native kernel library unavailable: {native.status()['reason']}")
@@ -107,22 +107,8 @@ def test_native_mtp_block_matches_the_mtp_graph(bundle, tmp_path_factory, precis
         build_bundle(BuildConfig(EMBEDDED_MODEL, bundle, precision=precision))
     engine = Engine.load(bundle, threads=2)
     assert engine.backend.name == "native"
-    drafters = [engine.backend.drafter(head="bundle"), MTPGraph.load(engine.bundle)]
     ids = np.asarray([engine.encode("And God said unto Moses, Speak unto the children of Israel")])
-    n = ids.shape[1]
-    ones = lambda k: np.ones((1, k), np.int64)  # noqa: E731
-    _, hidden, _ = engine.backend.forward_hidden(ids, np.arange(n)[None], ones(n), engine.empty_cache(1))
-    last = []
-    for drafter in drafters:
-        cache, start, out = drafter.empty_cache(1), 0, []
-        for step in (n - 4, 1, 2):
-            logits, cache = drafter.forward(hidden[:, start:start + step], ids[:, start + 1:start + step + 1],
-                                            np.arange(start, start + step)[None], ones(start + step), cache)
-            out.append(logits[0, -1])
-            start += step
-        last.append(np.stack(out))
-    assert np.abs(last[0] - last[1]).max() <= 1e-4
-    assert (last[0].argmax(-1) == last[1].argmax(-1)).all()
+    assert check_native_mtp(engine, rounding=False, ids=ids) <= 1e-4
     engine.close()
 
 

@@ -134,7 +134,7 @@ static void linear_chunk(void *ctx, int c, int tid) {
         int rows[4];
         float *out[4];
         for (int t = 0; t < T; t++) rows[t] = n0 + t, out[t] = w->out + (size_t)(n0 + t) * w->ldo + r0;
-        matrix_rows(L->bits, w->fast, L->panel, L->round_act, &m, &s, L->K, &w->in, rows, T, r0, r1, out);
+        matrix_rows(L->bits, w->fast, L->panel, L->round_act, &m, &s, L->K, &w->in, rows, T, r0, r1, out, w->N <= 4);
         if (L->bias)
             for (int t = 0; t < T; t++)
                 for (int r = r0; r < r1; r++) out[t][r - r0] += L->bias[r];

@@ -191,12 +191,14 @@ DSX_INLINE void rows_f32_few(const float *W, int K, int r0, int r1, const int T,
 #endif
 }
 
-/* T a constant in each call below: the accumulators stay in registers */
-static inline void rows_f32(const float *W, int K, int r0, int r1, int T, const float *const *x, float *const *out) {
+/* T a constant in each call below: the accumulators stay in registers. once: these T tokens are
+ * all the rows will see (streamed from memory once); else rows come back for more tokens from cache. */
+static inline void rows_f32(const float *W, int K, int r0, int r1, int T, const float *const *x, float *const *out,
+                            int once) {
     switch (T) {
     case 4: rows_f32_t(W, K, r0, r1, 4, x, out); break;
-    case 3: rows_f32_few(W, K, r0, r1, 3, x, out); break;
-    case 2: rows_f32_few(W, K, r0, r1, 2, x, out); break;
+    case 3: if (once) rows_f32_few(W, K, r0, r1, 3, x, out); else rows_f32_t(W, K, r0, r1, 3, x, out); break;
+    case 2: if (once) rows_f32_few(W, K, r0, r1, 2, x, out); else rows_f32_t(W, K, r0, r1, 2, x, out); break;
     default: rows_f32_t(W, K, r0, r1, 1, x, out);
     }
 }
@@ -575,10 +577,10 @@ typedef struct {
 
 /* Rows [r0, r1) of matrix m (K inputs; shape for the generic paths) against up to 4 input rows
  * in[rows[i]]: out[i][r - r0]. fast: block 32 with rounded inputs and no zero points (AVX2);
- * panel: m packed by dsx_pack_panels. */
+ * panel: m packed by dsx_pack_panels; once: no other call reads these rows for more tokens. */
 static inline void matrix_rows(int bits, int fast, int panel, int round_act, const dsx_matrix *m,
                                const matrix_shape *shape, int K, const row_input *in, const int *rows, int T,
-                               int r0, int r1, float *const *out) {
+                               int r0, int r1, float *const *out, int once) {
 #if defined(DSX_AVX2)
     if (fast) {
         const int8_t *xq[4];
@@ -602,7 +604,7 @@ static inline void matrix_rows(int bits, int fast, int panel, int round_act, con
     if (bits == 32) {
         const float *x[4];
         for (int i = 0; i < T; i++) x[i] = in->f + (size_t)rows[i] * in->ldf;
-        rows_f32((const float *)m->q, K, r0, r1, T, x, out);
+        rows_f32((const float *)m->q, K, r0, r1, T, x, out, once);
         return;
     }
     for (int i = 0; i < T; i++) {

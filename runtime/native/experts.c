@@ -232,7 +232,8 @@ static void gate_up_chunk(void *ctx, int c, int tid) {
         int rows[4];
         float *out[4];
         for (int i = 0; i < T; i++) rows[i] = a->tok_index[p0 + i], out[i] = w->h + (size_t)(p0 + i) * R + r0;
-        matrix_rows(a->bits, w->fast, a->panel, a->round_act, &m, &w->gu, a->D, &w->x_in, rows, T, r0, r1, out);
+        matrix_rows(a->bits, w->fast, a->panel, a->round_act, &m, &w->gu, a->D, &w->x_in, rows, T, r0, r1, out,
+                    a->tok_start[e + 1] - a->tok_start[e] <= 4);
     }
 }
 
@@ -254,7 +255,8 @@ static void down_chunk(void *ctx, int c, int tid) {
             const int T = a->tok_start[e + 1] - p0 < 4 ? a->tok_start[e + 1] - p0 : 4;
             int rows[4];
             for (int i = 0; i < T; i++) rows[i] = p0 + i;
-            matrix_rows(a->bits, w->fast, a->panel, a->round_act, &m, &w->dn, a->I, &w->h_in, rows, T, r0, r1, out);
+            matrix_rows(a->bits, w->fast, a->panel, a->round_act, &m, &w->dn, a->I, &w->h_in, rows, T, r0, r1, out,
+                        a->tok_start[e + 1] - a->tok_start[e] <= 4);
             for (int i = 0; i < T; i++) {
                 const int t = a->tok_index[p0 + i];
                 const float g = a->tok_weight[p0 + i];

@@ -176,7 +176,7 @@ def verify_native(staging: Path, manifest: Manifest, progress: Progress) -> None
         raise InternalError("the native decoder fails golden checks the graphs pass: " + "; ".join(failed))
 
 
-def check_native_mtp(engine, rounding: bool, tokens: int = 12) -> float:
+def check_native_mtp(engine, rounding: bool, ids=None) -> float:
     """The native MTP block against the bundle's MTP graph on the decoder's own hidden states,
     through the block's cache in steps of several, 1 and 2 tokens (as drafting runs it): max |logit
     diff| at most 1e-3 (measured ~1e-5 on the embedded model at fp32 and int4), 0.5 where int8
@@ -185,7 +185,9 @@ def check_native_mtp(engine, rounding: bool, tokens: int = 12) -> float:
 
     from dsexport.runtime.speculative import MTPGraph
 
-    ids = np.random.default_rng(0).integers(0, engine.config.vocab_size, size=(1, tokens))
+    if ids is None:
+        ids = np.random.default_rng(0).integers(0, engine.config.vocab_size, size=(1, 12))
+    tokens = ids.shape[1]
     ones = lambda n: np.ones((1, n), np.int64)  # noqa: E731
     _, hidden, _ = engine.backend.forward_hidden(ids, np.arange(tokens)[None], ones(tokens), engine.empty_cache(1))
     last = []
