@@ -108,10 +108,12 @@ class Engine:
           sizes are always checked).
         backend: "onnxruntime" (the bundle's ONNX graphs) or "tensorrt" (the engines that
           `dsexport engine` built on this device).
-        draft: "mtp" drafts with the bundle's MTP graph and verifies two tokens per decoder run
-          (single prompts, onnxruntime backend); "auto" times a few plain and drafted decode
-          steps here and drafts when that predicts a speedup (runtime/draft_policy.py;
-          engine.draft_decision says what it found); None (default) does not draft.
+        draft: "mtp" drafts with the bundle's MTP block (in the native decoder where it runs the
+          bundle, else the MTP graph) and verifies two tokens per decoder run (single prompts,
+          onnxruntime backend); "auto" times a few plain and drafted decode steps here, drafts
+          when that predicts a speedup, and stops when the acceptance generations get makes it a
+          loss (runtime/draft_policy.py; engine.draft_decision says what it found); None
+          (default) does not draft.
         expert_cache_mb, prefetch, cache_policy: paged bundles (docs/paging.md).
         decoder: on CPU bundles, None (default) or "native" runs the native decoder where it can
           (docs/native.md; ONNX Runtime otherwise, backend.native_unavailable says why),

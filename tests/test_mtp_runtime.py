@@ -281,6 +281,7 @@ def test_auto_measures_this_machine_and_reports_it(bundle, artifacts, run_cli):
     (lambda m: m["native"]["mtp"]["eh_proj"].update(bits=4), "block|expected fp32"),
     (lambda m: m["native"]["mtp"]["layer"].pop("routed"), "MTP block's routed experts"),
     (lambda m: m["native"]["mtp"]["layer"]["routed"]["fc2"].update(offset=1 << 40), "lies outside it"),
+    (lambda m: m["graphs"].pop("mtp"), "MTP block for the native decoder in a bundle without"),
 ])
 def test_a_native_mtp_section_that_lies_is_refused(bundle, tmp_path, edit, message):
     """The native MTP block's locations are checked like the decoder's (docs/security.md): shapes
