@@ -28,9 +28,12 @@ import numpy as np
 # benchmarks/results/mtp-embedded.json); DeepSeek-V3 reports 0.85-0.90 for its MTP module.
 ACCEPTANCE_PRIOR = 0.7
 MIN_SPEEDUP = 1.05  # below this the measurement's noise could make drafting a loss
-# Drafting decided at load on the prior is re-checked on the acceptance real generations get: after
-# this many drafts, it stops where (1 + observed acceptance) x t_token / t_verify < 1 (a loss).
-MIN_OBSERVED_DRAFTS = 64
+# Drafting decided at load on the prior is re-checked on the acceptance real generations get: from
+# this many drafts on, it stops once even the upper 95% confidence bound of the acceptance (Wilson)
+# is below break-even, where (1 + a) x t_token / t_verify = 1. A block whose drafts are all
+# rejected stops after 16 drafts; one at 0.3 against a break-even of 0.5, after about 40.
+MIN_OBSERVED_DRAFTS = 16
+WILSON_Z = 1.645  # one-sided 95%
 PROBE_PROMPT_TOKENS = 16
 PROBE_NEW_TOKENS = 12
 PROBE_REPEATS = 3
@@ -61,11 +64,19 @@ def recheck(decision: DraftDecision, drafted: int, accepted: int) -> DraftDecisi
     if not decision.draft or drafted < MIN_OBSERVED_DRAFTS or decision.break_even is None:
         return decision
     observed = accepted / drafted
-    if observed >= decision.break_even:
+    if acceptance_upper_bound(accepted, drafted) >= decision.break_even:
         return decision
     return dataclasses.replace(decision, draft=False, reason=(
         f"stopped: acceptance {observed:.2f} over {drafted} drafts, below the {decision.break_even:.2f} at which "
         f"drafting pays here ({decision.reason})"))
+
+
+def acceptance_upper_bound(accepted: int, drafted: int, z: float = WILSON_Z) -> float:
+    """The Wilson score interval's upper end for accepted / drafted."""
+    p, n = accepted / drafted, drafted
+    centre = p + z * z / (2 * n)
+    spread = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return (centre + spread) / (1 + z * z / n)
 
 
 def step_costs(engine, drafter, prompt_tokens: int = PROBE_PROMPT_TOKENS, new_tokens: int = PROBE_NEW_TOKENS,

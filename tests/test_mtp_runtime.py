@@ -333,7 +333,9 @@ def test_auto_drafting_stops_when_the_acceptance_real_text_gets_does_not_pay(bun
 
     decision = DraftDecision(True, "test", token_ms=1.0, verify_ms=1.5)  # break-even 0.5
     assert recheck(decision, MIN_OBSERVED_DRAFTS - 1, 0) is decision  # too few drafts to judge
+    assert not recheck(decision, MIN_OBSERVED_DRAFTS, 0).draft  # every draft rejected: stop early
     assert recheck(decision, 100, 60) is decision
+    assert recheck(decision, 20, 8) is decision  # 0.40 over 20 drafts could still be 0.5 or more
     stopped = recheck(decision, 100, 40)
     assert not stopped.draft and stopped.reason.startswith("stopped: acceptance 0.40 over 100 drafts")
     for verify_ms, keeps in ((1.3, True), (1.99, False)):  # break-even 0.3 (below the model's ~0.7), 0.99
