@@ -236,7 +236,7 @@ class Engine:
                 from .speculative import DraftStats, SpeculativeStepper
 
                 stats = self.last_draft_stats = timings["draft_stats"] = DraftStats()
-                stepper = SpeculativeStepper(self.backend, self.drafter, rows[0], stats)
+                stepper = SpeculativeStepper(self.backend, self.drafter, rows[0], stats, self._keep_drafting())
             else:
                 stepper = PlainStepper(self.backend, rows, self.pad_id, self.prefill_chunk)
             yield from decode_loop(stepper, rows, timings)
@@ -251,6 +251,17 @@ class Engine:
                     self.draft_decision = recheck(self.draft_decision, *self.auto_drafts)
                     if not self.draft_decision.draft:
                         self.drafter = None
+
+    def _keep_drafting(self):
+        """draft="auto": the re-check asked after each verify step, this generation's drafts added to
+        the engine's earlier ones (runtime/draft_policy.recheck); None: drafting as asked."""
+        decision = self.draft_decision
+        if decision is None or not decision.draft:
+            return None
+        from .draft_policy import recheck
+
+        done = list(self.auto_drafts)
+        return lambda stats: recheck(decision, done[0] + stats.drafted, done[1] + stats.accepted).draft
 
     def _config(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                 repetition_penalty: float, seed: int | None, stop: str | Sequence[str] | None,

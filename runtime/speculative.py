@@ -125,10 +125,13 @@ class SpeculativeStepper:
     """Draft with the MTP graph, verify with the decoder: one or two tokens per decoder run, one
     sequence (decode_loop drives it like any stepper)."""
 
-    def __init__(self, backend, mtp: MTPGraph, row: RowState, stats: DraftStats):
+    def __init__(self, backend, mtp: MTPGraph, row: RowState, stats: DraftStats, keep_drafting=None):
+        """keep_drafting(stats) -> bool, asked after each verify step (draft="auto"'s re-check):
+        False decodes the rest of the generation plainly."""
         if not getattr(backend, "has_hidden_states", False):
             raise BundleError("the decoder graph has no hidden_states output for the MTP graph")
         self.backend, self.mtp, self.row, self.stats = backend, mtp, row, stats
+        self.keep_drafting, self.drafting = keep_drafting, True
         self.where = "the decoder"
 
     def _ones(self, length: int) -> np.ndarray:
@@ -157,7 +160,7 @@ class SpeculativeStepper:
         if self.hidden_prompt is not None:
             self._run_mtp_on_prompt()
         last, length = row.seen[-1], self.length
-        if row.remaining == 1:  # one token left: a draft could not be used
+        if row.remaining == 1 or not self.drafting:  # one token left (a draft could not be used), or stopped
             logits, _, self.cache = self.backend.forward_hidden(np.asarray([[last]]), np.asarray([[length]]),
                                                                 self._ones(length + 1), self.cache)
             stats.decoder_runs += 1
@@ -173,6 +176,8 @@ class SpeculativeStepper:
         check_finite(logits[0], self.where)
         accepted, token = self._verify(logits[0, 0], draft, q)
         stats.accepted += accepted
+        if self.keep_drafting is not None and not self.keep_drafting(stats):
+            self.drafting = False  # the rest plainly: the MTP cache is not needed any more
         if not accepted:
             self.length += 1
             self.cache = self.backend.truncate(verified, self.length)  # drop the draft's entry

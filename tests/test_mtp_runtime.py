@@ -342,9 +342,16 @@ def test_auto_drafting_stops_when_the_acceptance_real_text_gets_does_not_pay(bun
         engine = Engine.load(bundle, threads=2, draft="mtp")
         engine.draft_decision = dataclasses.replace(decision, verify_ms=verify_ms)
         prompts = _test_prompts(engine, 2)
+        plain = Engine.load(bundle, threads=2)
         for prompt in prompts:
-            engine.generate(prompt, max_new_tokens=48, ignore_eos=True)
-        assert engine.auto_drafts[0] >= MIN_OBSERVED_DRAFTS or not keeps
+            r = engine.generate(prompt, max_new_tokens=48, ignore_eos=True)
+            # stopping mid-generation decodes the rest plainly: the same tokens
+            assert r.output_ids == plain.generate(prompt, max_new_tokens=48, ignore_eos=True).output_ids
+            if not keeps:  # the re-check runs after every verify step, not only between generations
+                d = r.draft_stats  # the drafts stopped early, and plain runs decoded the rest
+                assert d.drafted <= MIN_OBSERVED_DRAFTS + 4 and d.decoder_runs == 47 - d.accepted
+                break
+        assert engine.auto_drafts[0] >= MIN_OBSERVED_DRAFTS
         assert (engine.drafter is not None) == keeps and engine.draft_decision.draft == keeps
         if not keeps:
             assert engine.generate(prompts[0], max_new_tokens=8).draft_stats is None  # plain decoding now
