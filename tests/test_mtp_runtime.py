@@ -48,6 +48,7 @@ def test_bundle_carries_the_mtp_graph_and_it_matches_the_torch_module(bundle, en
     manifest = json.loads((bundle / "manifest.json").read_text())
     mtp = manifest["graphs"]["mtp"]
     assert {mtp["file"], mtp["data"]} <= set(manifest["files"])
+    assert manifest["native"]["mtp"]["eh_proj"]["weight"]["file"] == mtp["data"]  # located for the native decoder
     assert [o["name"] for o in manifest["graphs"]["decoder"]["outputs"]][-1] == "hidden_states"
     # the embedding and head are read from the decoder's data file, not copied
     assert {"embed_tokens.weight", "lm_head.weight"} <= set(mtp["shared_weights"])

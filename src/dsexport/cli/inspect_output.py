@@ -47,6 +47,7 @@ def inspect_summary(manifest: Manifest) -> dict:
         "graphs": graphs, "tensorrt": tensorrt, "pruning": pruning,
         # a CPU bundle whose step the native decoder can run (docs/native.md)
         "native_decoder": manifest.native is not None,
+        "native_mtp": manifest.native is not None and manifest.native.mtp is not None,  # drafts in C too
         "parameters": manifest.stats.parameters, "active_parameters_per_token": manifest.stats.active_parameters_per_token,
         "cache_bytes_per_token": manifest.stats.cache_bytes_per_token,
         "files": {name: entry.bytes for name, entry in manifest.files.items()},
@@ -68,8 +69,8 @@ def print_summary(s: dict) -> None:
                        "read per decoded token"],
         ["target", f"{s['target']}, precision {s['precision']}, MoE lowering {s['moe_lowering']}"],
         ["kv cache", f"{human_bytes(s['cache_bytes_per_token'])} per token (latent)"],
-        *([["decoder", "native on CPUs (docs/native.md), ONNX Runtime otherwise"]] if s.get("native_decoder")
-          else []),
+        *([["decoder", "native on CPUs (docs/native.md), ONNX Runtime otherwise"
+                       + ("; the MTP block too" if s.get("native_mtp") else "")]] if s.get("native_decoder") else []),
         ["size", human_bytes(s["total_bytes"])],
     ]))
     click.echo()
