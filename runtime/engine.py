@@ -81,7 +81,7 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_id is not None:
             self.eos_ids.add(tokenizer.eos_id)
         self.pad_id = next(iter(sorted(self.eos_ids)), 0)
-        self.drafter = None  # the MTP graph, with load(draft="mtp"), or "auto" where it pays
+        self.drafter = None  # the MTP block (native or graph), with load(draft="mtp"), or "auto" where it pays
         self.draft_decision = None  # load(draft="auto"): runtime/draft_policy.DraftDecision
         self.last_draft_stats = None
         self.auto_drafts = [0, 0]  # draft="auto": drafted and accepted over this engine's generations
