@@ -20,7 +20,7 @@ import types
 
 import numpy as np
 
-from dsexport.core.errors import BundleError
+from dsexport.core.errors import BundleError, UserError
 from dsexport.core.sections import NativeLinear, NativeRouted, TensorRef
 
 from . import native
@@ -482,7 +482,7 @@ class NativeBackend:
             return None
         head = head or os.environ.get("DSEXPORT_DRAFT_HEAD", "int8")
         if head not in ("bundle", "int8"):
-            raise BundleError(f"draft head must be 'bundle' or 'int8', got {head!r}")
+            raise UserError(f"DSEXPORT_DRAFT_HEAD or head must be 'bundle' or 'int8', got {head!r}")
         model = self.mtp_model
         if head == "int8" and self.model.head.bits == 32:
             if self._draft_head is None:

@@ -39,12 +39,18 @@ def load(path, decoder: str, monkeypatch, **kw):
 def test_native_decoder_matches_the_segments_and_the_oracle_at_fp32(artifacts, variant, monkeypatch):
     """docs/parity.md's fp32 tolerance (1e-4) against the segments, teacher-forced over a prefill
     and 24 cached steps; free-running greedy tokens equal to transformers' generate."""
+    matches_onnxruntime_and_the_oracle(artifacts, paged_bundle(artifacts, variant), variant, monkeypatch)
+
+
+def matches_onnxruntime_and_the_oracle(artifacts, path, variant: str, monkeypatch) -> None:
+    """Native against ONNX Runtime on the same bundle within docs/parity.md's fp32 tolerance (1e-4),
+    teacher-forced over a prefill and 24 cached steps; free-running greedy tokens equal to
+    transformers' generate."""
     import torch
 
-    path = paged_bundle(artifacts, variant)
-    segments, nat = load(path, "onnxruntime", monkeypatch), load(path, "native", monkeypatch)
-    steps = segments.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
-    diff = np.abs(teacher_forced_logits(segments, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
+    graphs, nat = load(path, "onnxruntime", monkeypatch), load(path, "native", monkeypatch)
+    steps = graphs.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
+    diff = np.abs(teacher_forced_logits(graphs, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
     assert diff.max() <= 1e-4
     hf = artifacts.hf_model(variant)
     with torch.no_grad():
@@ -265,21 +271,12 @@ def test_fused_bundles_run_natively_by_default_and_match_the_graph_and_the_oracl
     """The default x86-cpu bundle (one graph, the fused MoE op in 2 shards, a tied head on
     v3_flat_tied): native by default, within docs/parity.md's fp32 tolerance (1e-4) of ONNX
     Runtime running the graph, and transformers' greedy tokens."""
-    import torch
-
     from dsexport.runtime import Engine
 
     path = artifacts.export(variant)
     monkeypatch.delenv("DSEXPORT_DECODER", raising=False)
     assert Engine.load(path, verify=False).backend.name == "native"
-    graph, nat = load(path, "onnxruntime", monkeypatch), load(path, "native", monkeypatch)
-    steps = graph.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
-    diff = np.abs(teacher_forced_logits(graph, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
-    assert diff.max() <= 1e-4
-    hf = artifacts.hf_model(variant)
-    with torch.no_grad():
-        want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False, min_new_tokens=24)[0, len(PROMPT):]
-    assert nat.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids == want.tolist()
+    matches_onnxruntime_and_the_oracle(artifacts, path, variant, monkeypatch)
 
 
 @pytest.mark.parametrize("precision, activations", [("int4", "fp32"), ("int4", "int8"), ("int8", "int8")])
