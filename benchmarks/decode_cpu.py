@@ -13,9 +13,10 @@ median/median), and roofline fractions:
   copy:      2 threads copying 1 GiB (bytes read + written per second, best of 5): the figure
              the issue's goals were first stated against; 1.3-1.5x the read figure here
   dsexport bytes/token, as the kernels hold the weights: a bundle run by the native decoder
-             reads the bundle's own bytes (every tensor of the manifest's native section as stored,
-             one embedding row, and per MoE layer its router and k experts' bytes: int4 block 32
-             with float32 scales = 0.625 bytes/weight); a graph run by ONNX Runtime, its repacked
+             reads the bundle's own bytes as it holds them (every tensor of the manifest's native
+             section, one embedding row, and per MoE layer its router and k experts' bytes; block
+             scales that are fp16 values at 2 bytes: int4 block 32 = 0.5625 bytes/weight, with
+             float32 scales 0.625); a graph run by ONNX Runtime, its repacked
              MatMulNBits/QMoE blocks (float32 scale + float32 block sum per block: core/quant.py
              weight_bytes with resident=True), fp32 for the embeddings' one row, norms, router and
              the absorbed W_UK/W_UV
@@ -63,7 +64,8 @@ def bytes_read_per_token(bundle: Path, experts: str = "native") -> tuple[float, 
     paging = manifest.paging
     from dsexport.runtime import native
     if manifest.native is not None and experts == "native" and native.load() is not None:
-        return native_bytes_per_token(manifest), "native decoder: the bundle's own bytes (MatMulNBits rows, experts)"
+        return native_bytes_per_token(manifest, bundle), ("native decoder: the bundle's own bytes (MatMulNBits rows, "
+                                                          "experts), fp16-valued block scales at 2 bytes")
     if paging is None:
         return active, "fused graph (ONNX Runtime's repacked blocks)"
     if experts == "numpy" or native.load() is None:
@@ -76,11 +78,24 @@ def bytes_read_per_token(bundle: Path, experts: str = "native") -> tuple[float, 
     return active, "paged, native experts at the store's record bytes"
 
 
-def native_bytes_per_token(manifest) -> float:
-    """What the native decoder reads per token: every tensor of the native section as stored (int4
-    block 32: 0.625 bytes/weight), one embedding row, and per MoE layer the router, its bias and
-    k expert records."""
+def native_bytes_per_token(manifest, bundle: Path) -> float:
+    """What the native decoder reads per token: every tensor of the native section as it holds it,
+    one embedding row, and per MoE layer the router, its bias and k experts. Block scales count 2
+    bytes where the decoder holds them as fp16 (AVX2 panels, every scale of the matrix, or of the
+    layer's experts, an fp16 value: int4 block 32 = 0.5625 bytes/weight), else 4; a paged
+    store's records are taken to hold fp16 values (as this exporter writes them), not read."""
     from dsexport.core.sections import TensorRef
+    from dsexport.runtime import native
+    from dsexport.runtime.native_backend import half_scales
+
+    lib = native.load()
+    half = lib.dsx_simd() == 1 and lib.dsx_half_scales() == 1
+
+    def scale_bytes(*refs, fold: float = 1.0) -> int:
+        arrays = [np.fromfile(bundle / r.file, np.float32, r.bytes // 4, offset=r.offset) for r in refs]
+        fp16 = half and all(half_scales(a / np.float32(f)) is not None
+                            for a, f in zip(arrays, (1.0, fold) if len(arrays) == 2 else (1.0,)))
+        return sum(r.bytes // 2 if fp16 else r.bytes for r in refs)
 
     section, cfg = manifest.native, manifest.model
     refs = []
@@ -91,7 +106,9 @@ def native_bytes_per_token(manifest) -> float:
         if isinstance(value, TensorRef):
             refs.append(value.bytes)
         else:  # an fp32 weight shared with the router (col_start) counts only its own columns
-            refs.append(value.rows * value.cols * 4 if value.bits == 32 else value.weight.bytes + value.scales.bytes)
+            panels = value.activations == "int8" and value.block == 32
+            refs.append(value.rows * value.cols * 4 if value.bits == 32 else value.weight.bytes + (
+                scale_bytes(value.scales) if panels else value.scales.bytes))
             refs.append(value.bias.bytes if value.bias else 0)
     total = sum(refs) + cfg.hidden_size * 4
     k = cfg.num_experts_per_tok
@@ -100,11 +117,19 @@ def native_bytes_per_token(manifest) -> float:
             r = layer.routed
             if r is not None:
                 E = cfg.num_experts(i)
-                total += k * sum(x.bytes for x in (r.fc1, r.fc2, r.fc1_scales, r.fc2_scales) if x) // E
+                scales = scale_bytes(r.fc1_scales, r.fc2_scales, fold=r.fold) if r.fc1_scales and r.block == 32 \
+                    and r.activations == "int8" else sum(x.bytes for x in (r.fc1_scales, r.fc2_scales) if x)
+                total += k * (r.fc1.bytes + r.fc2.bytes + scales) // E
                 total += E * cfg.hidden_size * 4 + (r.bias.bytes if r.bias else 0)
         return total
+    spec = manifest.quantization
     for entry in manifest.paging.layers.values():
-        total += k * entry.record_bytes + entry.experts * entry.hidden * 4
+        record = entry.record_bytes
+        if half and entry.quantized and spec.activations == "int8" and all(
+                m.block == 32 for m in entry.quantized.values()):  # the store's scales, taken as fp16 values
+            g, d = entry.quantized["gate_up"], entry.quantized["down"]
+            record -= (2 * entry.intermediate * g.padded // 32 + entry.hidden * d.padded // 32) * 2
+        total += k * record + entry.experts * entry.hidden * 4
         total += entry.experts * 4 if entry.bias is not None else 0
     return total
 

@@ -11,6 +11,12 @@ A weight [.., N, K] (torch layout: out x in) is cut along K into blocks of `bloc
   asymmetric  d = (max - min) / (2^bits - 1) and a zero point z per block (zero exact):
               (q - z) * d. ONNX Runtime's MatMulNBits and QMoE take the zero points as an input.
 
+Every scheme rounds d to the nearest fp16 value first (where that value is a normal fp16, within
+fp16's 11-bit precision; a block whose d is not keeps its float32 d) and then computes q with it,
+as llama.cpp stores fp16 block scales. The bundle stores the scales as float32 (MatMulNBits
+rejects fp16 ones with fp32 activations), but the native decoder holds them at 2 bytes
+(runtime/native/dsx.h: int4 block 32 reads 0.5625 bytes/weight, not 0.625).
+
 The first two are ONNX Runtime's MatMulNBits/QMoE convention with the default zero point, so the
 graph computes with exactly the weights `dequantize_rows` returns. `per_channel_bits` widths use
 one block per row (K): TensorRT's INT8 weights are per channel (its block quantization is INT4).
@@ -50,7 +56,9 @@ PRESETS = {
     # the output head at 8 bits, as llama.cpp's q4_0 keeps its output tensor at higher precision
     "int4": {"attention": 4, "shared_experts": 4, "routed_experts": 4, "dense_mlp": 4, "lm_head": 8},
 }
-SCALE_BYTES = 4  # the quantizer writes float32 scales (MatMulNBits rejects fp16 ones with fp32 activations)
+SCALE_BYTES = 4  # the quantizer writes float32 scales (MatMulNBits rejects fp16 ones with fp32 activations),
+# whose values are fp16 values where they fit (`quantize_rows`): the native decoder holds those at 2 bytes
+NATIVE_SCALE_BYTES = 2
 # ONNX Runtime 1.32 repacks MatMulNBits/QMoE weights at load for its int8-activation kernels, adding
 # a float32 block sum per block beside the float32 scale (measured with
 # session.save_external_prepacked_constant_initializers: 4-bit block 32 = 0.750 bytes/weight).
@@ -286,18 +294,30 @@ def quantize_rows(w: np.ndarray, bits: int, block: int, scheme: str = "absmax"
     zero = None
     if scheme == "absmax":
         idx = np.abs(blocks).argmax(-1)[..., None]
-        d = (np.take_along_axis(blocks, idx, -1)[..., 0] / -half).astype(np.float32)
+        d = fp16_valued(np.take_along_axis(blocks, idx, -1)[..., 0] / -half)
     elif scheme == "symmetric":
-        d = (np.abs(blocks).max(-1) / (half - 1)).astype(np.float32)
+        d = fp16_valued(np.abs(blocks).max(-1) / (half - 1))
     else:  # asymmetric: the range always holds 0, so a zero weight stays exactly zero
         lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-        d = ((hi - lo) / top).astype(np.float32)
+        d = fp16_valued((hi - lo) / top)
         safe = np.where(d == 0, np.float32(1), d)
         zero = np.clip(np.rint(-lo / safe), 0, top).astype(np.uint8)
     safe = np.where(d == 0, np.float32(1), d)
     offset = zero[..., None].astype(np.float32) if zero is not None else half
     q = np.clip(np.rint(blocks / safe[..., None]) + offset, 0, top).astype(np.uint8)
     return q.reshape(w.shape), d, zero
+
+
+def fp16_valued(d: np.ndarray) -> np.ndarray:
+    """Block scales rounded to the nearest fp16 value, as float32, where that is a normal fp16
+    (|d| in [2^-14, 65504]) or zero; others keep their float32 value (an fp16 subnormal would lose
+    precision). q is then computed with the rounded d, so the block's extreme weight may sit a
+    fraction of a level past the last one (clamped) instead of exactly on it."""
+    d = np.asarray(d, np.float32)
+    with np.errstate(over="ignore"):
+        rounded = d.astype(np.float16).astype(np.float32)
+    normal = (np.abs(d) >= np.float32(2.0 ** -14)) & np.isfinite(rounded)
+    return np.where(normal | (d == 0), rounded, d).astype(np.float32)
 
 
 def dequantize_rows(q: np.ndarray, scales: np.ndarray, bits: int, block: int, K: int,

@@ -66,8 +66,18 @@ PROFILE_PARTS = ("projections", "attention", "routed experts", "head", "serial")
 _ERRORS = {-1: "bad arguments", -2: "out of memory", -3: "a token id outside the vocabulary"}
 
 
-LAYOUT_VERSION = 4  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only,
-# the MTP block's input (eh_proj, hidden_in)
+LAYOUT_VERSION = 5  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only,
+# the MTP block's input (eh_proj, hidden_in), panels with fp16 scales (panel 2)
+
+
+def half_scales(scales: np.ndarray) -> np.ndarray | None:
+    """Panel scales as fp16 when every one is an fp16 value (the exporter rounds block scales to
+    fp16 values: core/quant.py), to within float32 rounding (a fused MoE op's down scales come
+    back divided by its fold); None otherwise, and the panels keep float scales."""
+    half = scales.astype(np.float16)
+    if not np.all(np.abs(half.astype(np.float32) - scales) <= np.abs(scales) * np.float32(2.0 ** -20)):
+        return None
+    return half
 
 
 def check_abi(lib) -> None:
@@ -123,6 +133,10 @@ class NativeBackend:
         self.lib.dsx_pack_panels.restype = ctypes.c_int
         # the AVX2 build reads block-32 rows as 8-row panels (dsx.h); DSEXPORT_NATIVE_PANELS=0 keeps rows (A/B runs)
         self.panels = self.lib.dsx_simd() == 1 and os.environ.get("DSEXPORT_NATIVE_PANELS", "1") != "0"
+        # panels hold fp16 scales where the bundle's are fp16 values; DSEXPORT_NATIVE_HALF_SCALES=0 keeps float (A/B)
+        self.lib.dsx_half_scales.restype = ctypes.c_int
+        self.half = self.panels and self.lib.dsx_half_scales() == 1 and \
+            os.environ.get("DSEXPORT_NATIVE_HALF_SCALES", "1") != "0"
         self.resident_bytes = 0
         self.cfg_precision = manifest.precision
         self._keep: list = []  # every array whose address the structures hold
@@ -196,6 +210,14 @@ class NativeBackend:
         self._addresses[key] = native.address(a)
         return self._addresses[key]
 
+    def _halve(self, packed: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list, int]:
+        """Panels [(q, float scales)] of one matrix or one layer's experts, with fp16 scales where
+        all of them are fp16 values, and decoder.c's panel flag (1 float scales, 2 fp16)."""
+        halves = [half_scales(ps) for _, ps in packed] if self.half else [None]
+        if any(h is None for h in halves):
+            return packed, 1
+        return [(pq, h) for (pq, _), h in zip(packed, halves)], 2
+
     def _pack(self, bits: int, rows: int, q: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Block-32 rows as 8-row panels (runtime/native/dsx.h); the rows' own arrays can then go."""
         q = np.ascontiguousarray(q).reshape(rows, -1)
@@ -224,19 +246,20 @@ class NativeBackend:
             if a is not None and a.dtype == np.float32 and not finite(a):
                 raise BundleError("native: a projection's weights hold NaN or Inf")
         if self.panels and round_act and lin.block == 32:
-            w, scales = self._pack(lin.bits, lin.rows, w, scales)
-            panel = 1
+            [(w, scales)], panel = self._halve([self._pack(lin.bits, lin.rows, w, scales)])
         self._keep += [w, scales]
         return Linear(lin.bits, lin.block or 0, lin.rows, lin.cols, round_act, panel, native.address(w),
                       native.address(scales), self._f32(bundle, lin.bias))
 
     def _experts(self, store: ExpertStore, layer: int, layout: tuple[int, bool, int]) -> tuple[np.ndarray, int]:
         """[E, 6] addresses of the layer's experts, read once (packed into panels where the kernel
-        takes them: the records' own buffers are then dropped), and whether they are packed."""
+        takes them: the records' own buffers are then dropped), and decoder.c's panel flag (0 rows,
+        1 panels with float scales, 2 with fp16 scales)."""
         bits, round_act, block = layout
         entry = store.layers[layer]
         pack = self.panels and bits != 32 and round_act and block == 32
         table = np.zeros((entry.experts, 6), np.uint64)
+        packed = []  # [(pq, ps)] gate_up then down per slot, with fp16 scales or not as one layer
         for slot in range(entry.experts):
             expert = store.read(layer, slot)
             values = [expert.w_gate_up, expert.w_down] if expert.q is None else \
@@ -249,13 +272,18 @@ class NativeBackend:
                 table[slot] = expert_addresses(expert)
                 self.resident_bytes += expert.nbytes
                 continue
-            for k, name in enumerate(("gate_up", "down")):
+            for name in ("gate_up", "down"):
                 m, q, scales, _ = expert.q.parts[name]
-                pq, ps = self._pack(bits, m["rows"], q, scales)
-                self._keep += [pq, ps]
-                table[slot, 3 * k], table[slot, 3 * k + 1] = native.address(pq), native.address(ps)
-                self.resident_bytes += pq.nbytes + ps.nbytes
-        return table, int(pack)
+                packed.append(self._pack(bits, m["rows"], q, scales))
+        if not pack:
+            return table, 0
+        packed, panel = self._halve(packed)
+        for i, (pq, ps) in enumerate(packed):
+            slot, k = divmod(i, 2)
+            self._keep += [pq, ps]
+            table[slot, 3 * k], table[slot, 3 * k + 1] = native.address(pq), native.address(ps)
+            self.resident_bytes += pq.nbytes + ps.nbytes
+        return table, panel
 
     def _fused_experts(self, bundle: Bundle, routed: NativeRouted, E: int) -> tuple[np.ndarray, int]:
         """[E, 6] addresses of a fused bundle's experts in the store's layout: gate rows then up rows
@@ -288,20 +316,25 @@ class NativeBackend:
 
         pack = self.panels and routed.bits != 32 and routed.activations == "int8" and routed.block == 32
         table = np.zeros((E, 6), np.uint64)
+        experts = []
         for e in range(E):
             if routed.bits == 32:
-                parts = [gate_up(fc1, e), None, None, unfold(down(fc2, e)), None, None]
+                experts += [(gate_up(fc1, e), None), (unfold(down(fc2, e)), None)]
             else:
                 q1, d1 = gate_up(fc1, e), gate_up(s1, e).reshape(-1)
                 q2, d2 = down(fc2, e), unfold(down(s2, e)).reshape(-1)
-                if pack:
-                    (q1, d1), (q2, d2) = self._pack(routed.bits, q1.shape[0], q1, d1), \
-                        self._pack(routed.bits, q2.shape[0], q2, d2)
-                parts = [q1, d1, None, q2, d2, None]
+                experts += [self._pack(routed.bits, q1.shape[0], q1, d1), self._pack(routed.bits, q2.shape[0], q2, d2)] \
+                    if pack else [(q1, d1), (q2, d2)]
+        panel = 0
+        if pack:  # fp16 scales where the whole layer's are fp16 values
+            experts, panel = self._halve(experts)
+        for e in range(E):
+            (q1, d1), (q2, d2) = experts[2 * e], experts[2 * e + 1]
+            parts = [q1, d1, None, q2, d2, None]
             self._keep += [a for a in parts if a is not None]
             self.resident_bytes += sum(a.nbytes for a in parts if a is not None)
             table[e] = [native.address(a) for a in parts]
-        return table, int(pack)
+        return table, panel
 
     def _fused_router(self, bundle: Bundle, routed: NativeRouted, E: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The router [E, D] (the MatMul weight's columns router_col..) and the correction bias [E]."""
@@ -492,8 +525,8 @@ class NativeBackend:
         return NativeDrafter(self, model)
 
     def _int8_copy(self, lin: Linear, rows_per_pass: int = 4096) -> Linear:
-        """An fp32 projection [rows, K] as int8 rows, blocks of 32 with fp32 scales (absmax, as the
-        exporter quantizes), int8-rounded activations; packed into panels where the kernel takes them."""
+        """An fp32 projection [rows, K] as int8 rows, blocks of 32 with fp16-valued scales (absmax, as
+        the exporter quantizes), int8-rounded activations; packed into panels where the kernel takes them."""
         from dsexport.core.quant import pack, quantize_rows
 
         rows, K = lin.rows, lin.K
@@ -504,7 +537,7 @@ class NativeBackend:
             q[r:r + rows_per_pass], scales[r:r + rows_per_pass], _ = quantize_rows(w[r:r + rows_per_pass], 8, 32)
         q, scales, panel = pack(q, 8), scales.reshape(-1), 0
         if self.panels:
-            (q, scales), panel = self._pack(8, rows, q, scales), 1
+            [(q, scales)], panel = self._halve([self._pack(8, rows, q, scales)])
         self._keep += [q, scales]
         return Linear(8, 32, rows, K, 1, panel, native.address(q), native.address(scales), lin.bias)
 

@@ -407,3 +407,54 @@ def test_a_build_whose_native_section_reads_the_weights_wrongly_fails(artifacts,
         build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), out,
                                  precision=None if precision == "fp32" else precision))
     assert not (out / "manifest.json").exists()
+
+
+def panel_flags(engine, roles=("qkv", "o_proj", "gate_up", "down"), experts: bool = True) -> set[int]:
+    """decoder.c's panel flags of the quantized projections in `roles` and of every layer's routed
+    experts. q_b is left out by default: its block scales carry the folded softmax scale, which
+    is no fp16 value, so it keeps float scales."""
+    backend, flags = engine.backend, set()
+    for ly in backend.layers:
+        for role in roles:
+            lin = getattr(ly, role)
+            if lin.bits in (4, 8):
+                flags.add(lin.panel)
+        if ly.E and experts:
+            flags.add(ly.expert_panel)
+    return flags
+
+
+@pytest.mark.parametrize("paged", [True, False])
+def test_panels_hold_fp16_scales_and_compute_exactly_what_float_scales_do(artifacts, paged, monkeypatch):
+    """The exporter rounds block scales to fp16 values, so the AVX2 panels hold them at 2 bytes
+    (panel 2) and give logits bit for bit equal to the same panels with float scales."""
+    path = quantized_bundles(artifacts, "int8", paged=paged)
+    half = load(path, "native", monkeypatch)
+    if not half.backend.half:
+        pytest.skip("this build of the kernel library packs no panels with fp16 scales (AVX2 with F16C only)")
+    assert panel_flags(half) == {2} and half.backend.model.head.panel == 2
+    assert panel_flags(half, ("q_b",), experts=False) == {1}
+    monkeypatch.setenv("DSEXPORT_NATIVE_HALF_SCALES", "0")
+    full = load(path, "native", monkeypatch)
+    assert panel_flags(full) == {1} and full.backend.model.head.panel == 1
+    steps = half.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
+    assert np.array_equal(teacher_forced_logits(half, PROMPT, steps), teacher_forced_logits(full, PROMPT, steps))
+
+
+def test_scales_that_are_not_fp16_values_keep_float_panels(artifacts, tmp_path, monkeypatch):
+    """A bundle whose head scales are not all fp16 values (an older build, another exporter) keeps
+    float scales for that matrix only, and still computes what ONNX Runtime computes."""
+    out = tmp_path / "bundle"
+    shutil.copytree(quantized_bundles(artifacts, "int8", paged=False), out)
+    ref = json.loads((out / "manifest.json").read_text())["native"]["globals"]["head"]["scales"]
+    with open(out / ref["file"], "r+b") as f:
+        f.seek(ref["offset"])
+        scales = np.frombuffer(f.read(ref["bytes"]), np.float32).copy()
+        scales[::7] *= np.float32(1 + 2.0 ** -15)  # off the fp16 grid, by far less than a level
+        f.seek(ref["offset"])
+        f.write(scales.tobytes())
+    engine = load(out, "native", monkeypatch)
+    if not engine.backend.half:
+        pytest.skip("this build of the kernel library packs no panels with fp16 scales (AVX2 with F16C only)")
+    assert engine.backend.model.head.panel == 1 and panel_flags(engine) == {2}
+    matches_onnxruntime_quantized(out, "int8", monkeypatch)

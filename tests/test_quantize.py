@@ -197,3 +197,21 @@ def test_a_phone_bundle_carries_the_quantized_ops(artifacts, tmp_path):
     prompt = [5, 17, 3, 99]
     assert Engine.load(tmp_path / "phone").generate(prompt, max_new_tokens=16, ignore_eos=True).output_ids == \
         Engine.load(tmp_path / "x86").generate(prompt, max_new_tokens=16, ignore_eos=True).output_ids
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_block_scales_are_fp16_values_where_fp16_holds_them(scheme):
+    """Scales are rounded to fp16 values (the native decoder holds them at 2 bytes, as llama.cpp's
+    q4_0/q8_0 do), except blocks whose scale would be an fp16 subnormal; q is computed with the
+    rounded scale, so every weight stays within one level of its dequantized value (half a level
+    but for a clamped extreme)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 256)) * 0.02).astype(np.float32)
+    w[3, :32] *= 1e-4  # a block of tiny weights: its scale is below fp16's normal range
+    for bits in (4, 8):
+        q, d, zero = quantize_rows(w, bits, 32, scheme)
+        fp16 = d.astype(np.float16).astype(np.float32) == d
+        assert fp16.sum() == d.size - 1 and not fp16[3, 0] and d[3, 0] != 0
+        err = np.abs(dequantize_rows(q, d, bits, 32, 256, zero) - w).reshape(16, 8, 32)
+        assert np.all(err <= np.abs(d)[..., None] * (1.0 + 1e-3))
+        assert np.median(err / np.abs(d)[..., None]) < 0.3

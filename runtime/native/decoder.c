@@ -30,7 +30,8 @@ typedef struct {
     int32_t block;     /* quantized: B, a multiple of 32 */
     int32_t rows, K;   /* K: inputs (quantized rows are padded to Kp, a multiple of B) */
     int32_t round_act; /* quantized: round the input to int8 per block */
-    int32_t panel;     /* 1: w and scales packed by dsx_pack_panels (block 32, int8 activations, AVX2) */
+    int32_t panel;     /* w and scales packed by dsx_pack_panels (block 32, int8 activations, AVX2):
+                        * 1 with float scales, 2 with fp16 scales (dsx_half_scales) */
     const void *w;     /* fp32 weights, or the packed q */
     const float *scales;
     const float *bias; /* [rows] or NULL */
@@ -517,9 +518,10 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
 
 /* What runtime/native_backend.py checks before it hands over weights: the structures' sizes and
  * the version of the layouts it prepares (3: W_UK in 64-column blocks, block-32 rows as panels,
- * dsx_step.last_only; 4: the MTP block's input, dsx_model.eh_proj and dsx_step.hidden_in).
+ * dsx_step.last_only; 4: the MTP block's input, dsx_model.eh_proj and dsx_step.hidden_in; 5: panels
+ * with fp16 scales, panel 2).
  * A library from another build that disagrees would read the weights wrongly, not fail. */
-#define DSX_LAYOUT_VERSION 4
+#define DSX_LAYOUT_VERSION 5
 int dsx_decoder_abi(int64_t *sizes, int n) {
     const int64_t mine[] = {sizeof(dsx_linear), sizeof(dsx_layer), sizeof(dsx_model), sizeof(dsx_step),
                             DSX_LAYOUT_VERSION};

@@ -14,6 +14,9 @@
 #if defined(__AVX2__) && defined(__FMA__) && !defined(DSX_PORTABLE)
 #include <immintrin.h>
 #define DSX_AVX2 1
+#if defined(__F16C__)
+#define DSX_F16C 1 /* panels may hold fp16 scales (every AVX2 CPU has F16C; -march=native turns it on) */
+#endif
 #endif
 
 #define CHUNK_ROWS 256 /* the most rows a chunk holds */
@@ -254,7 +257,7 @@ static inline void gemv_t(const float *restrict W, int rows, int cols, size_t ld
 /* ---- one matrix row against one token's activations ---------------------------------------- */
 typedef struct {
     const uint8_t *q;     /* int8/int4 bytes, or float weights for fp32 */
-    const float *scales;  /* [R, K/B] */
+    const float *scales;  /* [R, K/B], or a panel layout's (fp16 when matrix_rows' panel is 2) */
     const uint8_t *zeros; /* [R, K/B] or NULL */
 } dsx_matrix;
 
@@ -317,8 +320,11 @@ static inline void rows_q_b32(int bits, const uint8_t *q, const float *scales, s
  *         four pair sums reduced by three hadds to [r0 r2 r4 r6 r1 r3 r5 r7] (scales stored in that order)
  *   int8  per block 8 rows x 32 signed bytes (q ^ 0x80 at packing): |w| against sign(x, w), the
  *         eight row sums reduced by hadds to [r0 .. r7]
- * Scales float [panels, blocks, 8]; rows past the matrix are zero (scale 0). Same arithmetic as
- * rows_q_b32 (exact integer block sums times the two scales), summed in another order. */
+ * Scales [panels, blocks, 8], float or (half = 1) fp16: the exporter rounds block scales to fp16
+ * values (core/quant.py), so a matrix whose scales all are loads them at 2 bytes, as llama.cpp's
+ * q4_0/q8_0 store theirs (int4 0.5625 bytes/weight, not 0.625). Rows past the matrix are zero
+ * (scale 0). Same arithmetic as rows_q_b32 (exact integer block sums times the two scales),
+ * summed in another order. */
 #define PANEL 8
 #ifndef DSX_PREFETCH
 #define DSX_PREFETCH 4096
@@ -326,13 +332,22 @@ static inline void rows_q_b32(int bits, const uint8_t *q, const float *scales, s
 static inline int panel_scale_slot(int bits, int j) { return bits == 4 ? (j & 1 ? 4 + j / 2 : j / 2) : j; }
 
 #if defined(DSX_AVX2)
-static inline void panels_b32(int bits, const uint8_t *pq, const float *ps, int nb, int p0, int p1, const int8_t *xq,
-                              const float *xs, const int32_t *lanes, float *out) {
+/* the 8 scales of panel block i (ps: the matrix's scales, float or fp16) */
+DSX_INLINE __m256 panel_scales(const void *ps, size_t i, const int half) {
+#if defined(DSX_F16C)
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)ps + i)));
+#endif
+    (void)half;
+    return _mm256_loadu_ps((const float *)ps + i);
+}
+
+DSX_INLINE void panels_b32_t(int bits, const uint8_t *pq, const void *ps, const int half, int nb, int p0, int p1,
+                             const int8_t *xq, const float *xs, const int32_t *lanes, float *out) {
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
     const size_t panel_bytes = (size_t)nb * PANEL * 32 * bits / 8;
     for (int p = p0; p < p1; p++) {
         const uint8_t *w = pq + (size_t)p * panel_bytes;
-        const float *s = ps + (size_t)p * nb * PANEL;
+        const size_t s = (size_t)p * nb * PANEL;
         __m256 acc = _mm256_setzero_ps();
         for (int b = 0; b < nb; b++) {
             __m256i sums;
@@ -368,7 +383,7 @@ static inline void panels_b32(int bits, const uint8_t *pq, const float *ps, int 
                 sums = _mm256_add_epi32(_mm256_permute2x128_si256(a, c, 0x20), _mm256_permute2x128_si256(a, c, 0x31));
                 w += 256;
             }
-            const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(s + b * PANEL), _mm256_set1_ps(xs[b]));
+            const __m256 scale = _mm256_mul_ps(panel_scales(ps, s + (size_t)b * PANEL, half), _mm256_set1_ps(xs[b]));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
         }
         float lanes_out[8];
@@ -377,28 +392,34 @@ static inline void panels_b32(int bits, const uint8_t *pq, const float *ps, int 
     }
 }
 
+static inline void panels_b32(int bits, const uint8_t *pq, const void *ps, int half, int nb, int p0, int p1,
+                              const int8_t *xq, const float *xs, const int32_t *lanes, float *out) {
+    if (half) panels_b32_t(bits, pq, ps, 1, nb, p0, p1, xq, xs, lanes, out); /* half a constant in each */
+    else panels_b32_t(bits, pq, ps, 0, nb, p0, p1, xq, xs, lanes, out);
+}
+
 /* rows [r0, r1) of a packed matrix (r0 a multiple of 8): exactly r1 - r0 outputs */
-static inline void panel_rows(int bits, const uint8_t *pq, const float *ps, int nb, int r0, int r1, const int8_t *xq,
-                              const float *xs, const int32_t *lanes, float *out) {
+static inline void panel_rows(int bits, const uint8_t *pq, const void *ps, int half, int nb, int r0, int r1,
+                              const int8_t *xq, const float *xs, const int32_t *lanes, float *out) {
     const int p0 = r0 / PANEL, full = r1 / PANEL;
-    if (full > p0) panels_b32(bits, pq, ps, nb, p0, full, xq, xs, lanes, out);
+    if (full > p0) panels_b32(bits, pq, ps, half, nb, p0, full, xq, xs, lanes, out);
     if (full * PANEL < r1) {
         float tail[PANEL];
-        panels_b32(bits, pq, ps, nb, full, full + 1, xq, xs, lanes, tail);
+        panels_b32(bits, pq, ps, half, nb, full, full + 1, xq, xs, lanes, tail);
         memcpy(out + (size_t)(full - p0) * PANEL, tail, (size_t)(r1 - full * PANEL) * sizeof(float));
     }
 }
 
 /* Up to 4 tokens against the same int4 panels: each block's nibbles are unpacked once for all of
  * them (prefill, and experts that several tokens chose). out[t][0 .. rows of the panels). */
-DSX_INLINE void panels_int4_multi_t(const uint8_t *pq, const float *ps, int nb, int p0, int p1, const int T,
-                                         const int8_t *const *xq, const float *const *xs,
-                                         const int32_t *const *lanes, float *const *out) {
+DSX_INLINE void panels_int4_multi_t(const uint8_t *pq, const void *ps, const int half, int nb, int p0, int p1,
+                                    const int T, const int8_t *const *xq, const float *const *xs,
+                                    const int32_t *const *lanes, float *const *out) {
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
     const size_t panel_bytes = (size_t)nb * PANEL * 16;
     for (int p = p0; p < p1; p++) {
         const uint8_t *w = pq + (size_t)p * panel_bytes;
-        const float *s = ps + (size_t)p * nb * PANEL;
+        const size_t s = (size_t)p * nb * PANEL;
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int b = 0; b < nb; b++, w += 128) {
             _mm_prefetch((const char *)(w + DSX_PREFETCH), _MM_HINT_T0);
@@ -409,7 +430,7 @@ DSX_INLINE void panels_int4_multi_t(const uint8_t *pq, const float *ps, int nb, 
                 lo[i] = _mm256_and_si256(raw, low);
                 hi[i] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
             }
-            const __m256 sb = _mm256_loadu_ps(s + b * PANEL);
+            const __m256 sb = panel_scales(ps, s + (size_t)b * PANEL, half);
             for (int t = 0; t < T; t++) {
                 const __m256i xe = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq[t] + b * 32)));
                 const __m256i xo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq[t] + b * 32 + 16)));
@@ -430,31 +451,43 @@ DSX_INLINE void panels_int4_multi_t(const uint8_t *pq, const float *ps, int nb, 
     }
 }
 
-static inline void panels_b32_int4_multi(const uint8_t *pq, const float *ps, int nb, int p0, int p1, int T,
+#define DSX_INT4_MULTI(H, T) panels_int4_multi_t(pq, ps, H, nb, p0, p1, T, xq, xs, lanes, out)
+static inline void panels_b32_int4_multi(const uint8_t *pq, const void *ps, int half, int nb, int p0, int p1, int T,
                                          const int8_t *const *xq, const float *const *xs,
                                          const int32_t *const *lanes, float *const *out) {
-    switch (T) { /* T a constant in each call: the accumulators stay in registers */
-    case 4: panels_int4_multi_t(pq, ps, nb, p0, p1, 4, xq, xs, lanes, out); break;
-    case 3: panels_int4_multi_t(pq, ps, nb, p0, p1, 3, xq, xs, lanes, out); break;
-    case 2: panels_int4_multi_t(pq, ps, nb, p0, p1, 2, xq, xs, lanes, out); break;
-    default: panels_int4_multi_t(pq, ps, nb, p0, p1, 1, xq, xs, lanes, out);
+    /* T and half constants in each call: the accumulators stay in registers */
+    if (half) {
+        switch (T) {
+        case 4: DSX_INT4_MULTI(1, 4); break;
+        case 3: DSX_INT4_MULTI(1, 3); break;
+        case 2: DSX_INT4_MULTI(1, 2); break;
+        default: DSX_INT4_MULTI(1, 1);
+        }
+    } else {
+        switch (T) {
+        case 4: DSX_INT4_MULTI(0, 4); break;
+        case 3: DSX_INT4_MULTI(0, 3); break;
+        case 2: DSX_INT4_MULTI(0, 2); break;
+        default: DSX_INT4_MULTI(0, 1);
+        }
     }
 }
+#undef DSX_INT4_MULTI
 
 /* panel_rows for up to 4 tokens (int4; other widths token by token) */
-static inline void panel_rows_multi(int bits, const uint8_t *pq, const float *ps, int nb, int r0, int r1, int T,
-                                    const int8_t *const *xq, const float *const *xs, const int32_t *const *lanes,
-                                    float *const *out) {
+static inline void panel_rows_multi(int bits, const uint8_t *pq, const void *ps, int half, int nb, int r0, int r1,
+                                    int T, const int8_t *const *xq, const float *const *xs,
+                                    const int32_t *const *lanes, float *const *out) {
     if (bits != 4 || T == 1) {
-        for (int t = 0; t < T; t++) panel_rows(bits, pq, ps, nb, r0, r1, xq[t], xs[t], lanes[t], out[t]);
+        for (int t = 0; t < T; t++) panel_rows(bits, pq, ps, half, nb, r0, r1, xq[t], xs[t], lanes[t], out[t]);
         return;
     }
     const int p0 = r0 / PANEL, full = r1 / PANEL;
-    if (full > p0) panels_b32_int4_multi(pq, ps, nb, p0, full, T, xq, xs, lanes, out);
+    if (full > p0) panels_b32_int4_multi(pq, ps, half, nb, p0, full, T, xq, xs, lanes, out);
     if (full * PANEL < r1) {
         float tail[4][PANEL];
         float *tails[4] = {tail[0], tail[1], tail[2], tail[3]};
-        panels_b32_int4_multi(pq, ps, nb, full, full + 1, T, xq, xs, lanes, tails);
+        panels_b32_int4_multi(pq, ps, half, nb, full, full + 1, T, xq, xs, lanes, tails);
         for (int t = 0; t < T; t++)
             memcpy(out[t] + (size_t)(full - p0) * PANEL, tail[t], (size_t)(r1 - full * PANEL) * sizeof(float));
     }
@@ -577,7 +610,8 @@ typedef struct {
 
 /* Rows [r0, r1) of matrix m (K inputs; shape for the generic paths) against up to 4 input rows
  * in[rows[i]]: out[i][r - r0]. fast: block 32 with rounded inputs and no zero points (AVX2);
- * panel: m packed by dsx_pack_panels; once: no other call reads these rows for more tokens. */
+ * panel: m packed by dsx_pack_panels (1: float scales, 2: fp16 scales); once: no other call
+ * reads these rows for more tokens. */
 static inline void matrix_rows(int bits, int fast, int panel, int round_act, const dsx_matrix *m,
                                const matrix_shape *shape, int K, const row_input *in, const int *rows, int T,
                                int r0, int r1, float *const *out, int once) {
@@ -590,7 +624,7 @@ static inline void matrix_rows(int bits, int fast, int panel, int round_act, con
             xq[i] = in->q + (size_t)rows[i] * in->Kp, xs[i] = in->s + (size_t)rows[i] * in->nb,
             lanes[i] = in->lanes + (size_t)rows[i] * in->nb * 8;
         if (panel) {
-            panel_rows_multi(bits, m->q, m->scales, in->nb, r0, r1, T, xq, xs, lanes, out);
+            panel_rows_multi(bits, m->q, m->scales, panel == 2, in->nb, r0, r1, T, xq, xs, lanes, out);
         } else {
             for (int i = 0; i < T; i++)
                 rows_q_b32(bits, m->q, m->scales, (size_t)in->Kp * bits / 8, in->nb, r0, r1, xq[i], xs[i], lanes[i],

@@ -32,6 +32,14 @@ int dsx_simd(void) {
 #endif
 }
 
+/* 1: packed panels may hold fp16 scales (panel 2 in dsx_linear and dsx_moe_args) */
+int dsx_half_scales(void) {
+#if defined(DSX_F16C)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 typedef struct { dsx_pool *pool; int tid; } worker_arg;
 
@@ -118,7 +126,8 @@ typedef struct {
     const int32_t *tok_start;  /* [A + 1] */
     const int32_t *tok_index;  /* [P] token rows, per active expert */
     const float *tok_weight;   /* [P] routing weights */
-    int32_t panel;             /* 1: every expert's q and scales packed by dsx_pack_panels (decoder.c) */
+    int32_t panel;             /* every expert's q and scales packed by dsx_pack_panels (decoder.c):
+                                * 1 float scales, 2 fp16 scales */
 } dsx_moe_args;
 
 typedef struct {
