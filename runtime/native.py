@@ -84,7 +84,10 @@ def status() -> dict:
     lib = load()
     if lib is None:
         return {"routed_experts": "numpy", "reason": _why}
-    return {"routed_experts": "native", "simd": SIMD.get(lib.dsx_simd(), "unknown"), "version": lib.dsx_version()}
+    simd = SIMD.get(lib.dsx_simd(), "unknown")
+    if getattr(lib, "dsx_vnni", None) is not None and lib.dsx_vnni() == 1:  # an older build lacks the query
+        simd += "+VNNI"
+    return {"routed_experts": "native", "simd": simd, "version": lib.dsx_version()}
 
 
 def address(a: np.ndarray | None) -> int:

@@ -236,6 +236,42 @@ def test_portable_build_of_the_decoder_matches_the_segments(artifacts, tmp_path,
         assert diff.max() <= tolerance
 
 
+def test_the_vnni_build_gives_the_logits_of_the_plain_avx2_build(artifacts, tmp_path, monkeypatch):
+    """vpdpbusd replaces maddubs + madd where the compiler targets VNNI: the integer block sums
+    are exact either way, so an x86-64-v3 build (AVX2, FMA, F16C, no VNNI) gives the same logits
+    bit for bit on int4 and int8 rows (panels, fp16 scales, int8 activations)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from dsexport.runtime import native
+
+    if "VNNI" not in native.status()["simd"]:
+        pytest.skip(f"the installed kernel library does not use VNNI here ({native.status()['simd']})")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    src = Path(__file__).resolve().parents[1] / "runtime" / "native"
+    lib = tmp_path / "decoder_avx2.so"
+    subprocess.run([cc, "-O3", "-std=c11", "-pthread", "-shared", "-fPIC", "-march=x86-64-v3", str(src / "experts.c"),
+                    str(src / "decoder.c"), "-o", str(lib), "-lm"], check=True)
+    from dsexport.build import BuildConfig, build_bundle
+
+    int8_rows = artifacts.root / "fused_int8_int8"  # as test_quantized_fused_bundles_match_the_graph builds it
+    if not (int8_rows / "manifest.json").is_file():
+        build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), int8_rows, precision="int8", activations="int8"))
+    for path in (quantized_bundles(artifacts, "int8", paged=False), quantized_bundles(artifacts, "int8", paged=True),
+                 int8_rows):
+        vnni = load(path, "native", monkeypatch)
+        steps = vnni.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
+        want = teacher_forced_logits(vnni, PROMPT, steps)
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setenv("DSEXPORT_NATIVE_LIBRARY", str(lib))
+        plain = load(path, "native", monkeypatch)
+        assert native.status()["simd"] == "AVX2" and plain.backend.half
+        assert np.array_equal(teacher_forced_logits(plain, PROMPT, steps), want)
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.delenv("DSEXPORT_NATIVE_LIBRARY")
+
+
 def test_a_library_built_from_other_sources_falls_back_to_the_segments(artifacts, monkeypatch):
     """Structures or weight layouts that differ would be read wrongly, not fail: the check at load
     sends the bundle to the segments and says why."""

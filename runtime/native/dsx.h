@@ -17,6 +17,13 @@
 #if defined(__F16C__)
 #define DSX_F16C 1 /* panels may hold fp16 scales (every AVX2 CPU has F16C; -march=native turns it on) */
 #endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DSX_VNNI 1 /* vpdpbusd on 256-bit vectors (Zen 4, Ice Lake and later servers) */
+#define dsx_dpbusd _mm256_dpbusd_epi32
+#elif defined(__AVXVNNI__)
+#define DSX_VNNI 1 /* the VEX form (Alder Lake and later clients) */
+#define dsx_dpbusd _mm256_dpbusd_avx_epi32
+#endif
 #endif
 
 #define CHUNK_ROWS 256 /* the most rows a chunk holds */
@@ -116,6 +123,29 @@ static inline void quantize_row(const float *x, int K, int B, int permute, int8_
 }
 
 #if defined(DSX_AVX2)
+/* Integer block sums, the same exact int32 values with or without VNNI (no product or pair sum
+ * saturates: nibbles 0..15 and |w| <= 128 against |x| <= 127). With VNNI one vpdpbusd replaces
+ * maddubs + madd (+ add): M's int4 prefill ~10% faster on a Zen 4 (decode unchanged: it waits
+ * on memory, not on these). */
+/* sum over each 4 bytes of lo * xe + hi * xo (lo, hi unsigned nibbles; xe, xo signed) */
+static inline __m256i dot_nibbles(__m256i lo, __m256i xe, __m256i hi, __m256i xo) {
+#if defined(DSX_VNNI)
+    return dsx_dpbusd(dsx_dpbusd(_mm256_setzero_si256(), lo, xe), hi, xo);
+#else
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)),
+                             _mm256_set1_epi16(1));
+#endif
+}
+
+/* sum over each 4 bytes of u * x (u unsigned, x signed) */
+static inline __m256i dot_u8s8(__m256i u, __m256i x) {
+#if defined(DSX_VNNI)
+    return dsx_dpbusd(_mm256_setzero_si256(), u, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+#endif
+}
+
 static inline float hsum_ps(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -273,7 +303,7 @@ typedef struct {
  * integer sums (lanes). out[r - r0] for each row. */
 static inline void rows_q_b32(int bits, const uint8_t *q, const float *scales, size_t row_bytes, int nb, int r0, int r1,
                        const int8_t *xq, const float *xs, const int32_t *lanes, float *out) {
-    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
     const __m128i low = _mm_set1_epi8(0x0f);
     int r = r0;
     for (; r < r1; r += 2) {
@@ -290,13 +320,13 @@ static inline void rows_q_b32(int bits, const uint8_t *q, const float *scales, s
                 __m128i b1 = _mm_loadu_si128((const __m128i *)(w1 + b * 16));
                 __m256i q0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b0, 4), low), _mm_and_si128(b0, low));
                 __m256i q1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b1, 4), low), _mm_and_si128(b1, low));
-                p0 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q0, x), ones), c);
-                p1 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q1, x), ones), c);
+                p0 = _mm256_sub_epi32(dot_u8s8(q0, x), c);
+                p1 = _mm256_sub_epi32(dot_u8s8(q1, x), c);
             } else {
                 __m256i q0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w0 + b * 32)), flip);
                 __m256i q1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w1 + b * 32)), flip);
-                p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(x, q0)), ones);
-                p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(x, q1)), ones);
+                p0 = dot_u8s8(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(x, q0));
+                p1 = dot_u8s8(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(x, q1));
             }
             const float d = xs[b];
             a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0[b] * d), a0);
@@ -343,7 +373,7 @@ DSX_INLINE __m256 panel_scales(const void *ps, size_t i, const int half) {
 
 DSX_INLINE void panels_b32_t(int bits, const uint8_t *pq, const void *ps, const int half, int nb, int p0, int p1,
                              const int8_t *xq, const float *xs, const int32_t *lanes, float *out) {
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    const __m256i low = _mm256_set1_epi8(0x0f);
     const size_t panel_bytes = (size_t)nb * PANEL * 32 * bits / 8;
     for (int p = p0; p < p1; p++) {
         const uint8_t *w = pq + (size_t)p * panel_bytes;
@@ -366,7 +396,7 @@ DSX_INLINE void panels_b32_t(int bits, const uint8_t *pq, const void *ps, const 
                 for (int i = 0; i < 4; i++) {
                     const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + i * 32));
                     const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-                    v[i] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)), ones);
+                    v[i] = dot_nibbles(lo, xe, hi, xo);
                 }
                 sums = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
                 sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(lanes[b * 8])); /* the offset 8: 8 x sum(x) */
@@ -376,7 +406,7 @@ DSX_INLINE void panels_b32_t(int bits, const uint8_t *pq, const void *ps, const 
                 __m256i v[8];
                 for (int i = 0; i < 8; i++) { /* |q| x sign(x, q): q = -128 (absmax's extreme) stays exact */
                     const __m256i q = _mm256_loadu_si256((const __m256i *)(w + i * 32));
-                    v[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q)), ones);
+                    v[i] = dot_u8s8(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q));
                 }
                 const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
                 const __m256i c = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
@@ -415,7 +445,7 @@ static inline void panel_rows(int bits, const uint8_t *pq, const void *ps, int h
 DSX_INLINE void panels_int4_multi_t(const uint8_t *pq, const void *ps, const int half, int nb, int p0, int p1,
                                     const int T, const int8_t *const *xq, const float *const *xs,
                                     const int32_t *const *lanes, float *const *out) {
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    const __m256i low = _mm256_set1_epi8(0x0f);
     const size_t panel_bytes = (size_t)nb * PANEL * 16;
     for (int p = p0; p < p1; p++) {
         const uint8_t *w = pq + (size_t)p * panel_bytes;
@@ -436,8 +466,7 @@ DSX_INLINE void panels_int4_multi_t(const uint8_t *pq, const void *ps, const int
                 const __m256i xo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq[t] + b * 32 + 16)));
                 __m256i v[4];
                 for (int i = 0; i < 4; i++)
-                    v[i] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], xe),
-                                                              _mm256_maddubs_epi16(hi[i], xo)), ones);
+                    v[i] = dot_nibbles(lo[i], xe, hi[i], xo);
                 __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
                 sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(lanes[t][b * 8]));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sb, _mm256_set1_ps(xs[t][b])), acc[t]);
@@ -507,7 +536,6 @@ static inline float row_dot_q(const dsx_matrix *m, const matrix_shape *s, int r,
     float correction = 0.0f; /* sum_b d_b * z_b * xsum_b, for the unsigned weight paths */
 #if defined(DSX_AVX2)
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* two chains: fmadd latency */
-    const __m256i ones = _mm256_set1_epi16(1);
     const __m128i low = _mm_set1_epi8(0x0f);
     for (int b = 0; b < nb; b++) {
         __m256i isum = _mm256_setzero_si256();
@@ -516,15 +544,14 @@ static inline float row_dot_q(const dsx_matrix *m, const matrix_shape *s, int r,
                 __m128i bytes = _mm_loadu_si128((const __m128i *)(w + (size_t)(b * per + c) * QK / 2));
                 __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
                 __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b * per + c) * QK));
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
+                isum = _mm256_add_epi32(isum, dot_u8s8(q, x));
             }
         } else if (!wz) { /* q - 128 is q ^ 0x80 as int8; |w| * sign(x, w) keeps maddubs from saturating */
             for (int c = 0; c < per; c++) {
                 __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + (size_t)(b * per + c) * QK)),
                                              _mm256_set1_epi8((char)0x80));
                 __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)(b * per + c) * QK));
-                __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+                isum = _mm256_add_epi32(isum, dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)));
             }
         } else { /* int8 with zero points: 16-bit products */
             for (int c = 0; c < per; c++) {

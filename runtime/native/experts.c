@@ -32,6 +32,15 @@ int dsx_simd(void) {
 #endif
 }
 
+/* 1: the integer block sums use VNNI (vpdpbusd) */
+int dsx_vnni(void) {
+#if defined(DSX_VNNI)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* 1: packed panels may hold fp16 scales (panel 2 in dsx_linear and dsx_moe_args) */
 int dsx_half_scales(void) {
 #if defined(DSX_F16C)
