@@ -11,8 +11,9 @@ A weight [.., N, K] (torch layout: out x in) is cut along K into blocks of `bloc
   asymmetric  d = (max - min) / (2^bits - 1) and a zero point z per block (zero exact):
               (q - z) * d. ONNX Runtime's MatMulNBits and QMoE take the zero points as an input.
 
-Every scheme rounds d to the nearest fp16 value first (where that value is a normal fp16, within
-fp16's 11-bit precision; a block whose d is not keeps its float32 d) and then computes q with it,
+Every scheme rounds d to an fp16 value first (absmax to the nearest; symmetric and asymmetric
+up, so the block's range still fits the levels; a d below fp16's normal range keeps its float32
+value) and then computes q with it,
 as llama.cpp stores fp16 block scales. The bundle stores the scales as float32 (MatMulNBits
 rejects fp16 ones with fp32 activations), but the native decoder holds them at 2 bytes
 (runtime/native/dsx.h: int4 block 32 reads 0.5625 bytes/weight, not 0.625).
@@ -296,10 +297,10 @@ def quantize_rows(w: np.ndarray, bits: int, block: int, scheme: str = "absmax"
         idx = np.abs(blocks).argmax(-1)[..., None]
         d = fp16_valued(np.take_along_axis(blocks, idx, -1)[..., 0] / -half)
     elif scheme == "symmetric":
-        d = fp16_valued(np.abs(blocks).max(-1) / (half - 1))
+        d = fp16_valued(np.abs(blocks).max(-1) / (half - 1), up=True)
     else:  # asymmetric: the range always holds 0, so a zero weight stays exactly zero
         lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-        d = fp16_valued((hi - lo) / top)
+        d = fp16_valued((hi - lo) / top, up=True)
         safe = np.where(d == 0, np.float32(1), d)
         zero = np.clip(np.rint(-lo / safe), 0, top).astype(np.uint8)
     safe = np.where(d == 0, np.float32(1), d)
@@ -308,14 +309,18 @@ def quantize_rows(w: np.ndarray, bits: int, block: int, scheme: str = "absmax"
     return q.reshape(w.shape), d, zero
 
 
-def fp16_valued(d: np.ndarray) -> np.ndarray:
-    """Block scales rounded to the nearest fp16 value, as float32, where that is a normal fp16
-    (|d| in [2^-14, 65504]) or zero; others keep their float32 value (an fp16 subnormal would lose
-    precision). q is then computed with the rounded d, so the block's extreme weight may sit a
-    fraction of a level past the last one (clamped) instead of exactly on it."""
+def fp16_valued(d: np.ndarray, up: bool = False) -> np.ndarray:
+    """Block scales rounded to the nearest fp16 value (up: the next one away from zero, so a
+    range that must fit the levels still does), as float32, where that is a normal fp16 (|d| in
+    [2^-14, 65504]) or zero; others keep their float32 value (an fp16 subnormal would lose
+    precision). q is computed with the rounded d: absmax's extreme weight may then sit a fraction
+    of a level past the last one (clamped) instead of exactly on it."""
     d = np.asarray(d, np.float32)
     with np.errstate(over="ignore"):
-        rounded = d.astype(np.float16).astype(np.float32)
+        half = d.astype(np.float16)
+        if up:  # d >= 0 here (symmetric, asymmetric)
+            half = np.where(half.astype(np.float32) < d, np.nextafter(half, np.float16(np.inf)), half)
+        rounded = half.astype(np.float32)
     normal = (np.abs(d) >= np.float32(2.0 ** -14)) & np.isfinite(rounded)
     return np.where(normal | (d == 0), rounded, d).astype(np.float32)
 
