@@ -65,7 +65,7 @@ def bytes_read_per_token(bundle: Path, experts: str = "native") -> tuple[float, 
     from dsexport.runtime import native
     if manifest.native is not None and experts == "native" and native.load() is not None:
         return native_bytes_per_token(manifest, bundle), ("native decoder: the bundle's own bytes (MatMulNBits rows, "
-                                                          "experts), fp16-valued block scales at 2 bytes")
+                                                          "experts), fp16-valued block scales and W_UK/W_UV at 2 bytes")
     if paging is None:
         return active, "fused graph (ONNX Runtime's repacked blocks)"
     if experts == "numpy" or native.load() is None:
@@ -82,7 +82,8 @@ def native_bytes_per_token(manifest, bundle: Path) -> float:
     """What the native decoder reads per token: every tensor of the native section as it holds it,
     one embedding row, and per MoE layer the router, its bias and k experts. Block scales count 2
     bytes where the decoder holds them as fp16 (AVX2 panels, every scale of the matrix, or of the
-    layer's experts, an fp16 value: int4 block 32 = 0.5625 bytes/weight), else 4; a paged
+    layer's experts, an fp16 value: int4 block 32 = 0.5625 bytes/weight), else 4, and W_UK/W_UV
+    count 2 bytes per weight where they are fp16 values (a quantized bundle's); a paged
     store's records are taken to hold fp16 values (as this exporter writes them), not read."""
     from dsexport.core.sections import TensorRef
     from dsexport.runtime import native
@@ -104,7 +105,10 @@ def native_bytes_per_token(manifest, bundle: Path) -> float:
         if role == "embed":
             continue
         if isinstance(value, TensorRef):
-            refs.append(value.bytes)
+            fp16 = role in ("w_uk", "w_uv") and half and np.array_equal(
+                (a := np.fromfile(bundle / value.file, np.float32, value.bytes // 4, offset=value.offset))
+                .astype(np.float16).astype(np.float32), a)  # held as fp16 (runtime/native_backend.py _absorbed)
+            refs.append(value.bytes // 2 if fp16 else value.bytes)
         else:  # an fp32 weight shared with the router (col_start) counts only its own columns
             panels = value.activations == "int8" and value.block == 32
             refs.append(value.rows * value.cols * 4 if value.bits == 32 else value.weight.bytes + (

@@ -162,7 +162,8 @@ class FakeQuantSTE(nn.Module):
 
 def build_student(view: CheckpointReader, config: DistillConfig) -> DeepseekReference:
     """The compressed model as the view gives it (kept, merged experts), fp32, with the parameters
-    `config.train` names trainable and, for QAT, routed experts fake-quantized in the forward."""
+    `config.train` names trainable and, for QAT, routed experts fake-quantized in the forward (and
+    the absorbed W_UK/W_UV rounded to fp16 values, as the build rounds them)."""
     model = DeepseekReference.from_checkpoint(view).to(config.device)
     trainable = trainable_names(model, config.train)
     for name, p in model.named_parameters():
@@ -173,6 +174,10 @@ def build_student(view: CheckpointReader, config: DistillConfig) -> DeepseekRefe
             for name in ("w_gate", "w_up", "w_down"):
                 parametrize.register_parametrization(
                     moe, name, FakeQuantSTE(f"mlp.{name}", config.quant, i, model.cfg.expert_ids(i)))
+    if config.quant is not None and config.quant.active and config.quant.absorbed == "fp16":
+        for i, layer in enumerate(model.layers):  # the build rounds the absorbed W_UK/W_UV to fp16 values
+            parametrize.register_parametrization(layer.self_attn.kv_b_proj, "weight",
+                                                 FakeQuantSTE("self_attn.kv_b_proj.weight", config.quant, i, ()))
     return model
 
 

@@ -23,8 +23,10 @@ graph computes with exactly the weights `dequantize_rows` returns. `per_channel_
 one block per row (K): TensorRT's INT8 weights are per channel (its block quantization is INT4).
 
 Which parts are quantized (QuantSpec.bits): attention projections, shared experts, routed
-experts, dense MLPs, the output head; the router (and the correction bias), norms, the absorbed
-W_UK/W_UV (3-D batched MatMuls) and the embedding table stay fp32.
+experts, dense MLPs, the output head; the router (and the correction bias), norms and the
+embedding table stay fp32. The absorbed W_UK/W_UV (3-D batched MatMuls) stay unquantized, but a
+quantized bundle rounds them to fp16 values (QuantSpec.absorbed "fp16", recorded in the
+manifest; "fp32" for manifests that predate it), which the native decoder holds at 2 bytes.
 
 Activations. Some kernels round their inputs to int8 per block (symmetric, scale absmax / 127,
 x * (127 / absmax) rounded half to even: MLAS on every ISA): MatMulNBits at accuracy_level 4,
@@ -49,6 +51,7 @@ SCHEMES = ("absmax", "symmetric", "asymmetric")
 LOWERINGS = ("ort", "qdq")  # MatMulNBits/QMoE (CPU targets); DequantizeLinear + standard ops (TensorRT)
 ACTIVATIONS = ("int8", "fp32")
 QUANT_METHODS = ("rtn", "awq")
+ABSORBED = ("fp16", "fp32")  # QuantSpec.absorbed
 METHOD_NAMES = {"rtn": "round-to-nearest", "awq": "awq"}  # as the manifest spells them
 AWQ_FILE = "awq_scales.safetensors"  # the scales an awq bundle was rescaled by (exporter/awq.py)
 PRESETS = {
@@ -85,6 +88,10 @@ class QuantSpec:
     # "rtn": round to nearest; "awq": MoE layers rescaled first (activation-aware scaling, an exact
     # rewrite of the model whose scales the bundle stores: exporter/awq.py), then rounded
     method: str = "rtn"
+    # The absorbed W_UK/W_UV (kv_b_proj), which stay unquantized: "fp16" rounds them to fp16
+    # values (the native decoder then holds them at 2 bytes, exactly), "fp32" keeps them (bundles
+    # whose manifest predates the field)
+    absorbed: str = "fp16"
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -95,6 +102,8 @@ class QuantSpec:
             raise UserError(f"--quant-method must be one of {', '.join(QUANT_METHODS)}, got {self.method!r}")
         if self.lowering not in LOWERINGS:
             raise UserError(f"quantization lowering must be one of {', '.join(LOWERINGS)}, got {self.lowering!r}")
+        if self.absorbed not in ABSORBED:
+            raise UserError(f"absorbed W_UK/W_UV must be one of {', '.join(ABSORBED)}, got {self.absorbed!r}")
         if self.expert_block_size is not None and self.expert_block_size not in BLOCK_SIZES:
             raise UserError(f"expert block size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
                             f"got {self.expert_block_size}")
@@ -192,6 +201,7 @@ class QuantSpec:
                 "expert_block_size": self.block_for("routed_experts"), "symmetric": self.scheme != "asymmetric",
                 "scheme": self.scheme, "per_channel_bits": list(self.per_channel_bits), "lowering": self.lowering,
                 "scale_dtype": "float32", "method": METHOD_NAMES[self.method], "activations": self.activations,
+                **({"absorbed": self.absorbed} if self.absorbed != "fp32" else {}),  # absent: fp32 (earlier manifests)
                 "expert_bits": {str(layer): {str(e): b for e, b in sorted(m.items())}
                                 for layer, m in sorted(self.expert_bits.items())}}
 
@@ -201,7 +211,7 @@ class QuantSpec:
         return cls(dict(data["bits"]), data["block_size"], data.get("expert_block_size"), data.get("activations", "fp32"),
                    {int(layer): {int(e): b for e, b in m.items()} for layer, m in data.get("expert_bits", {}).items()},
                    data.get("scheme", "absmax"), tuple(data.get("per_channel_bits", ())), data.get("lowering", "ort"),
-                   {v: k for k, v in METHOD_NAMES.items()}.get(data.get("method"), "rtn"))
+                   {v: k for k, v in METHOD_NAMES.items()}.get(data.get("method"), "rtn"), data.get("absorbed", "fp32"))
 
 
 def weight_layout(bits: int, block: int, K: int, per_channel_bits: tuple[int, ...], qdq: bool) -> tuple[int, int]:
@@ -323,6 +333,16 @@ def fp16_valued(d: np.ndarray, up: bool = False) -> np.ndarray:
         rounded = half.astype(np.float32)
     normal = (np.abs(d) >= np.float32(2.0 ** -14)) & np.isfinite(rounded)
     return np.where(normal | (d == 0), rounded, d).astype(np.float32)
+
+
+def absorbed_values(w: np.ndarray) -> np.ndarray:
+    """The absorbed W_UK/W_UV (kv_b_proj) of a quantized bundle whose spec says absorbed="fp16":
+    each weight rounded to the nearest fp16 value, as float32 (a weight past fp16's range keeps
+    its value). The graph stores these float32 values, so it computes exactly with them."""
+    w = np.asarray(w, np.float32)
+    with np.errstate(over="ignore"):
+        rounded = w.astype(np.float16).astype(np.float32)
+    return np.where(np.isfinite(rounded), rounded, w).astype(np.float32)
 
 
 def dequantize_rows(q: np.ndarray, scales: np.ndarray, bits: int, block: int, K: int,

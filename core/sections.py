@@ -10,7 +10,7 @@ import dataclasses
 from dsexport.core.config import MAX_EXPERTS, MAX_LAYERS, ModelConfig
 from .files import check_name
 from .jsonio import Fields, check_float
-from .quant import ACTIVATIONS, BLOCK_SIZES, LOWERINGS, METHOD_NAMES, PARTS, SCHEMES, QuantSpec
+from .quant import ABSORBED, ACTIVATIONS, BLOCK_SIZES, LOWERINGS, METHOD_NAMES, PARTS, SCHEMES, QuantSpec
 
 PRUNE_METHODS = ("drop", "merge")
 MAX_BYTES = 1 << 50  # a petabyte: any size a manifest states must be below this
@@ -44,7 +44,8 @@ def read_quantization(f: Fields) -> QuantSpec:
     method = f.str("method", "round-to-nearest", choices=tuple(METHOD_NAMES.values()))
     return QuantSpec(bits, block, expert_block, f.str("activations", "fp32", choices=ACTIVATIONS), expert_bits,
                      f.str("scheme", "absmax", choices=SCHEMES), tuple(per_channel),
-                     f.str("lowering", "ort", choices=LOWERINGS), {v: k for k, v in METHOD_NAMES.items()}[method])
+                     f.str("lowering", "ort", choices=LOWERINGS), {v: k for k, v in METHOD_NAMES.items()}[method],
+                     f.str("absorbed", "fp32", choices=ABSORBED))
 
 
 @dataclasses.dataclass(frozen=True)

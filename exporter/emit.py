@@ -18,7 +18,7 @@ from onnx import TensorProto
 
 from dsexport.core.config import ModelConfig
 from dsexport.core.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_name
-from dsexport.core.quant import QuantSpec
+from dsexport.core.quant import QuantSpec, absorbed_values
 
 from .graph import GraphBuilder
 from .lowering import ExpertWeights, LoweringOptions, get_lowering
@@ -151,7 +151,10 @@ class DecoderEmitter:
         H, dn, dr, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         p = f"layers.{i}.self_attn"
         q, kv = self._queries_and_latent(x, t, p)
-        w_kv_b = t["self_attn.kv_b_proj.weight"].reshape(H, dn + dv, r)
+        w_kv_b = t["self_attn.kv_b_proj.weight"]
+        if self.quant.active and self.quant.absorbed == "fp16":  # as the reference's (exporter/quantize.py)
+            w_kv_b = absorbed_values(w_kv_b)
+        w_kv_b = w_kv_b.reshape(H, dn + dv, r)
         w_uk = np.ascontiguousarray(w_kv_b[:, :dn])  # [H, dn, r]
         w_uv_t = np.ascontiguousarray(w_kv_b[:, dn:].transpose(0, 2, 1))  # [H, r, dv]
 

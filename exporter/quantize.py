@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from dsexport.core.quant import (BLOCK_SIZES, PARTS, PRESETS, SCHEMES, QuantSpec, dequantize_rows,  # noqa: F401
+from dsexport.core.quant import (BLOCK_SIZES, absorbed_values, PARTS, PRESETS, SCHEMES, QuantSpec, dequantize_rows,  # noqa: F401
                                  pack, pack_zero_points, quantize_rows, weight_layout)
 
 QuantConfig = QuantSpec  # the name earlier releases used
@@ -37,6 +37,8 @@ def fake_quantize(name: str, tensor: torch.Tensor, quant: QuantSpec | None, laye
                   expert_ids: tuple[int, ...] = ()) -> torch.Tensor:
     """The weights the quantized graph computes with, for the reference model (routed experts:
     each at its own width when quant.expert_bits says so; pass the layer and its expert ids)."""
+    if quant is not None and quant.active and quant.absorbed == "fp16" and name.endswith("kv_b_proj.weight"):
+        return torch.from_numpy(absorbed_values(tensor.detach().float().numpy()))
     part = part_of(name) if quant is not None else None
     if part == "routed_experts" and layer is not None and quant.expert_bits.get(layer):
         return torch.stack([fake_quantize(name, tensor[slot], dataclasses.replace(

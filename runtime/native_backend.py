@@ -42,7 +42,7 @@ class Layer(ctypes.Structure):
                 ("o_proj", Linear), ("mlp_norm", ctypes.c_void_p), ("gate_up", Linear), ("down", Linear),
                 ("router", ctypes.c_void_p), ("router_bias", ctypes.c_void_p), ("groups", ctypes.c_void_p),
                 ("experts", ctypes.c_void_p)] + [(n, ctypes.c_int32) for n in (
-                    "E", "expert_I", "expert_bits", "expert_block", "expert_round_act", "expert_panel")]
+                    "E", "expert_I", "expert_bits", "expert_block", "expert_round_act", "expert_panel", "w_half")]
 
 
 class Model(ctypes.Structure):
@@ -66,8 +66,8 @@ PROFILE_PARTS = ("projections", "attention", "routed experts", "head", "serial")
 _ERRORS = {-1: "bad arguments", -2: "out of memory", -3: "a token id outside the vocabulary"}
 
 
-LAYOUT_VERSION = 5  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only,
-# the MTP block's input (eh_proj, hidden_in), panels with fp16 scales (panel 2)
+LAYOUT_VERSION = 6  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only,
+# the MTP block's input (eh_proj, hidden_in), panels with fp16 scales (panel 2), fp16 W_UK/W_UV (w_half)
 
 
 def half_scales(scales: np.ndarray) -> np.ndarray | None:
@@ -78,6 +78,15 @@ def half_scales(scales: np.ndarray) -> np.ndarray | None:
     if not np.all(np.abs(half.astype(np.float32) - scales) <= np.abs(scales) * np.float32(2.0 ** -20)):
         return None
     return half
+
+
+def blocked_w_uk(a: np.ndarray) -> np.ndarray:
+    """W_UK [H, dn, r] as [H, r/64, dn, 64] when 64 divides r (decoder.c reads 64 columns at a
+    time: each block contiguous), else as it is."""
+    if a.shape[2] % 64:
+        return a
+    H, dn, r = a.shape
+    return np.ascontiguousarray(a.reshape(H, dn, r // 64, 64).transpose(0, 2, 1, 3))
 
 
 def check_abi(lib) -> None:
@@ -203,9 +212,8 @@ class NativeBackend:
         a = self._read(bundle, ref)
         if not finite(a):
             raise BundleError(f"native: a tensor in {ref.file} at {ref.offset} holds NaN or Inf")
-        if blocked and a.shape[2] % 64 == 0:
-            H, dn, r = a.shape
-            a = np.ascontiguousarray(a.reshape(H, dn, r // 64, 64).transpose(0, 2, 1, 3))
+        if blocked:
+            a = blocked_w_uk(a)
         self._keep.append(a)
         self._addresses[key] = native.address(a)
         return self._addresses[key]
@@ -217,6 +225,24 @@ class NativeBackend:
         if any(h is None for h in halves):
             return packed, 1
         return [(pq, h) for (pq, _), h in zip(packed, halves)], 2
+
+    def _absorbed(self, bundle: Bundle, w_uk: TensorRef, w_uv: TensorRef) -> tuple[int, int, int]:
+        """W_UK (blocked as _f32 does) and W_UV, as fp16 when both hold only fp16 values (a quantized
+        bundle's absorbed="fp16": core/quant.py): the same products, half the bytes. Addresses and
+        decoder.c's w_half."""
+        if not self.half:
+            return self._f32(bundle, w_uk, blocked=True), self._f32(bundle, w_uv), 0
+        arrays = [self._read(bundle, w_uk), self._read(bundle, w_uv)]
+        if not all(finite(a) for a in arrays):
+            raise BundleError(f"native: a tensor in {w_uk.file} holds NaN or Inf")
+        arrays[0] = blocked_w_uk(arrays[0])
+        halves = [a.astype(np.float16) for a in arrays]
+        if all(np.array_equal(h.astype(np.float32), a) for h, a in zip(halves, arrays)):
+            arrays, flag = halves, 1
+        else:
+            flag = 0
+        self._keep += arrays
+        return native.address(arrays[0]), native.address(arrays[1]), flag
 
     def _pack(self, bits: int, rows: int, q: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Block-32 rows as 8-row panels (runtime/native/dsx.h); the rows' own arrays can then go."""
@@ -391,7 +417,7 @@ class NativeBackend:
         """Fill ly with layer i's weights (a decoder layer, or the MTP block's at num_hidden_layers)."""
         cfg, roles = self.cfg, layer.roles
         ly.attn_norm, ly.kv_norm = self._f32(bundle, roles["attn_norm"]), self._f32(bundle, roles["kv_norm"])
-        ly.w_uk, ly.w_uv = self._f32(bundle, roles["w_uk"], blocked=True), self._f32(bundle, roles["w_uv"])
+        ly.w_uk, ly.w_uv, ly.w_half = self._absorbed(bundle, roles["w_uk"], roles["w_uv"])
         ly.mlp_norm, ly.q_a_norm = self._f32(bundle, roles["mlp_norm"]), self._f32(bundle, roles.get("q_a_norm"))
         for role in ("qkv", "q_b", "o_proj", "gate_up", "down"):
             setattr(ly, role, self._linear(bundle, roles.get(role)))

@@ -49,6 +49,7 @@ def matches_onnxruntime_and_the_oracle(artifacts, path, variant: str, monkeypatc
     import torch
 
     graphs, nat = load(path, "onnxruntime", monkeypatch), load(path, "native", monkeypatch)
+    assert not any(ly.w_half for ly in nat.backend.layers)  # fp32 bundles keep their absorbed weights
     steps = graphs.generate(PROMPT, max_new_tokens=24, ignore_eos=True).output_ids
     diff = np.abs(teacher_forced_logits(graphs, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps))
     assert diff.max() <= 1e-4
@@ -470,9 +471,12 @@ def test_panels_hold_fp16_scales_and_compute_exactly_what_float_scales_do(artifa
         pytest.skip("this build of the kernel library packs no panels with fp16 scales (AVX2 with F16C only)")
     assert panel_flags(half) == {2} and half.backend.model.head.panel == 2
     assert panel_flags(half, ("q_b",), experts=False) == {1}
+    # the absorbed W_UK/W_UV of a quantized bundle are fp16 values (absorbed="fp16"), held as fp16
+    assert half.manifest.quantization.absorbed == "fp16" and {ly.w_half for ly in half.backend.layers} == {1}
     monkeypatch.setenv("DSEXPORT_NATIVE_HALF_SCALES", "0")
     full = load(path, "native", monkeypatch)
     assert panel_flags(full) == {1} and full.backend.model.head.panel == 1
+    assert {ly.w_half for ly in full.backend.layers} == {0}
     steps = half.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
     assert np.array_equal(teacher_forced_logits(half, PROMPT, steps), teacher_forced_logits(full, PROMPT, steps))
 

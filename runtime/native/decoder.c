@@ -44,7 +44,7 @@ typedef struct {
     dsx_linear q_b;         /* [H*(dn+dr), qr], q_lora only */
     const float *kv_norm;   /* [r] */
     const float *w_uk;      /* [H, r/64, dn, 64] when 64 divides r (each 64 columns contiguous), else [H, dn, r] */
-    const float *w_uv;      /* [H, r, dv] */
+    const float *w_uv;      /* [H, r, dv]; both fp16 (uint16) when w_half */
     dsx_linear o_proj;      /* [D, H*dv] */
     const float *mlp_norm;  /* [D] */
     dsx_linear gate_up;     /* dense MLP or shared experts: [2I, D], gate rows then up rows; rows 0: none */
@@ -54,6 +54,7 @@ typedef struct {
     const int32_t *groups;  /* [E] routing group of each expert */
     const uint64_t *experts; /* [E, 6] record addresses, as dsx_moe takes them */
     int32_t E, expert_I, expert_bits, expert_block, expert_round_act, expert_panel; /* panel: as dsx_moe_args */
+    int32_t w_half;         /* 1: w_uk and w_uv hold fp16 values (a quantized bundle's absorbed="fp16") */
 } dsx_layer;
 
 typedef struct {
@@ -241,8 +242,13 @@ static void attention_chunk(void *p, int c, int tid) {
     float *probs = w->scratch + (size_t)tid * w->per_thread, *qlat = probs + (size_t)G * S, *ctxlat = qlat + (size_t)G * L;
     for (int g = 0; g < G; g++) { /* q_lat = W_UK[h]^T q_nope, then the rope part */
         const float *q = w->q + ((size_t)n * H + h0 + g) * (dn + dr), *wuk = w->ly->w_uk + (size_t)(h0 + g) * dn * r;
+        const uint16_t *wuk_h = (const uint16_t *)w->ly->w_uk + (size_t)(h0 + g) * dn * r;
         float *ql = qlat + (size_t)g * L;
-        if (r % 64 == 0)
+        if (w->ly->w_half && r % 64 == 0)
+            for (int jb = 0; jb < r / 64; jb++) gemv_t_half(wuk_h + (size_t)jb * dn * 64, dn, 64, 64, q, ql + jb * 64);
+        else if (w->ly->w_half)
+            gemv_t_half(wuk_h, dn, r, (size_t)r, q, ql);
+        else if (r % 64 == 0)
             for (int jb = 0; jb < r / 64; jb++) gemv_t(wuk + (size_t)jb * dn * 64, dn, 64, 64, q, ql + jb * 64);
         else
             gemv_t(wuk, dn, r, (size_t)r, q, ql);
@@ -271,9 +277,14 @@ static void attention_chunk(void *p, int c, int tid) {
         /* the context on the latent: probs . latent[:, :r] (masked positions weigh 0) */
         gemv_t(keys, S, r, (size_t)L, pg, ctxlat + (size_t)g * r);
     }
-    for (int g = 0; g < G; g++) /* W_UV: [r, dv] per head */
-        gemv_t(w->ly->w_uv + (size_t)(h0 + g) * r * dv, r, dv, (size_t)dv, ctxlat + (size_t)g * r,
-               w->ctx + (size_t)n * H * dv + (size_t)(h0 + g) * dv);
+    for (int g = 0; g < G; g++) { /* W_UV: [r, dv] per head */
+        float *out = w->ctx + (size_t)n * H * dv + (size_t)(h0 + g) * dv;
+        if (w->ly->w_half)
+            gemv_t_half((const uint16_t *)w->ly->w_uv + (size_t)(h0 + g) * r * dv, r, dv, (size_t)dv,
+                        ctxlat + (size_t)g * r, out);
+        else
+            gemv_t(w->ly->w_uv + (size_t)(h0 + g) * r * dv, r, dv, (size_t)dv, ctxlat + (size_t)g * r, out);
+    }
 }
 
 /* ---- routing: the graph's (exporter/lowering.emit_routing, final_weights) ------------------ */
@@ -519,9 +530,9 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
 /* What runtime/native_backend.py checks before it hands over weights: the structures' sizes and
  * the version of the layouts it prepares (3: W_UK in 64-column blocks, block-32 rows as panels,
  * dsx_step.last_only; 4: the MTP block's input, dsx_model.eh_proj and dsx_step.hidden_in; 5: panels
- * with fp16 scales, panel 2).
+ * with fp16 scales, panel 2; 6: dsx_layer.w_half).
  * A library from another build that disagrees would read the weights wrongly, not fail. */
-#define DSX_LAYOUT_VERSION 5
+#define DSX_LAYOUT_VERSION 6
 int dsx_decoder_abi(int64_t *sizes, int n) {
     const int64_t mine[] = {sizeof(dsx_linear), sizeof(dsx_layer), sizeof(dsx_model), sizeof(dsx_step),
                             DSX_LAYOUT_VERSION};

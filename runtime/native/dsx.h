@@ -284,6 +284,48 @@ static inline void gemv_t(const float *restrict W, int rows, int cols, size_t ld
     }
 }
 
+/* An fp16 value's bits as a float (exact; for builds without F16C) */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+    uint32_t bits;
+    if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) bits = sign;
+    else { /* subnormal: renormalize */
+        int e = -1;
+        uint32_t m = man;
+        do { e++; m <<= 1; } while (!(m & 1024));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 1023) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* gemv_t with fp16 weights (the absorbed W_UK/W_UV held as the fp16 values they are) */
+static inline void gemv_t_half(const uint16_t *restrict W, int rows, int cols, size_t ld, const float *restrict x,
+                               float *restrict y) {
+    int j = 0;
+#if defined(DSX_F16C)
+    for (; j + 64 <= cols; j += 64) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+        for (int i = 0; i < rows; i++) {
+            const __m256 xi = _mm256_set1_ps(x[i]);
+            const uint16_t *w = W + (size_t)i * ld + j;
+            for (int u = 0; u < 8; u++)
+                a[u] = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * u))), a[u]);
+        }
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(y + j + 8 * u, a[u]);
+    }
+#endif
+    for (; j < cols; j++) {
+        float s = 0.0f;
+        for (int i = 0; i < rows; i++) s += x[i] * half_to_float(W[(size_t)i * ld + j]);
+        y[j] = s;
+    }
+}
+
 /* ---- one matrix row against one token's activations ---------------------------------------- */
 typedef struct {
     const uint8_t *q;     /* int8/int4 bytes, or float weights for fp32 */

@@ -173,7 +173,8 @@ def build(model_dir, target, out_dir, overwrite, allow_no_tokenizer, **flags) ->
         q = m.quantization
         click.echo("quantized: " + ", ".join(f"{part} int{b}" for part, b in q.bits.items())
                    + f", {q.scheme}, blocks of {q.block_size}"
-                   + (" (int8 per channel)" if 8 in q.per_channel_bits else "") + "; router, norms, embeddings fp32")
+                   + (" (int8 per channel)" if 8 in q.per_channel_bits else "") + "; router, norms, embeddings fp32"
+                   + ("; absorbed W_UK/W_UV fp16 values" if q.absorbed == "fp16" else ""))
     click.echo(f"wrote {out_dir}: target {m.target.name}, precision {m.precision}, MoE lowering {m.export.moe_lowering}"
                + (f" (prompts: {m.export.prefill_moe_lowering})" if m.export.prefill_moe_lowering else ""))
     if m.tensorrt is not None:
