@@ -260,30 +260,6 @@ static inline float dot_f32(const float *w, const float *x, int K) {
 #endif
 }
 
-/* y[j] = sum_i x[i] W[i][j] for j < cols (W rows of stride ld): the accumulators stay in registers
- * across the rows (64 columns at a time), where axpy row by row loads and stores y once per row. */
-static inline void gemv_t(const float *restrict W, int rows, int cols, size_t ld, const float *restrict x,
-                          float *restrict y) {
-    int j = 0;
-#if defined(DSX_AVX2)
-    for (; j + 64 <= cols; j += 64) {
-        __m256 a[8];
-        for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
-        for (int i = 0; i < rows; i++) {
-            const __m256 xi = _mm256_set1_ps(x[i]);
-            const float *w = W + (size_t)i * ld + j;
-            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(xi, _mm256_loadu_ps(w + 8 * u), a[u]);
-        }
-        for (int u = 0; u < 8; u++) _mm256_storeu_ps(y + j + 8 * u, a[u]);
-    }
-#endif
-    for (; j < cols; j++) {
-        float s = 0.0f;
-        for (int i = 0; i < rows; i++) s += x[i] * W[(size_t)i * ld + j];
-        y[j] = s;
-    }
-}
-
 /* An fp16 value's bits as a float (exact; for builds without F16C) */
 static inline float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
@@ -302,28 +278,56 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
-/* gemv_t with fp16 weights (the absorbed W_UK/W_UV held as the fp16 values they are) */
-static inline void gemv_t_half(const uint16_t *restrict W, int rows, int cols, size_t ld, const float *restrict x,
-                               float *restrict y) {
-    int j = 0;
 #if defined(DSX_F16C)
-    for (; j + 64 <= cols; j += 64) {
+#define DSX_HALF_VECTORS 1
+#else
+#define DSX_HALF_VECTORS 0
+#endif
+
+/* y[j] = sum_i x[i] W[i][j] for j < cols (W rows of stride ld; float, or fp16 when half: the
+ * absorbed W_UK/W_UV held as the fp16 values they are): the accumulators stay in registers
+ * across the rows (64 columns at a time), where axpy row by row loads and stores y once per row. */
+DSX_INLINE void gemv_t_any(const void *restrict W, const int half, int rows, int cols, size_t ld,
+                           const float *restrict x, float *restrict y) {
+    int j = 0;
+#if defined(DSX_AVX2)
+    for (; (!half || DSX_HALF_VECTORS) && j + 64 <= cols; j += 64) {
         __m256 a[8];
         for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
         for (int i = 0; i < rows; i++) {
             const __m256 xi = _mm256_set1_ps(x[i]);
-            const uint16_t *w = W + (size_t)i * ld + j;
-            for (int u = 0; u < 8; u++)
-                a[u] = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * u))), a[u]);
+            const size_t at = (size_t)i * ld + j;
+            for (int u = 0; u < 8; u++) {
+#if defined(DSX_F16C)
+                const __m256 w = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)W + at + 8 * u)))
+                                      : _mm256_loadu_ps((const float *)W + at + 8 * u);
+#else
+                const __m256 w = _mm256_loadu_ps((const float *)W + at + 8 * u);
+#endif
+                a[u] = _mm256_fmadd_ps(xi, w, a[u]);
+            }
         }
         for (int u = 0; u < 8; u++) _mm256_storeu_ps(y + j + 8 * u, a[u]);
     }
 #endif
     for (; j < cols; j++) {
         float s = 0.0f;
-        for (int i = 0; i < rows; i++) s += x[i] * half_to_float(W[(size_t)i * ld + j]);
+        for (int i = 0; i < rows; i++) {
+            const size_t at = (size_t)i * ld + j;
+            s += x[i] * (half ? half_to_float(((const uint16_t *)W)[at]) : ((const float *)W)[at]);
+        }
         y[j] = s;
     }
+}
+
+static inline void gemv_t(const float *restrict W, int rows, int cols, size_t ld, const float *restrict x,
+                          float *restrict y) {
+    gemv_t_any(W, 0, rows, cols, ld, x, y);
+}
+
+static inline void gemv_t_half(const uint16_t *restrict W, int rows, int cols, size_t ld, const float *restrict x,
+                               float *restrict y) {
+    gemv_t_any(W, 1, rows, cols, ld, x, y);
 }
 
 /* ---- one matrix row against one token's activations ---------------------------------------- */
