@@ -62,7 +62,6 @@ PRESETS = {
 }
 SCALE_BYTES = 4  # the quantizer writes float32 scales (MatMulNBits rejects fp16 ones with fp32 activations),
 # whose values are fp16 values where they fit (`quantize_rows`): the native decoder holds those at 2 bytes
-NATIVE_SCALE_BYTES = 2
 # ONNX Runtime 1.32 repacks MatMulNBits/QMoE weights at load for its int8-activation kernels, adding
 # a float32 block sum per block beside the float32 scale (measured with
 # session.save_external_prepacked_constant_initializers: 4-bit block 32 = 0.750 bytes/weight).

@@ -11,8 +11,8 @@ import dataclasses
 
 import torch
 
-from dsexport.core.quant import (BLOCK_SIZES, absorbed_values, PARTS, PRESETS, SCHEMES, QuantSpec, dequantize_rows,  # noqa: F401
-                                 pack, pack_zero_points, quantize_rows, weight_layout)
+from dsexport.core.quant import (BLOCK_SIZES, PARTS, PRESETS, SCHEMES, QuantSpec, absorbed_values,  # noqa: F401
+                                 dequantize_rows, pack, pack_zero_points, quantize_rows, weight_layout)
 
 QuantConfig = QuantSpec  # the name earlier releases used
 

@@ -234,7 +234,7 @@ class NativeBackend:
             return self._f32(bundle, w_uk, blocked=True), self._f32(bundle, w_uv), 0
         arrays = [self._read(bundle, w_uk), self._read(bundle, w_uv)]
         if not all(finite(a) for a in arrays):
-            raise BundleError(f"native: a tensor in {w_uk.file} holds NaN or Inf")
+            raise BundleError(f"native: W_UK or W_UV (in {w_uk.file}, {w_uv.file}) holds NaN or Inf")
         arrays[0] = blocked_w_uk(arrays[0])
         halves = [a.astype(np.float16) for a in arrays]
         if all(np.array_equal(h.astype(np.float32), a) for h, a in zip(halves, arrays)):

@@ -498,3 +498,34 @@ def test_scales_that_are_not_fp16_values_keep_float_panels(artifacts, tmp_path, 
         pytest.skip("this build of the kernel library packs no panels with fp16 scales (AVX2 with F16C only)")
     assert engine.backend.model.head.panel == 1 and panel_flags(engine) == {2}
     matches_onnxruntime_quantized(out, "int8", monkeypatch)
+
+
+def test_wide_latent_takes_the_vector_paths_of_the_latent_attention(tmp_path, monkeypatch):
+    """kv_lora_rank and v_head_dim of 64 (the tiny variants have 32 and 16, which only the scalar
+    tails see): W_UK in 64-column blocks and the 64-wide W_UK/W_UV loops, float at fp32 (against
+    ONNX Runtime, 1e-4) and fp16 in a quantized bundle (bit for bit against float W_UK/W_UV, and
+    against ONNX Runtime at docs/quantization.md's tolerance)."""
+    from dsexport.build import BuildConfig, build_bundle
+    from dsexport.exporter.synthetic import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", "v3_noaux_tc", kv_lora_rank=64, v_head_dim=64)
+    fp32, int4 = tmp_path / "fp32", tmp_path / "int4"
+    build_bundle(BuildConfig(ckpt, fp32))
+    build_bundle(BuildConfig(ckpt, int4, precision="int4", activations="int8"))
+    graphs, nat = load(fp32, "onnxruntime", monkeypatch), load(fp32, "native", monkeypatch)
+    steps = graphs.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
+    assert np.abs(teacher_forced_logits(graphs, PROMPT, steps) - teacher_forced_logits(nat, PROMPT, steps)).max() <= 1e-4
+    half = load(int4, "native", monkeypatch)
+    if not half.backend.half:
+        pytest.skip("this build of the kernel library holds no fp16 weights (AVX2 with F16C only)")
+    assert {ly.w_half for ly in half.backend.layers} == {1}
+    monkeypatch.setenv("DSEXPORT_NATIVE_HALF_SCALES", "0")
+    full = load(int4, "native", monkeypatch)
+    assert {ly.w_half for ly in full.backend.layers} == {0}
+    steps = half.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
+    assert np.array_equal(teacher_forced_logits(half, PROMPT, steps), teacher_forced_logits(full, PROMPT, steps))
+    # against ONNX Runtime teacher-forced, at the int8-activation tolerance (not greedy tokens: on
+    # this checkpoint one rounding tie moves a later position's logits by 0.07, past a 0.008 margin)
+    graphs = load(int4, "onnxruntime", monkeypatch)
+    per_position = np.abs(teacher_forced_logits(graphs, PROMPT, steps) - teacher_forced_logits(half, PROMPT, steps)).max(-1)
+    assert np.median(per_position) <= 1e-4 and per_position.max() <= 0.25

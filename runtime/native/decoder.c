@@ -240,18 +240,17 @@ static void attention_chunk(void *p, int c, int tid) {
     const int G = h0 + w->group < H ? w->group : H - h0;
     const int S = s->past + s->T, last = s->past + t; /* keys 0..last are causal */
     float *probs = w->scratch + (size_t)tid * w->per_thread, *qlat = probs + (size_t)G * S, *ctxlat = qlat + (size_t)G * L;
+    const int half = w->ly->w_half; /* W_UK/W_UV as fp16 */
+    const size_t wsize = half ? 2 : 4;
     for (int g = 0; g < G; g++) { /* q_lat = W_UK[h]^T q_nope, then the rope part */
-        const float *q = w->q + ((size_t)n * H + h0 + g) * (dn + dr), *wuk = w->ly->w_uk + (size_t)(h0 + g) * dn * r;
-        const uint16_t *wuk_h = (const uint16_t *)w->ly->w_uk + (size_t)(h0 + g) * dn * r;
+        const float *q = w->q + ((size_t)n * H + h0 + g) * (dn + dr);
+        const char *wuk = (const char *)w->ly->w_uk + (size_t)(h0 + g) * dn * r * wsize;
         float *ql = qlat + (size_t)g * L;
-        if (w->ly->w_half && r % 64 == 0)
-            for (int jb = 0; jb < r / 64; jb++) gemv_t_half(wuk_h + (size_t)jb * dn * 64, dn, 64, 64, q, ql + jb * 64);
-        else if (w->ly->w_half)
-            gemv_t_half(wuk_h, dn, r, (size_t)r, q, ql);
-        else if (r % 64 == 0)
-            for (int jb = 0; jb < r / 64; jb++) gemv_t(wuk + (size_t)jb * dn * 64, dn, 64, 64, q, ql + jb * 64);
+        if (r % 64 == 0)
+            for (int jb = 0; jb < r / 64; jb++)
+                gemv_t_any(wuk + (size_t)jb * dn * 64 * wsize, half, dn, 64, 64, q, ql + jb * 64);
         else
-            gemv_t(wuk, dn, r, (size_t)r, q, ql);
+            gemv_t_any(wuk, half, dn, r, (size_t)r, q, ql);
         memcpy(ql + r, q + dn, (size_t)dr * 4);
     }
     const float *keys = w->cache + (size_t)b * s->capacity * L;
@@ -277,14 +276,9 @@ static void attention_chunk(void *p, int c, int tid) {
         /* the context on the latent: probs . latent[:, :r] (masked positions weigh 0) */
         gemv_t(keys, S, r, (size_t)L, pg, ctxlat + (size_t)g * r);
     }
-    for (int g = 0; g < G; g++) { /* W_UV: [r, dv] per head */
-        float *out = w->ctx + (size_t)n * H * dv + (size_t)(h0 + g) * dv;
-        if (w->ly->w_half)
-            gemv_t_half((const uint16_t *)w->ly->w_uv + (size_t)(h0 + g) * r * dv, r, dv, (size_t)dv,
-                        ctxlat + (size_t)g * r, out);
-        else
-            gemv_t(w->ly->w_uv + (size_t)(h0 + g) * r * dv, r, dv, (size_t)dv, ctxlat + (size_t)g * r, out);
-    }
+    for (int g = 0; g < G; g++) /* W_UV: [r, dv] per head */
+        gemv_t_any((const char *)w->ly->w_uv + (size_t)(h0 + g) * r * dv * wsize, half, r, dv, (size_t)dv,
+                   ctxlat + (size_t)g * r, w->ctx + (size_t)n * H * dv + (size_t)(h0 + g) * dv);
 }
 
 /* ---- routing: the graph's (exporter/lowering.emit_routing, final_weights) ------------------ */

@@ -325,11 +325,6 @@ static inline void gemv_t(const float *restrict W, int rows, int cols, size_t ld
     gemv_t_any(W, 0, rows, cols, ld, x, y);
 }
 
-static inline void gemv_t_half(const uint16_t *restrict W, int rows, int cols, size_t ld, const float *restrict x,
-                               float *restrict y) {
-    gemv_t_any(W, 1, rows, cols, ld, x, y);
-}
-
 /* ---- one matrix row against one token's activations ---------------------------------------- */
 typedef struct {
     const uint8_t *q;     /* int8/int4 bytes, or float weights for fp32 */
