@@ -114,6 +114,26 @@ def test_fp32_activations_match_numpy(bits):
     assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
 
 
+def test_fp32_prompt_token_groups_match_numpy():
+    """A prompt's routing: experts with 1 to 15+ tokens, so fp32 rows run every tile (3-7 tokens in one
+    pass, more split into equal groups, 2 and 1 on their own paths), on odd sizes (K % 8 tails, row
+    counts that no tile height divides)."""
+    kernel = native.ExpertKernel(kernel_or_skip(), threads=2)
+    rng = np.random.default_rng(23)
+    E, D, I, k, tokens = 9, 100, 37, 2, 40
+    experts = make_experts(rng, E, D, I, 32, 32, "absmax")
+    share = np.array([15, 8, 7, 3, 6, 1, 2, 5, 4], np.float64)
+    ids = np.stack([rng.choice(E, k, replace=False, p=share / share.sum()) for _ in range(tokens)])
+    counts = np.bincount(ids.ravel(), minlength=E)
+    assert counts.max() > 7 and set(range(3, 8)) & set(counts.tolist()), counts  # the groups this test is for
+    x = rng.standard_normal((tokens, D)).astype(np.float32)
+    weights = rng.random((tokens, k)).astype(np.float32)
+    residual = rng.standard_normal((tokens, D)).astype(np.float32)
+    got = kernel_moe(kernel, experts, x, ids, weights, 32, 32, False, residual)
+    want = residual + numpy_moe(experts, x, ids, weights, None)
+    assert np.abs(got - want).max() <= 2e-5 * np.abs(want - residual).max()
+
+
 def test_thread_count_does_not_change_results():
     """Rows are split across threads, but each output sums its experts in one fixed order."""
     lib = kernel_or_skip()

@@ -131,12 +131,12 @@ static void linear_chunk(void *ctx, int c, int tid) {
     const int r0 = c * w->chunk, r1 = r0 + w->chunk < L->rows ? r0 + w->chunk : L->rows;
     const dsx_matrix m = {(const uint8_t *)L->w, L->scales, NULL};
     const matrix_shape s = {L->bits, w->in.Kp, L->block};
-    for (int n0 = 0; n0 < w->N; n0 += 4) { /* tokens four at a time */
-        const int T = w->N - n0 < 4 ? w->N - n0 : 4;
-        int rows[4];
-        float *out[4];
+    for (int n0 = 0, T; n0 < w->N; n0 += T) {
+        T = group_size(L->bits, w->N - n0);
+        int rows[MAX_GROUP];
+        float *out[MAX_GROUP];
         for (int t = 0; t < T; t++) rows[t] = n0 + t, out[t] = w->out + (size_t)(n0 + t) * w->ldo + r0;
-        matrix_rows(L->bits, w->fast, L->panel, L->round_act, &m, &s, L->K, &w->in, rows, T, r0, r1, out, w->N <= 4);
+        matrix_rows(L->bits, w->fast, L->panel, L->round_act, &m, &s, L->K, &w->in, rows, T, r0, r1, out, T == w->N);
         if (L->bias)
             for (int t = 0; t < T; t++)
                 for (int r = r0; r < r1; r++) out[t][r - r0] += L->bias[r];

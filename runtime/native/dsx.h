@@ -27,6 +27,15 @@
 #endif
 
 #define CHUNK_ROWS 256 /* the most rows a chunk holds */
+#define MAX_GROUP 7 /* the most tokens one pass over a matrix's rows computes */
+/* The next group of a matrix's `left` tokens: quantized rows take 4 at a time (the panels'
+ * accumulators); fp32 rows up to 7 in one pass (rows_f32_wide), more split into equal groups
+ * (8 tokens' inputs, 32 KB at K=1024, no longer stay in L1: measured slower than 4 + 4). */
+static inline int group_size(int bits, int left) {
+    if (bits != 32) return left < 4 ? left : 4;
+    const int groups = (left + MAX_GROUP - 1) / MAX_GROUP;
+    return (left + groups - 1) / groups;
+}
 /* Rows per chunk: fp32 ~256 KB of one matrix (K=1024: 64 rows; K=512: 128), quantized 64 rows
  * (int4 K=1024: 40 KB), a multiple of 8 (panels). Measured on M (2-core EPYC, alternating runs):
  * fp32 decode 45-46 ms per step with 256 KB chunks against 47-51 with 64 rows and 55-61 with
@@ -154,9 +163,9 @@ static inline float hsum_ps(__m256 a) {
 }
 #endif
 
-/* fp32 weight rows [r0, r1) (row stride K) against T <= 4 tokens: out[t][r - r0]. Two rows per pass
- * share each token's loads and each row's loads serve every token (prefill: 8 FMAs per 6 loads,
- * against 1 per 2 for a row-by-row dot). */
+/* fp32 weight rows [r0, r1) (row stride K) against T = 1-2 tokens: out[t][r - r0]. Two tokens: two
+ * rows per pass share each token's loads (a prompt's groups that reuse rows from cache); one:
+ * row by row. 3-7 tokens: rows_f32_wide. */
 static inline float dot_f32(const float *w, const float *x, int K);
 #define DSX_INLINE static inline __attribute__((always_inline))
 DSX_INLINE void rows_f32_t(const float *W, int K, int r0, int r1, const int T, const float *const *x, float *const *out) {
@@ -194,10 +203,10 @@ DSX_INLINE void rows_f32_t(const float *W, int K, int r0, int r1, const int T, c
 #endif
 }
 
-/* fp32 rows against 2-3 tokens streamed once (a verify step, a prompt's last tokens): one row at a
+/* fp32 rows against 2 tokens streamed once (a verify step, an expert's two tokens): one row at a
  * time, two FMA chains per token. Streams DRAM faster than two rows per pass (M's head, 2 tokens:
- * 17.3-17.5 against 14.4-16.2 GB/s on the 2-core EPYC; benchmarks in docs/performance.md); a
- * prompt's groups of 4, which reuse rows from cache, keep rows_f32_t. */
+ * 17.3-17.5 against 14.4-16.2 GB/s on the 2-core EPYC; benchmarks in docs/performance.md); groups
+ * of 2 that reuse rows from cache keep rows_f32_t. */
 DSX_INLINE void rows_f32_few(const float *W, int K, int r0, int r1, const int T, const float *const *x,
                              float *const *out) {
 #if defined(DSX_AVX2)
@@ -224,13 +233,75 @@ DSX_INLINE void rows_f32_few(const float *W, int K, int r0, int r1, const int T,
 #endif
 }
 
+/* fp32 rows against 3-7 tokens in one pass (a prompt: a linear layer's tokens in groups, an
+ * expert's tokens at once), R rows x T tokens per tile: R x T accumulators, R + T loads per R x T
+ * FMAs. R is set for the memory, not the FMAs: a pass over rows it cannot hold in cache is bound by
+ * how many rows stream at once (the misses in flight): at 2 rows per tile fp32 prompt rows
+ * streamed at ~10 GB/s per core on the 2-core EPYC against 21-24 for a one-token dot; tiles of 6
+ * rows x 3-4 tokens, 4 x 5-6 and 3 x 7 streamed 20-25% faster there with two threads, and a
+ * prefetch of the rows two tiles ahead into L2 (not L1: that was no faster) took a 64-token
+ * prompt on M from 315 to 272 ms (medians; docs/performance.md). Sized to the registers: 32 with
+ * AVX-512VL (ymm16-31), else 16.
+ * Each output is one accumulator over k in order, as in rows_f32_t: the tile shape does not change
+ * the sums. */
+#if defined(__AVX512VL__)
+#define DSX_VREGS 32
+#else
+#define DSX_VREGS 16
+#endif
+static inline int tile_rows(int T) { /* 3 <= T <= MAX_GROUP */
+    static const int wide[MAX_GROUP + 1] = {0, 0, 0, 6, 6, 4, 4, 3}, narrow[MAX_GROUP + 1] = {0, 0, 0, 3, 2, 2, 2, 1};
+    return DSX_VREGS >= 32 ? wide[T] : narrow[T];
+}
+DSX_INLINE void tile_f32(const float *W, int K, int r, int r0, const int R, const int T, const float *const *x,
+                         float *const *out) {
+#if defined(DSX_AVX2)
+    const float *w = W + (size_t)r * K;
+    __m256 acc[6][MAX_GROUP];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < T; t++) acc[i][t] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[6];
+        if (!(k & 15)) /* the rows two tiles on, into L2 (a prefetch never faults past the matrix) */
+            for (int i = 0; i < R; i++) _mm_prefetch((const char *)(w + (size_t)(i + 2 * R) * K + k), _MM_HINT_T1);
+        for (int i = 0; i < R; i++) wv[i] = _mm256_loadu_ps(w + (size_t)i * K + k);
+        for (int t = 0; t < T; t++) {
+            const __m256 xt = _mm256_loadu_ps(x[t] + k);
+            for (int i = 0; i < R; i++) acc[i][t] = _mm256_fmadd_ps(wv[i], xt, acc[i][t]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < T; t++) {
+            float sum = hsum_ps(acc[i][t]);
+            for (int j = k; j < K; j++) sum += w[(size_t)i * K + j] * x[t][j];
+            out[t][r + i - r0] = sum;
+        }
+#endif
+}
+DSX_INLINE void rows_f32_wide(const float *W, int K, int r0, int r1, const int T, const float *const *x,
+                              float *const *out) {
+#if defined(DSX_AVX2)
+    const int R = tile_rows(T);
+    int r = r0;
+    for (; r + R <= r1; r += R) tile_f32(W, K, r, r0, R, T, x, out);
+    for (; r < r1; r++) tile_f32(W, K, r, r0, 1, T, x, out);
+#else
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < T; t++) out[t][r - r0] = dot_f32(W + (size_t)r * K, x[t], K);
+#endif
+}
+
 /* T a constant in each call below: the accumulators stay in registers. once: these T tokens are
  * all the rows will see (streamed from memory once); else rows come back for more tokens from cache. */
 static inline void rows_f32(const float *W, int K, int r0, int r1, int T, const float *const *x, float *const *out,
                             int once) {
     switch (T) {
-    case 4: rows_f32_t(W, K, r0, r1, 4, x, out); break;
-    case 3: if (once) rows_f32_few(W, K, r0, r1, 3, x, out); else rows_f32_t(W, K, r0, r1, 3, x, out); break;
+    case 7: rows_f32_wide(W, K, r0, r1, 7, x, out); break;
+    case 6: rows_f32_wide(W, K, r0, r1, 6, x, out); break;
+    case 5: rows_f32_wide(W, K, r0, r1, 5, x, out); break;
+    case 4: rows_f32_wide(W, K, r0, r1, 4, x, out); break;
+    case 3: rows_f32_wide(W, K, r0, r1, 3, x, out); break;
     case 2: if (once) rows_f32_few(W, K, r0, r1, 2, x, out); else rows_f32_t(W, K, r0, r1, 2, x, out); break;
     default: rows_f32_t(W, K, r0, r1, 1, x, out);
     }
@@ -704,7 +775,7 @@ static inline void matrix_rows(int bits, int fast, int panel, int round_act, con
     (void)fast, (void)panel;
 #endif
     if (bits == 32) {
-        const float *x[4];
+        const float *x[MAX_GROUP];
         for (int i = 0; i < T; i++) x[i] = in->f + (size_t)rows[i] * in->ldf;
         rows_f32((const float *)m->q, K, r0, r1, T, x, out, once);
         return;
