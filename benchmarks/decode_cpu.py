@@ -33,6 +33,12 @@ expert store read into RAM; llama-bench --load-mode none).
         [--bundle int4=/tmp/m/paged-int4] [--onnxruntime] [--numpy-experts]
 
 Several bundles may be given per precision (a fused and a paged one): each is run in every round.
+
+Warmup: llama-bench runs the whole prompt and one generated token before its timed repetitions
+and does not count them; each dsexport process does the same (one generation of the prompt and 2
+tokens, not counted). Before 2026-12-02 (session 26) it did not, and each process's first prompt
+was counted: in run 14 (fp32 M) those ran at 156, 185 and 173 tok/s, the later ones at 151-238
+(median 222; benchmarks/results/decode_cpu-m-fused-native-run14.json).
 """
 
 from __future__ import annotations
@@ -145,6 +151,7 @@ def dsexport_child(bundle: Path, prompt: list[int], new_tokens: int, threads: in
         import numpy as np
         from dsexport.runtime import Engine, native
         engine = Engine.load({str(bundle)!r}, threads={threads}, weights="memory", verify=False)
+        engine.generate({prompt!r}, max_new_tokens=2, ignore_eos=True)  # warmup, as llama-bench's (not counted)
         runs = [engine.generate({prompt!r}, max_new_tokens={new_tokens}, ignore_eos=True) for _ in range({reps})]
         # the breakdown: the raw decode step (engine.forward, greedy argmax) after a prefill
         backend, prompt, T = engine.backend, {prompt!r}, {len(prompt)}
