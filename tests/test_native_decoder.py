@@ -273,6 +273,39 @@ def test_the_vnni_build_gives_the_logits_of_the_plain_avx2_build(artifacts, tmp_
         monkeypatch.delenv("DSEXPORT_NATIVE_LIBRARY")
 
 
+def test_fp32_prompt_tiles_do_not_change_the_logits(artifacts, tmp_path):
+    """fp32 rows against a prompt run in tiles sized to the vector registers (6 rows x 3-4 tokens
+    with AVX-512VL's 32, 2-3 rows with plain AVX2's 16); each output is one accumulator over k
+    either way, so an x86-64-v3 build gives the same prompt and decode logits bit for bit."""
+    import ctypes
+    import subprocess
+    from pathlib import Path
+
+    from dsexport.runtime import native
+
+    lib = native.load()
+    if lib is None or getattr(lib, "dsx_vector_registers", None) is None or lib.dsx_vector_registers() != 32:
+        pytest.skip("the installed kernel library was not built with 32 vector registers (AVX-512VL) here")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    src = Path(__file__).resolve().parents[1] / "runtime" / "native"
+    plain = tmp_path / "decoder_avx2.so"
+    subprocess.run([cc, "-O3", "-std=c11", "-pthread", "-shared", "-fPIC", "-march=x86-64-v3", str(src / "experts.c"),
+                    str(src / "decoder.c"), "-o", str(plain), "-lm"], check=True)
+    assert ctypes.CDLL(str(plain)).dsx_vector_registers() == 16
+    path = paged_bundle(artifacts, "v3_noaux_tc")
+    prompt = PROMPT * 3  # groups of up to 7 tokens, experts with several tokens
+    with pytest.MonkeyPatch.context() as mp:
+        wide = load(path, "native", mp)
+        steps = wide.generate(prompt, max_new_tokens=6, ignore_eos=True).output_ids
+        want = teacher_forced_logits(wide, prompt, steps)
+        mp.setattr(native, "_lib", None)
+        mp.setenv("DSEXPORT_NATIVE_LIBRARY", str(plain))
+        narrow = load(path, "native", mp)
+        assert native.status()["simd"] == "AVX2"
+        assert np.array_equal(teacher_forced_logits(narrow, prompt, steps), want)
+        mp.setattr(native, "_lib", None)
+
+
 def test_a_library_built_from_other_sources_falls_back_to_the_segments(artifacts, monkeypatch):
     """Structures or weight layouts that differ would be read wrongly, not fail: the check at load
     sends the bundle to the segments and says why."""

@@ -41,6 +41,9 @@ int dsx_vnni(void) {
 #endif
 }
 
+/* vector registers the fp32 tiles were sized for (dsx.h tile_rows): 32 with AVX-512VL, else 16 */
+int dsx_vector_registers(void) { return DSX_VREGS; }
+
 /* 1: packed panels may hold fp16 scales (panel 2 in dsx_linear and dsx_moe_args) */
 int dsx_half_scales(void) {
 #if defined(DSX_F16C)
