@@ -569,8 +569,8 @@ class NativeBackend:
 
     def _count(self) -> None:
         """Fold the steps' expert choices into the statistics: per step and MoE layer, each distinct
-        expert counts once. Deferred and done for all held steps at once (np.unique per step and
-        layer cost ~50 us a step on M even deferred; this ~2)."""
+        expert counts once. Deferred and done for all held steps at once: 256 steps on M took
+        23-35 ms with np.unique per step and layer, 1.6-2.3 ms this way."""
         by_phase: dict[str, list] = {}
         for routed, tokens, phase_name in self._routed:
             by_phase.setdefault(phase_name, []).append((routed, tokens))

@@ -237,23 +237,28 @@ def test_portable_build_of_the_decoder_matches_the_segments(artifacts, tmp_path,
         assert diff.max() <= tolerance
 
 
-def test_the_vnni_build_gives_the_logits_of_the_plain_avx2_build(artifacts, tmp_path, monkeypatch):
-    """vpdpbusd replaces maddubs + madd where the compiler targets VNNI: the integer block sums
-    are exact either way, so an x86-64-v3 build (AVX2, FMA, F16C, no VNNI) gives the same logits
-    bit for bit on int4 and int8 rows (panels, fp16 scales, int8 activations)."""
-    import shutil
+def build_x86_64_v3(tmp_path):
+    """The kernel library built for plain AVX2 (x86-64-v3: FMA, F16C; no VNNI, no AVX-512)."""
     import subprocess
     from pathlib import Path
 
-    from dsexport.runtime import native
-
-    if "VNNI" not in native.status()["simd"]:
-        pytest.skip(f"the installed kernel library does not use VNNI here ({native.status()['simd']})")
     cc = shutil.which("cc") or shutil.which("gcc")
     src = Path(__file__).resolve().parents[1] / "runtime" / "native"
     lib = tmp_path / "decoder_avx2.so"
     subprocess.run([cc, "-O3", "-std=c11", "-pthread", "-shared", "-fPIC", "-march=x86-64-v3", str(src / "experts.c"),
                     str(src / "decoder.c"), "-o", str(lib), "-lm"], check=True)
+    return lib
+
+
+def test_the_vnni_build_gives_the_logits_of_the_plain_avx2_build(artifacts, tmp_path, monkeypatch):
+    """vpdpbusd replaces maddubs + madd where the compiler targets VNNI: the integer block sums
+    are exact either way, so an x86-64-v3 build (AVX2, FMA, F16C, no VNNI) gives the same logits
+    bit for bit on int4 and int8 rows (panels, fp16 scales, int8 activations)."""
+    from dsexport.runtime import native
+
+    if "VNNI" not in native.status()["simd"]:
+        pytest.skip(f"the installed kernel library does not use VNNI here ({native.status()['simd']})")
+    lib = build_x86_64_v3(tmp_path)
     from dsexport.build import BuildConfig, build_bundle
 
     int8_rows = artifacts.root / "fused_int8_int8"  # as test_quantized_fused_bundles_match_the_graph builds it
@@ -278,19 +283,13 @@ def test_fp32_prompt_tiles_do_not_change_the_logits(artifacts, tmp_path):
     with AVX-512VL's 32, 2-3 rows with plain AVX2's 16); each output is one accumulator over k
     either way, so an x86-64-v3 build gives the same prompt and decode logits bit for bit."""
     import ctypes
-    import subprocess
-    from pathlib import Path
 
     from dsexport.runtime import native
 
     lib = native.load()
     if lib is None or getattr(lib, "dsx_vector_registers", None) is None or lib.dsx_vector_registers() != 32:
         pytest.skip("the installed kernel library was not built with 32 vector registers (AVX-512VL) here")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    src = Path(__file__).resolve().parents[1] / "runtime" / "native"
-    plain = tmp_path / "decoder_avx2.so"
-    subprocess.run([cc, "-O3", "-std=c11", "-pthread", "-shared", "-fPIC", "-march=x86-64-v3", str(src / "experts.c"),
-                    str(src / "decoder.c"), "-o", str(plain), "-lm"], check=True)
+    plain = build_x86_64_v3(tmp_path)
     assert ctypes.CDLL(str(plain)).dsx_vector_registers() == 16
     path = paged_bundle(artifacts, "v3_noaux_tc")
     prompt = PROMPT * 3  # groups of up to 7 tokens, experts with several tokens
@@ -303,7 +302,6 @@ def test_fp32_prompt_tiles_do_not_change_the_logits(artifacts, tmp_path):
         narrow = load(path, "native", mp)
         assert native.status()["simd"] == "AVX2"
         assert np.array_equal(teacher_forced_logits(narrow, prompt, steps), want)
-        mp.setattr(native, "_lib", None)
 
 
 def test_a_library_built_from_other_sources_falls_back_to_the_segments(artifacts, monkeypatch):
