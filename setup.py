@@ -49,7 +49,7 @@ class OptionalNativeBuild(build_ext):
 
 setup(
     ext_modules=[Extension("dsexport.runtime._experts", ["runtime/native/experts.c", "runtime/native/decoder.c"],
-                           depends=["runtime/native/dsx.h"],
+                           depends=["runtime/native/dsx.h", "runtime/native/dsx_f32.h"],
                            extra_link_args=["-pthread", "-lm"], optional=True)],
     cmdclass={"build_ext": OptionalNativeBuild},
 )

@@ -20,12 +20,17 @@ median/median), and roofline fractions:
              MatMulNBits/QMoE blocks (float32 scale + float32 block sum per block: core/quant.py
              weight_bytes with resident=True), fp32 for the embeddings' one row, norms, router and
              the absorbed W_UK/W_UV
-  llama.cpp bytes/token: GGUF file size x active/total parameters (benchmarks/llamacpp.py)
+  llama.cpp bytes/token: from the GGUF's tensor table (benchmarks/llamacpp.py gguf_bytes_per_token):
+             every tensor whole, the routed experts' k of E, one embedding row. Before 2026-12-02
+             (run 20) it was the file size x active/total parameters, which counted the output head
+             at the active fraction: q4_0 M 116.1 MB against the table's 125.2 (q8_0 216.2 against
+             217.9; f32 812.1 against 812.0)
 
 and, for dsexport, a per-step breakdown of one extra decode (ms per token): ONNX Runtime session
 runs, the routed experts (native kernel or numpy), the native decoder's call with its parts
 (projections, latent attention, routed experts, head, its serial work), and the rest (Python:
-feeds, numpy views, sampling, the decode loop). Weights are in memory for both (dsexport weights="memory", the
+feeds, numpy views, sampling, the decode loop). A greedy decode on the native decoder runs its
+steps in C in bursts of ~50 ms (runtime/decode.py), and so does the breakdown. Weights are in memory for both (dsexport weights="memory", the
 expert store read into RAM; llama-bench --load-mode none).
 
     python benchmarks/decode_cpu.py --checkpoint /tmp/ckpt-m \
@@ -54,7 +59,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import copy_bandwidth, read_bandwidth  # noqa: E402
 from decode import run_child  # noqa: E402
-from llamacpp import build_llamacpp, convert, llama_bench, wait_idle  # noqa: E402
+from llamacpp import build_llamacpp, convert, gguf_bytes_per_token, llama_bench, wait_idle  # noqa: E402
 
 from dsexport.core import quant  # noqa: E402
 from dsexport.runtime.bundle import read_bundle  # noqa: E402
@@ -89,11 +94,12 @@ def native_bytes_per_token(manifest, bundle: Path) -> float:
     one embedding row, and per MoE layer the router, its bias and k experts. Block scales count 2
     bytes where the decoder holds them as fp16 (AVX2 panels, every scale of the matrix, or of the
     layer's experts, an fp16 value: int4 block 32 = 0.5625 bytes/weight), else 4, and W_UK/W_UV
-    count 2 bytes per weight where they are fp16 values (a quantized bundle's); a paged
+    count 2 bytes per weight where they are fp16 values (a quantized bundle's), 8-bit rows whose
+    values fit 6 bits (a 6-bit head) 0.75 bytes per weight (the AVX2 build's 6-bit panels); a paged
     store's records are taken to hold fp16 values (as this exporter writes them), not read."""
     from dsexport.core.sections import TensorRef
     from dsexport.runtime import native
-    from dsexport.runtime.native_backend import half_scales
+    from dsexport.runtime.native_backend import fits_six_bits, half_scales
 
     lib = native.load()
     half = lib.dsx_simd() == 1 and lib.dsx_half_scales() == 1
@@ -117,7 +123,11 @@ def native_bytes_per_token(manifest, bundle: Path) -> float:
             refs.append(value.bytes // 2 if fp16 else value.bytes)
         else:  # an fp32 weight shared with the router (col_start) counts only its own columns
             panels = value.activations == "int8" and value.block == 32
-            refs.append(value.rows * value.cols * 4 if value.bits == 32 else value.weight.bytes + (
+            weight = value.weight.bytes
+            if panels and value.bits == 8 and lib.dsx_simd() == 1 and fits_six_bits(
+                    np.fromfile(bundle / value.weight.file, np.uint8, weight, offset=value.weight.offset)):
+                weight = weight * 6 // 8  # 8-bit rows of 6-bit levels, held as 6-bit panels
+            refs.append(value.rows * value.cols * 4 if value.bits == 32 else weight + (
                 scale_bytes(value.scales) if panels else value.scales.bytes))
             refs.append(value.bias.bytes if value.bias else 0)
     total = sum(refs) + cfg.hidden_size * 4
@@ -153,20 +163,30 @@ def dsexport_child(bundle: Path, prompt: list[int], new_tokens: int, threads: in
         engine = Engine.load({str(bundle)!r}, threads={threads}, weights="memory", verify=False)
         engine.generate({prompt!r}, max_new_tokens=2, ignore_eos=True)  # warmup, as llama-bench's (not counted)
         runs = [engine.generate({prompt!r}, max_new_tokens={new_tokens}, ignore_eos=True) for _ in range({reps})]
-        # the breakdown: the raw decode step (engine.forward, greedy argmax) after a prefill
+        # the breakdown: the raw decode step after a prefill, as generate() runs it greedily: the
+        # native decoder's C loop in bursts (runtime/decode.py), else engine.forward and argmax per step
+        from dsexport.runtime.decode import GREEDY_BURST_S, GREEDY_BURST_STEPS
         backend, prompt, T = engine.backend, {prompt!r}, {len(prompt)}
         logits, cache = engine.forward(np.array([prompt]), np.arange(T)[None], np.ones((1, T), np.int64),
                                        engine.empty_cache(1))
         token = int(logits[0, -1].argmax())
         backend.profile = {{}}
+        greedy, bursts, n, burst = getattr(backend, "greedy", None), 0, 0, 4
         t0 = time.perf_counter()
-        for n in range({new_tokens} - 1):
+        while n < {new_tokens} - 1:
+            if greedy is not None:
+                start = time.perf_counter()
+                tokens, cache = greedy(token, T + n, cache, min(burst, {new_tokens} - 1 - n), ())
+                token, n, bursts = tokens[-1], n + len(tokens), bursts + 1
+                burst = int(min(GREEDY_BURST_STEPS, max(1, GREEDY_BURST_S * len(tokens) / (time.perf_counter() - start))))
+                continue
             logits, cache = engine.forward(np.array([[token]]), np.array([[T + n]]), np.ones((1, T + n + 1), np.int64),
                                            cache)
-            token = int(logits[0, -1].argmax())
+            token, n = int(logits[0, -1].argmax()), n + 1
         total = time.perf_counter() - t0
         print(json.dumps({{"decode": [x.decode_tokens_per_s for x in runs], "prefill": [x.prefill_tokens_per_s for x in runs],
                           "profile": dict(backend.profile), "profile_total_s": total, "steps": {new_tokens} - 1,
+                          "bursts": bursts,
                           "kernel": native.status(), "backend": backend.name, "output_ids": runs[0].output_ids}}))
     """, env={"OMP_NUM_THREADS": str(threads), "DSEXPORT_EXPERT_KERNEL": "numpy" if experts == "numpy" else "native",
               "DSEXPORT_DECODER": "onnxruntime" if experts in ("numpy", "segments") else "native"})
@@ -236,12 +256,16 @@ def main() -> None:
             lc = llama_bench(llama, gguf, args.threads, args.prompt_tokens, args.new_tokens, args.reps)
             runs["llama.cpp"]["decode"] += lc["decode_runs"]
             runs["llama.cpp"]["prefill"] += lc["prefill_runs"]
-        their_bytes = gguf.stat().st_size * fraction
+        their_bytes, their_split = gguf_bytes_per_token(gguf, llama)
         (td, tdm), (tp, tpm) = summary(runs["llama.cpp"]["decode"]), summary(runs["llama.cpp"]["prefill"])
         print(f"\n== {precision} vs llama.cpp {GGUF[precision]}: {args.threads} threads, {args.rounds} rounds "
               f"(alternating) x {args.reps} reps, prompt {args.prompt_tokens}, {args.new_tokens} new tokens")
         print(f"llama.cpp {GGUF[precision]}: decode best {td:.1f} median {tdm:.1f} tok/s; prefill best {tp:.0f} median "
               f"{tpm:.0f} tok/s; runs {', '.join(f'{x:.1f}' for x in runs['llama.cpp']['decode'])}")
+        print(f"  bytes per decoded token: {their_bytes / 1e6:.1f} MB (the GGUF's tensors: output head "
+              f"{their_split.get('output', 0) / 1e6:.1f}, routed experts "
+              f"{sum(v for k, v in their_split.items() if k.endswith('_exps')) / 1e6:.1f}; file x active fraction "
+              f"would say {gguf.stat().st_size * fraction / 1e6:.1f})")
         rows[f"{precision}: llama.cpp {GGUF[precision]}"] = (their_bytes, td, tdm)
         results[precision] = {"llama_cpp": runs["llama.cpp"], "llama_bytes_per_token": their_bytes, "dsexport": {}}
         for label, bundle, experts in paths:
@@ -271,9 +295,10 @@ def main() -> None:
             inside = per.pop("kernel", None)
             parts = {k[len("native: "):]: per.pop(k) for k in list(per) if k.startswith("native: ")}  # inside "native"
             other = total - sum(per.values())
-            print("  decode step (ms, fastest round, {} engine.forward steps after the prompt): total {:.2f} = {}{}{} + "
+            how = f"in {best['bursts']} calls of the C greedy loop" if best.get("bursts") else "engine.forward steps"
+            print("  decode step (ms, fastest round, {} steps after the prompt, {}): total {:.2f} = {}{}{} + "
                   "Python/numpy/argmax {:.2f}".format(
-                      steps, total, " + ".join(f"{k} {v:.2f}" for k, v in per.items()),
+                      steps, how, total, " + ".join(f"{k} {v:.2f}" for k, v in per.items()),
                       f" (native kernel itself {inside:.2f})" if inside else "",
                       " (" + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + ")" if parts else "", other))
             per.update({f"native: {k}": v for k, v in parts.items()})

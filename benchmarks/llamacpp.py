@@ -4,8 +4,8 @@ Builds llama.cpp from the sources that PyPI's llama-cpp-python sdist vendors (ve
 CPU only, into a cache dir (reused when present); converts the checkpoint to GGUF f32 with the
 vendored convert_hf_to_gguf.py, quantizes it with llama-quantize, and runs llama-bench on each
 quantization with the weights read into memory (no mmap). Prints prefill (pp) and decode (tg)
-tokens/s and the roofline fraction: bytes read per decoded token (GGUF file size x active/total
-parameters, dsexport.core.config.parameter_counts) x tok/s / the 2-thread copy bandwidth of
+tokens/s and the roofline fraction: bytes read per decoded token (from the GGUF's tensor table:
+gguf_bytes_per_token) x tok/s / the 2-thread copy bandwidth of
 benchmarks/bandwidth.py, measured in the same run (before each bench; the best is used). Each
 bench waits for idle CPUs first and warns when other processes ran during it: on a shared 2-core
 VM they halve the figures.
@@ -199,6 +199,40 @@ def wait_idle(limit_s: float = 600, threshold: float = 0.1) -> float:
     return busy
 
 
+def gguf_bytes_per_token(gguf: Path, llama: dict) -> tuple[float, dict[str, float]]:
+    """Bytes of weights llama.cpp reads for one decoded token, from the GGUF's tensor table (read
+    with the gguf-py package of the llama.cpp source it was built from): every tensor whole, except
+    the routed experts' (`*_exps`: expert_used_count of expert_count) and the token embedding (one
+    row). The file size x active/total parameters undercounts: it scales the output head, which
+    every token reads whole, by the active fraction. Returns the total and a split by tensor kind."""
+    sys.path.insert(0, str(Path(llama["src"]) / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    reader = GGUFReader(str(gguf))
+
+    def field(suffix: str) -> int:
+        for name, f in reader.fields.items():
+            if name.endswith(suffix):
+                return int(f.parts[f.data[0]][0])
+        raise KeyError(f"{gguf.name}: no metadata key *{suffix}")
+
+    used, experts = field(".expert_used_count"), field(".expert_count")
+    split: dict[str, float] = {}
+    for t in reader.tensors:
+        kind = t.name.split(".")[-2] if t.name.startswith("blk.") else t.name.split(".")[0]
+        nbytes = float(t.n_bytes)
+        if "nextn" in t.name:  # an MTP block: llama-bench does not run it
+            continue
+        if kind.endswith("_exps"):
+            nbytes *= used / experts
+        elif kind == "token_embd":
+            nbytes /= int(t.shape[-1])  # gguf shapes list the row length first: [n_embd, n_vocab]
+        split[kind] = split.get(kind, 0.0) + nbytes
+    return sum(split.values()), split
+
+
 def active_fraction(checkpoint: Path) -> float:
     from dsexport.core.config import load_config, parameter_counts
     total, active = parameter_counts(load_config(checkpoint))
@@ -225,7 +259,7 @@ def run_llamacpp(checkpoint: Path, quants=("q8_0", "q4_0"), threads=2, prompt=12
             measured.append(copy_bandwidth(threads))
         r = llama_bench(llama, path, threads, prompt, gen, reps)
         r.update(cpu_busy_before=busy, gguf_bytes=path.stat().st_size)
-        r["bytes_per_token"] = r["gguf_bytes"] * fraction
+        r["bytes_per_token"] = gguf_bytes_per_token(path, llama)[0]
         results[q] = r
         if r["other_cpu_share"] > 0.05:
             print(f"warning: other processes used {r['other_cpu_share']:.0%} of the CPUs during {q}", flush=True)
@@ -236,8 +270,7 @@ def run_llamacpp(checkpoint: Path, quants=("q8_0", "q4_0"), threads=2, prompt=12
         r["roofline"] = r["bytes_per_token"] * r["decode_tokens_per_s"] / bandwidth
         print(f"llama.cpp {q}: decode {r['decode_tokens_per_s']:.1f} tok/s "
               f"(runs {', '.join(f'{x:.1f}' for x in r['decode_runs'])}), prefill {r['prefill_tokens_per_s']:.1f} "
-              f"tok/s for {prompt} tokens; roofline {r['gguf_bytes'] / 1e9:.2f} GB x {fraction:.3f} = "
-              f"{r['bytes_per_token'] / 1e6:.0f} MB/token x {r['decode_tokens_per_s']:.1f} tok/s / "
+              f"tok/s for {prompt} tokens; roofline {r['bytes_per_token'] / 1e6:.0f} MB/token (GGUF tensor table) x {r['decode_tokens_per_s']:.1f} tok/s / "
               f"{bandwidth / 1e9:.1f} GB/s = {r['roofline']:.2f}", flush=True)
     info = {k: llama[k] for k in ("version", "commit", "build_seconds")}
     return {"llama_cpp": info, "bandwidth": bandwidth, "bandwidth_runs": measured, "active_fraction": fraction,

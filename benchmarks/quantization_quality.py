@@ -1,6 +1,6 @@
 """Perplexity cost of int8 / int4 quantization on the embedded trained model.
 
-    python benchmarks/quantization_quality.py [--json out.json]
+    python benchmarks/quantization_quality.py [--json out.json] [--model DIR] [--configs LABEL ...]
 
 Evaluates the reference model running the dequantized weights a quantized bundle computes with
 (DeepseekReference.from_checkpoint(reader, QuantConfig): tests/test_quantize.py checks the
@@ -52,11 +52,11 @@ def reference_with(reader: CheckpointReader, kept: dict | None = None, quant=Non
         reader.config = base
 
 
-def test_windows(seq_len: int = 256) -> dict[str, torch.Tensor]:
-    tok = BundleTokenizer.from_directory(EMBEDDED_MODEL)
+def test_windows(seq_len: int = 256, model: Path = EMBEDDED_MODEL) -> dict[str, torch.Tensor]:
+    tok = BundleTokenizer.from_directory(model)
     out = {}
     for d in DOMAINS:
-        ids = tok.encode((EMBEDDED_MODEL / f"test.{d}.txt").read_text())
+        ids = tok.encode((model / f"test.{d}.txt").read_text())
         n = len(ids) // seq_len
         out[d] = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
     return out
@@ -106,12 +106,20 @@ def mixed_configs(reader) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL,
+                        help="a checkpoint with test.english.txt and test.code.txt beside it (the embedded model's "
+                             "layout; models/deepseek-specialized has them too)")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="LABEL",
+                        help="only these configurations (their labels as printed; fp32 always runs)")
     args = parser.parse_args()
-    reader = CheckpointReader(EMBEDDED_MODEL)
-    windows = test_windows()
+    reader = CheckpointReader(args.model)
+    windows = test_windows(model=args.model)
     configs = [("fp32", None)] + [(f"{p} block {b}", QuantConfig.preset(p, b)) for p in ("int8", "int4")
                                   for b in (32, 64, 128)]
     configs.append(("int4 block 32, lm_head int4", QuantConfig.preset("int4", 32, {"lm_head": 4})))
+    # the output head at 6 bits (stored as 8-bit rows; the native decoder reads 0.75 bytes a weight)
+    configs.append(("int4 block 32, lm_head int6", QuantConfig.preset("int4", 32, {"lm_head": 6})))
+    configs.append(("int8 block 32, lm_head int6", QuantConfig.preset("int8", 32, {"lm_head": 6})))
     # the choices around int4: exact fp32 activations, zero points, and TensorRT's Q/DQ weights
     # (symmetric, positive scales, int8 parts per channel, fp activations)
     configs.append(("int4 block 32, fp32 activations", QuantConfig.preset("int4", 32, activations="fp32")))
@@ -120,7 +128,16 @@ def main() -> None:
                                                      scheme="symmetric", per_channel_bits=(8,), lowering="qdq")))
     configs.append(("int8 TensorRT Q/DQ", dc.replace(QuantConfig.preset("int8", 32, activations="fp32"),
                                                      scheme="symmetric", per_channel_bits=(8,), lowering="qdq")))
-    configs += mixed_configs(reader)
+    if args.configs is None:
+        configs += mixed_configs(reader)
+    else:
+        unknown = set(args.configs) - {label for label, *_ in configs}
+        if unknown:
+            parser.error(f"unknown configurations {sorted(unknown)}")
+        configs = [c for c in configs if c[0] == "fp32" or c[0] in args.configs]
+    cfg = reader.config
+    configs = [(label, quant.for_model(cfg.hidden_size, cfg.moe_intermediate_size) if quant else None, *kept)
+               for label, quant, *kept in configs]
     rows, base = [], {}
     for label, quant, *kept in configs:
         kept = kept[0] if kept else None
@@ -135,7 +152,8 @@ def main() -> None:
         print(f"{label:30s} {total / 1e6:6.2f} MB  " + "  ".join(
             f"{d} {ppl[d]:.3f} ({ppl[d] / base[d] - 1:+.2%})" for d in DOMAINS), flush=True)
     if args.json:
-        open(args.json, "w").write(json.dumps({"windows": {d: int(w.shape[0]) for d, w in windows.items()},
+        open(args.json, "w").write(json.dumps({"model": str(args.model),
+                                               "windows": {d: int(w.shape[0]) for d, w in windows.items()},
                                                "rows": rows}, indent=1))
 
 

@@ -109,8 +109,9 @@ class QuantSpec:
         if self.block_size not in BLOCK_SIZES:
             raise UserError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         for part, b in self.bits.items():
-            if part not in PARTS or b not in (4, 8):
-                raise UserError(f"quantization: {part}={b}; parts are {', '.join(PARTS)}, bits 4 or 8")
+            if part not in PARTS or b not in part_widths(part):
+                raise UserError(f"quantization: {part}={b}; parts are {', '.join(PARTS)}, bits 4 or 8 "
+                                "(or 6, except routed_experts)")
         for layer, widths in self.expert_bits.items():
             if any(b not in (4, 8) for b in widths.values()):
                 raise UserError(f"quantization: layer {layer}'s expert widths must be 4 or 8")
@@ -213,6 +214,18 @@ class QuantSpec:
                    {v: k for k, v in METHOD_NAMES.items()}.get(data.get("method"), "rtn"), data.get("absorbed", "fp32"))
 
 
+def part_widths(part: str) -> tuple[int, ...]:
+    """The widths a part may take. 6 bits is a 6-bit quantization (levels -32..31 x the block
+    scale) stored in MatMulNBits' 8-bit form, so ONNX Runtime runs it as int8 and the native
+    decoder reads it at 0.75 bytes a weight; the fused MoE ops (QMoE) take only 4 and 8."""
+    return (4, 8) if part == "routed_experts" else (4, 6, 8)
+
+
+def storage_bits(bits: int) -> int:
+    """The bits a weight of this width is stored in (the graph's MatMulNBits or Q/DQ form)."""
+    return 8 if bits == 6 else bits
+
+
 def weight_layout(bits: int, block: int, K: int, per_channel_bits: tuple[int, ...], qdq: bool) -> tuple[int, int]:
     """QuantSpec.layout_for with its fields spelled out (the MoE lowerings hold them loose)."""
     if bits in per_channel_bits:
@@ -235,6 +248,7 @@ def part_bytes(spec: QuantSpec | None, part: str, rows: int, K: int, resident: b
     padded = blocks * block  # K padded to the block
     zero = spec.scheme == "asymmetric"
     extra = ORT_BLOCK_SUM_BYTES if resident and spec.lowering == "ort" and spec.activations == "int8" else 0
+    bits = storage_bits(bits)
     return padded * bits / 8 + blocks * (SCALE_BYTES + extra + (bits / 8 if zero else 0))
 
 

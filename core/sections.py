@@ -10,7 +10,7 @@ import dataclasses
 from dsexport.core.config import MAX_EXPERTS, MAX_LAYERS, ModelConfig
 from .files import check_name
 from .jsonio import Fields, check_float
-from .quant import ABSORBED, ACTIVATIONS, BLOCK_SIZES, LOWERINGS, METHOD_NAMES, PARTS, SCHEMES, QuantSpec
+from .quant import ABSORBED, ACTIVATIONS, BLOCK_SIZES, LOWERINGS, METHOD_NAMES, PARTS, SCHEMES, QuantSpec, part_widths
 
 PRUNE_METHODS = ("drop", "merge")
 MAX_BYTES = 1 << 50  # a petabyte: any size a manifest states must be below this
@@ -20,8 +20,9 @@ SHA256_HEX = 64
 def read_quantization(f: Fields) -> QuantSpec:
     bits = {}
     for part, value in (f.mapping("bits") or {}).items():
-        if part not in PARTS or value not in (4, 8) or isinstance(value, bool):
-            f.fail(f"bits: {part}={value!r}; parts are {', '.join(PARTS)}, bits 4 or 8", "bits")
+        if part not in PARTS or isinstance(value, bool) or value not in part_widths(part):
+            f.fail(f"bits: {part}={value!r}; parts are {', '.join(PARTS)}, bits 4 or 8 (or 6, except "
+                   "routed_experts)", "bits")
         bits[part] = value
     expert_bits = {}
     for layer, widths in f.items("expert_bits", {}, max_len=MAX_LAYERS):

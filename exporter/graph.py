@@ -155,6 +155,8 @@ class GraphBuilder:
 
         N, K = w_out_in.shape
         q, d, zero = quantize_rows(w_out_in, bits, block, scheme)  # [N, Kp], [N, Kp/block], [N, Kp/block]
+        if bits == 6:  # 6-bit levels in the 8-bit form (core/quant.storage_bits): the same q - zero
+            q, zero, bits = q + np.uint8(96), None if zero is None else zero + np.uint8(96), 8
         d = (d * np.asarray(row_scale, np.float32).reshape(-1, 1)).astype(np.float32)
         packed = pack(q, bits).reshape(N, d.shape[1], -1)  # [N, blocks, bytes per block]
         inputs = [x, self.weight(name + ".qweight", packed), self.weight(name + ".scales", d.reshape(-1))]

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from dsexport.core.config import ModelConfig
-from dsexport.core.quant import QuantSpec
+from dsexport.core.quant import QuantSpec, storage_bits
 from dsexport.core.sections import (NATIVE_BLOCKS, NativeLayer, NativeLinear, NativeMTP, NativeRouted, NativeSection,
                                     TensorRef)
 
@@ -79,6 +79,7 @@ class NativeIndexer:
             weight = self._ref(g, data_file, name + ".weight", "float32", (cols, total_cols or rows))
             return NativeLinear(32, None, rows, cols, "fp32", weight, None, col_start, bias)
         bits, block = self.quant.layout_for(part, bits, cols)
+        bits = storage_bits(bits)  # a 6-bit part is 8-bit rows here; the native backend packs it to 6
         nb = -(-cols // block)
         q = self._ref(g, data_file, name + ".qweight", "uint8", (rows, nb, block * bits // 8))
         scales = self._ref(g, data_file, name + ".scales", "float32", (rows * nb,))

@@ -140,6 +140,12 @@ class PlainStepper:
     def __init__(self, backend, rows: list[RowState], pad_id: int, prefill_chunk: int | None = None):
         self.backend, self.rows, self.pad_id, self.prefill_chunk = backend, rows, pad_id, prefill_chunk
         self.where = f"the {getattr(backend, 'name', 'decoder')} decoder"
+        # One greedy sequence on a backend that loops in C (the native decoder's `greedy`): several
+        # steps per call, in bursts of about GREEDY_BURST_S so that streamed text still flows.
+        sampling = rows[0].gen.sampling
+        self.greedy = getattr(backend, "greedy", None) if len(rows) == 1 and sampling.greedy and \
+            sampling.repetition_penalty == 1.0 else None
+        self.burst = 4  # steps of the next call, from the last call's time per step
 
     def start(self) -> list[list[int]]:
         B, longest = len(self.rows), max(len(r.prompt) for r in self.rows)
@@ -160,12 +166,33 @@ class PlainStepper:
         return [[] if r.done else [r.sample(last[b])] for b, r in enumerate(self.rows)]
 
     def advance(self) -> list[list[int]]:
+        if self.greedy is not None:
+            return self._greedy_burst()
         done = np.array([r.done for r in self.rows])
         step = np.array([[self.pad_id if r.done else r.seen[-1]] for r in self.rows], np.int64)
         self.mask = np.concatenate([self.mask, (~done)[:, None].astype(np.int64)], axis=1)
         logits, self.cache = self.backend.forward(step, self.next_pos[:, None], self.mask, self.cache)
         self.next_pos = self.next_pos + 1
         return self._sample(logits)
+
+
+    def _greedy_burst(self) -> list[list[int]]:
+        """The row's next tokens from one C loop: those past a stop string, at most a burst's
+        length less one, are computed and dropped (the cache is not reused after the generation)."""
+        row = self.rows[0]
+        start = time.perf_counter()
+        tokens, self.cache = self.greedy(row.seen[-1], int(self.next_pos[0]), self.cache,
+                                         max(1, min(row.remaining, self.burst)),
+                                         () if row.gen.ignore_eos else row.eos_ids)
+        per_step = (time.perf_counter() - start) / len(tokens)
+        self.burst = int(min(GREEDY_BURST_STEPS, max(1, GREEDY_BURST_S / max(per_step, 1e-6))))
+        self.mask = np.ones((1, self.mask.shape[1] + len(tokens)), np.int64)
+        self.next_pos = self.next_pos + len(tokens)
+        return [tokens]
+
+
+GREEDY_BURST_S = 0.05  # time per C call of greedy decoding: streamed tokens arrive at least this often
+GREEDY_BURST_STEPS = 64
 
 
 def prefill(backend, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray, cache: list,

@@ -20,7 +20,7 @@ import types
 
 import numpy as np
 
-from dsexport.core.errors import BundleError, UserError
+from dsexport.core.errors import BundleError, NumericalError, UserError
 from dsexport.core.sections import NativeLinear, NativeRouted, TensorRef
 
 from . import native
@@ -66,8 +66,8 @@ PROFILE_PARTS = ("projections", "attention", "routed experts", "head", "serial")
 _ERRORS = {-1: "bad arguments", -2: "out of memory", -3: "a token id outside the vocabulary"}
 
 
-LAYOUT_VERSION = 6  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only,
-# the MTP block's input (eh_proj, hidden_in), panels with fp16 scales (panel 2), fp16 W_UK/W_UV (w_half)
+LAYOUT_VERSION = 7  # decoder.c's DSX_LAYOUT_VERSION: W_UK in 64-column blocks, block-32 rows as panels, last_only,
+# the MTP block's input (eh_proj, hidden_in), panels with fp16 scales (panel 2), fp16 W_UK/W_UV (w_half), 6-bit panels
 
 
 def half_scales(scales: np.ndarray) -> np.ndarray | None:
@@ -78,6 +78,12 @@ def half_scales(scales: np.ndarray) -> np.ndarray | None:
     if not np.all(np.abs(half.astype(np.float32) - scales) <= np.abs(scales) * np.float32(2.0 ** -20)):
         return None
     return half
+
+
+def fits_six_bits(q: np.ndarray) -> bool:
+    """Whether MatMulNBits 8-bit weights (q - 128) all lie in [-32, 31]: a 6-bit quantization
+    stored in the 8-bit form (core/quant.py storage_bits), which 6-bit panels hold at 0.75 bytes."""
+    return bool(q.size) and int(q.min()) >= 96 and int(q.max()) <= 159
 
 
 def blocked_w_uk(a: np.ndarray) -> np.ndarray:
@@ -146,6 +152,9 @@ class NativeBackend:
         self.lib.dsx_half_scales.restype = ctypes.c_int
         self.half = self.panels and self.lib.dsx_half_scales() == 1 and \
             os.environ.get("DSEXPORT_NATIVE_HALF_SCALES", "1") != "0"
+        # 8-bit projections whose values fit 6 bits (a 6-bit head, core/quant.py) as 6-bit panels;
+        # DSEXPORT_NATIVE_SIX_BITS=0 keeps them 8-bit (A/B runs)
+        self.six = os.environ.get("DSEXPORT_NATIVE_SIX_BITS", "1") != "0"
         self.resident_bytes = 0
         self.cfg_precision = manifest.precision
         self._keep: list = []  # every array whose address the structures hold
@@ -164,6 +173,11 @@ class NativeBackend:
         self.kernel = native.ExpertKernel(self.lib, options.threads)
         self.lib.dsx_decoder_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self.lib.dsx_decoder_forward.restype = ctypes.c_int
+        self.lib.dsx_decoder_greedy.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + \
+            [ctypes.c_void_p] * 2
+        self.lib.dsx_decoder_greedy.restype = ctypes.c_int
+        if os.environ.get("DSEXPORT_NATIVE_GREEDY_LOOP", "1") == "0":  # the Python loop, step by step (A/B runs)
+            self.greedy = None
         self.step = Step()
         self._routed: list = []  # (expert slots [layers, N, k], tokens, phase) of steps not yet counted
         self.profile: dict | None = None
@@ -244,13 +258,16 @@ class NativeBackend:
         self._keep += arrays
         return native.address(arrays[0]), native.address(arrays[1]), flag
 
-    def _pack(self, bits: int, rows: int, q: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Block-32 rows as 8-row panels (runtime/native/dsx.h); the rows' own arrays can then go."""
+    def _pack(self, bits: int, rows: int, q: np.ndarray, scales: np.ndarray, to_bits: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Block-32 rows as 8-row panels (runtime/native/dsx.h); the rows' own arrays can then go.
+        to_bits 6: 8-bit rows whose values all fit 6 bits, as 6-bit panels."""
         q = np.ascontiguousarray(q).reshape(rows, -1)
-        padded = -(-rows // 8) * 8
-        pq = np.empty((padded, q.shape[1]), np.uint8)
-        ps = np.empty(padded * (q.shape[1] * 8 // bits // 32), np.float32)
         kp = q.shape[1] * 8 // bits
+        bits = to_bits or bits
+        padded = -(-rows // 8) * 8
+        pq = np.empty((padded, kp * bits // 8), np.uint8)
+        ps = np.empty(padded * (kp // 32), np.float32)
         if self.lib.dsx_pack_panels(bits, rows, kp, native.address(q), native.address(np.ascontiguousarray(scales)),
                                     native.address(pq), native.address(ps)):
             raise BundleError(f"native: {rows} x {kp} {bits}-bit rows cannot be packed")
@@ -271,10 +288,12 @@ class NativeBackend:
         for a in (w, scales):
             if a is not None and a.dtype == np.float32 and not finite(a):
                 raise BundleError("native: a projection's weights hold NaN or Inf")
+        bits = lin.bits
         if self.panels and round_act and lin.block == 32:
-            [(w, scales)], panel = self._halve([self._pack(lin.bits, lin.rows, w, scales)])
+            bits = 6 if bits == 8 and self.six and fits_six_bits(w) else bits
+            [(w, scales)], panel = self._halve([self._pack(lin.bits, lin.rows, w, scales, bits)])
         self._keep += [w, scales]
-        return Linear(lin.bits, lin.block or 0, lin.rows, lin.cols, round_act, panel, native.address(w),
+        return Linear(bits, lin.block or 0, lin.rows, lin.cols, round_act, panel, native.address(w),
                       native.address(scales), self._f32(bundle, lin.bias))
 
     def _experts(self, store: ExpertStore, layer: int, layout: tuple[int, bool, int]) -> tuple[np.ndarray, int]:
@@ -515,20 +534,53 @@ class NativeBackend:
         s.cache, s.logits, s.hidden = ctypes.addressof(cache.pointers), native.address(logits), \
             None if hidden is None else native.address(hidden)
         s.routed, s.last_only = native.address(routed), int(last_only)
-        parts = np.zeros(len(PROFILE_PARTS) + 1, np.float64) if self.profile is not None else None
-        s.profile = native.address(parts)
-        t0 = time.perf_counter()
-        rc = self.lib.dsx_decoder_forward(self.kernel.pool, ctypes.byref(self.model), ctypes.byref(s))
-        if self.profile is not None:  # the C parts, and the call as a whole ("native")
-            self.profile["native"] = self.profile.get("native", 0.0) + time.perf_counter() - t0
-            for name, seconds in zip(PROFILE_PARTS, parts):
-                self.profile["native: " + name] = self.profile.get("native: " + name, 0.0) + float(seconds)
+        rc = self._profiled(self.lib.dsx_decoder_forward, ctypes.byref(s))
         if rc:
             raise BundleError(f"the native decoder failed: {_ERRORS.get(rc, rc)}")
         self._routed.append((routed, B * T, "prefill" if T > 1 else "decode"))
         if len(self._routed) >= 256:
             self._count()
         return logits, LatentCache(cache.buffers, past + T, cache.pointers)
+
+    def _profiled(self, fn, step_ref, *args) -> int:
+        """fn(pool, model, step, *args), its C parts and its time added to self.profile when profiling."""
+        parts = np.zeros(len(PROFILE_PARTS) + 1, np.float64) if self.profile is not None else None
+        self.step.profile = native.address(parts)
+        t0 = time.perf_counter()
+        rc = fn(self.kernel.pool, ctypes.byref(self.model), step_ref, *args)
+        if self.profile is not None:  # the C parts, and the call as a whole ("native")
+            self.profile["native"] = self.profile.get("native", 0.0) + time.perf_counter() - t0
+            for name, seconds in zip(PROFILE_PARTS, parts):
+                self.profile["native: " + name] = self.profile.get("native: " + name, 0.0) + float(seconds)
+        return rc
+
+    def greedy(self, token: int, position: int, cache: list, steps: int, stop_ids) -> tuple[list[int], LatentCache]:
+        """Up to `steps` greedy decode steps of one sequence in one C call (decoder.c
+        dsx_decoder_greedy): token fed at `position`, each step's argmax fed to the next, stopping
+        after a token of stop_ids. The tokens, and the cache with their positions (the last
+        token's position is written by the next call, as forward() does)."""
+        past = cache.length if isinstance(cache, LatentCache) else (cache[0].shape[1] if cache else 0)
+        cache = self._room(cache, 1, past + steps)
+        ids, pos = np.array([[token]], np.int64), np.array([[position]], np.int64)
+        mask = np.ones((1, past + steps), np.int64)
+        logits = np.empty((1, 1, self.cfg.vocab_size), np.float32)
+        routed = np.empty((steps, self.num_layers, 1, self.k), np.int32)
+        tokens, stop = np.empty(steps, np.int64), np.array(sorted(stop_ids), np.int64)
+        s = self.step
+        s.B, s.T, s.past, s.capacity = 1, 1, past, cache.buffers[0].shape[1]
+        s.ids, s.positions, s.mask = native.address(ids), native.address(pos), native.address(mask)
+        s.cache, s.logits, s.hidden, s.last_only = ctypes.addressof(cache.pointers), native.address(logits), None, 0
+        rc = self._profiled(self.lib.dsx_decoder_greedy, ctypes.byref(s), steps, native.address(stop), len(stop),
+                            native.address(tokens), native.address(routed))
+        if rc == -4:
+            raise NumericalError("the native decoder produced non-finite logits (NaN/Inf): the bundle's weights are "
+                                 "corrupt or a computation overflowed")
+        if rc < 1:
+            raise BundleError(f"the native decoder failed: {_ERRORS.get(rc, rc)}")
+        self._routed += [(routed[i], 1, "decode") for i in range(rc)]
+        if len(self._routed) >= 256:
+            self._count()
+        return tokens[:rc].tolist(), LatentCache(cache.buffers, past + rc, cache.pointers)
 
     def drafter(self, head: str | None = None) -> "NativeDrafter | None":
         """The MTP block run natively (the bundle's native section locates it), or None.

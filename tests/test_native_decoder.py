@@ -560,3 +560,72 @@ def test_wide_latent_takes_the_vector_paths_of_the_latent_attention(tmp_path, mo
     graphs = load(int4, "onnxruntime", monkeypatch)
     per_position = np.abs(teacher_forced_logits(graphs, PROMPT, steps) - teacher_forced_logits(half, PROMPT, steps)).max(-1)
     assert np.median(per_position) <= 1e-4 and per_position.max() <= 0.25
+
+
+def test_a_six_bit_head_is_read_at_six_bits_with_the_logits_of_its_8_bit_rows(artifacts, monkeypatch):
+    """--quantize lm_head=6 stores 6-bit levels as MatMulNBits 8-bit rows; the AVX2 build packs
+    them as 6-bit panels (0.75 bytes a weight where the rows take 1). Their integer block sums
+    are the 8-bit panels' exactly, so the logits are bit for bit those of the same rows read at 8
+    bits, and the bundle matches ONNX Runtime at the tolerance of docs/quantization.md."""
+    from dsexport.build import BuildConfig, build_bundle
+
+    path = artifacts.root / "fused_int4_head6"
+    if not (path / "manifest.json").is_file():
+        build_bundle(BuildConfig(artifacts.checkpoint("v3_noaux_tc"), path, precision="int4", quantize={"lm_head": 6}))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["quantization"]["bits"]["lm_head"] == 6 and manifest["native"]["globals"]["head"]["bits"] == 8
+    six = load(path, "native", monkeypatch)
+    if not six.backend.panels:
+        pytest.skip("this build of the kernel library packs no panels (AVX2 only): the head stays 8-bit rows")
+    assert six.backend.model.head.bits == 6 and {ly.qkv.bits for ly in six.backend.layers} == {4}
+    monkeypatch.setenv("DSEXPORT_NATIVE_SIX_BITS", "0")
+    eight = load(path, "native", monkeypatch)
+    assert eight.backend.model.head.bits == 8
+    steps = six.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
+    assert np.array_equal(teacher_forced_logits(six, PROMPT, steps), teacher_forced_logits(eight, PROMPT, steps))
+    monkeypatch.delenv("DSEXPORT_NATIVE_SIX_BITS")
+    matches_onnxruntime_quantized(path, "int8", monkeypatch)
+    # an int8 head's absmax levels reach -128 in every block: it stays 8-bit
+    int8 = load(quantized_bundles(artifacts, "int8", paged=False), "native", monkeypatch)
+    assert int8.backend.model.head.bits == 8
+
+
+def test_greedy_decoding_loops_in_c_with_the_tokens_stops_and_statistics_of_the_python_loop(artifacts, monkeypatch):
+    """One greedy sequence decodes in bursts of C steps (decoder.c dsx_decoder_greedy); the tokens,
+    finish reasons, text and expert statistics are those of the step-by-step Python loop, for a
+    length limit, an end-of-sequence token in the middle of a burst and a stop string."""
+    path = quantized_bundles(artifacts, "int8", paged=False)
+    c_loop = load(path, "native", monkeypatch)
+    calls = []
+    greedy = c_loop.backend.greedy
+    c_loop.backend.greedy = lambda *a: calls.append(a[3]) or greedy(*a)
+    monkeypatch.setenv("DSEXPORT_NATIVE_GREEDY_LOOP", "0")
+    py_loop = load(path, "native", monkeypatch)
+    assert py_loop.backend.greedy is None
+
+    def both(**kw):
+        return [e.generate(PROMPT, **kw) for e in (c_loop, py_loop)]
+
+    c, p = both(max_new_tokens=40, ignore_eos=True)
+    assert c.output_ids == p.output_ids and c.finish_reason == p.finish_reason == "length"
+    assert len(calls) < 40 and max(calls) > 1  # bursts of several steps
+    stats = [e.backend.stats() for e in (c_loop, py_loop)]
+    assert stats[0]["decode"] == stats[1]["decode"] and stats[0]["expert_histograms"] == stats[1]["expert_histograms"]
+    eos = c.output_ids[9]  # an end-of-sequence token first produced mid-burst
+    first = c.output_ids.index(eos)
+    for e in (c_loop, py_loop):
+        monkeypatch.setattr(e, "eos_ids", e.eos_ids | {eos})
+    c, p = both(max_new_tokens=40)
+    assert c.output_ids == p.output_ids == p.output_ids[:first + 1] and c.finish_reason == p.finish_reason == "eos"
+    assert c_loop.backend.stats()["decode"] == py_loop.backend.stats()["decode"]  # the C loop stopped there too
+    for e in (c_loop, py_loop):
+        monkeypatch.setattr(e, "eos_ids", e.eos_ids - {eos})
+    text = py_loop.generate(PROMPT, max_new_tokens=40, ignore_eos=True).text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop) == 3
+    c, p = both(max_new_tokens=40, ignore_eos=True, stop=stop)
+    assert c.text == p.text and c.output_ids == p.output_ids and c.finish_reason == p.finish_reason == "stop"
+    # sampling, or a repetition penalty, decodes step by step
+    calls.clear()
+    c, p = both(max_new_tokens=8, temperature=0.8, seed=3)
+    assert c.output_ids == p.output_ids and not calls

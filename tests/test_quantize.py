@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dsexport.core.errors import UserError
 from dsexport.build import BuildConfig, build_bundle
 from dsexport.exporter.checkpoint import CheckpointReader
+from dsexport.exporter.graph import GraphBuilder
 from dsexport.core.config import parameter_counts
 from dsexport.core.quant import weight_bytes
 from dsexport.exporter.quantize import SCHEMES, QuantConfig, dequantize_rows, pack, pack_zero_points, quantize_rows
@@ -77,21 +78,49 @@ def test_matmulnbits_computes_with_the_dequantized_weights(bits, block, scheme):
     np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [6])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_six_bit_levels_run_as_8_bit_matmulnbits(bits, scheme, tmp_path):
+    """A 6-bit part: levels -32..31 (asymmetric: 0..63 from a zero point) x the block scale,
+    stored as MatMulNBits 8-bit rows (q + 96, its zero points + 96): the op computes with exactly
+    the dequantized 6-bit weights, and rounds to within half a 6-bit step."""
+    from dsexport.core.quant import storage_bits
+
+    rng = np.random.default_rng(6)
+    K, N, block = 200, 48, 32
+    w = rng.standard_normal((N, K)).astype(np.float32) + (0.5 if scheme == "asymmetric" else 0.0)
+    q, d, zero = quantize_rows(w, bits, block, scheme)
+    assert q.max() <= 63 and storage_bits(bits) == 8
+    deq = dequantize_rows(q, d, bits, block, K, zero)
+    step = np.repeat(np.abs(d), block, axis=1)[:, :K]
+    assert (np.abs(deq - w) <= step + 1e-6).all() and (np.abs(deq - w) <= step / 2 + 1e-6).mean() > 0.97
+    g = GraphBuilder(tmp_path / "six.bin")
+    x = g.input("x", TensorProto.FLOAT, [3, K])
+    g.output(g.linear_nbits(x, w, "proj", bits, block, scheme=scheme), "y", TensorProto.FLOAT, [3, N])
+    node = next(n for n in g.nodes if n.op_type == "MatMulNBits")
+    assert {a.name: a.i for a in node.attribute}["bits"] == 8
+    g.save(tmp_path / "six.onnx", "six")
+    feeds = {"x": rng.standard_normal((3, K)).astype(np.float32)}
+    y = ort.InferenceSession(str(tmp_path / "six.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(y, feeds["x"] @ deq.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("precision, block, scheme, activations", [
-    ("int8", 32, "absmax", "int8"), ("int4", 32, "absmax", "int8"), ("int4", 64, "absmax", "int8"),
-    ("int4", 32, "absmax", "fp32"), ("int4", 32, "asymmetric", "fp32")])
+@pytest.mark.parametrize("precision, block, scheme, activations, overrides", [
+    ("int8", 32, "absmax", "int8", None), ("int4", 32, "absmax", "int8", None), ("int4", 64, "absmax", "int8", None),
+    ("int4", 32, "absmax", "fp32", None), ("int4", 32, "asymmetric", "fp32", None),
+    ("int4", 32, "absmax", "int8", {"lm_head": 6})])
 def test_quantized_bundle_equals_the_dequantized_reference(artifacts, tmp_path, variant, precision, block, scheme,
-                                                           activations):
+                                                           activations, overrides):
     ckpt = artifacts.checkpoint(variant)
     out = tmp_path / "b"
     build_bundle(BuildConfig(ckpt, out, precision=precision, block_size=block, zero_points=scheme == "asymmetric",
-                             activations=activations))
+                             activations=activations, quantize=overrides))
     engine = Engine.load(out, threads=2)
     reader = CheckpointReader(ckpt)
     cfg = reader.config
-    quant = dataclasses.replace(QuantConfig.preset(precision, block, activations=activations), scheme=scheme).for_model(
-        cfg.hidden_size, cfg.moe_intermediate_size)
+    quant = dataclasses.replace(QuantConfig.preset(precision, block, overrides, activations=activations),
+                                scheme=scheme).for_model(cfg.hidden_size, cfg.moe_intermediate_size)
     assert engine.manifest.to_json()["quantization"] == quant.to_json()
     reference = DeepseekReference.from_checkpoint(reader, quant)
     prompt = np.random.default_rng(5).integers(3, cfg.vocab_size, size=12).tolist()
@@ -132,6 +161,12 @@ def test_quantized_sizes_and_flags(artifacts, run_cli, tmp_path):
     assert manifest["quantization"]["block_size"] == 64 and manifest["precision"] == "int4"
     code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "c", "--precision", "int4", "--quantize", "attn=3")
     assert code == 2 and "PART=4" in err
+    # 6 bits: any part but the routed experts (QMoE takes 4 and 8), stored as 8-bit rows
+    code, _, err = run_cli("build", "--model", ckpt, "--out", tmp_path / "c", "--precision", "int4", "--quantize",
+                           "routed_experts=6")
+    assert code == 2 and "routed_experts=6" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+    six = QuantConfig.preset("int4", 32, {"lm_head": 6})
+    assert weight_bytes(cfg, six)[0] == weight_bytes(cfg, QuantConfig.preset("int4", 32))[0]
     with pytest.raises(UserError, match="parts are"):
         QuantConfig({"router": 4})
     # --expert-block-size: the experts' own block, lowered to one dividing D and I (QMoE cannot pad)

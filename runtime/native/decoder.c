@@ -26,7 +26,7 @@
 #include <time.h>
 
 typedef struct {
-    int32_t bits;      /* 32: fp32 [rows, K]; 8 or 4: block-quantized rows */
+    int32_t bits;      /* 32: fp32 [rows, K]; 8 or 4: block-quantized rows; 6: 6-bit panels (dsx.h) */
     int32_t block;     /* quantized: B, a multiple of 32 */
     int32_t rows, K;   /* K: inputs (quantized rows are padded to Kp, a multiple of B) */
     int32_t round_act; /* quantized: round the input to int8 per block */
@@ -162,7 +162,7 @@ static int linear(dsx_pool *pool, const dsx_linear *L, const float *x, int ldx, 
             int32_t *lanes = take(a, (size_t)N * nb * 32);
             if (!xq || !xs || !xsum || !lanes) return -2;
             for (int n = 0; n < N; n++)
-                quantize_row(xf + (size_t)n * Kp, Kp, B, L->bits == 4, xq + (size_t)n * Kp, xs + (size_t)n * nb,
+                quantize_row(xf + (size_t)n * Kp, Kp, B, L->bits != 8, xq + (size_t)n * Kp, xs + (size_t)n * nb,
                              xsum + (size_t)n * nb, lanes + (size_t)n * nb * 8);
             w.in.q = xq, w.in.s = xs, w.in.sum = xsum, w.in.lanes = lanes;
             w.fast = B == QK;
@@ -174,10 +174,42 @@ static int linear(dsx_pool *pool, const dsx_linear *L, const float *x, int ldx, 
     return 0;
 }
 
+/* Row byte j (j < 8) of a 6-bit panel block's high bits: bits 4-5 of u = q + 32 of the row's
+ * weights 2j, 2j + 16, 2j + 1, 2j + 17 (the even and odd halves' j and j + 8), two bits each */
+static uint8_t six_bits_byte(const uint8_t *u, int j) {
+    return (uint8_t)((u[2 * j] >> 4) | (u[2 * j + 16] >> 4) << 2 | (u[2 * j + 1] >> 4) << 4 | (u[2 * j + 17] >> 4) << 6);
+}
+
+/* 6-bit panels from 8-bit rows (q [rows, Kp], values q - 128 in [-32, 31]): per panel block the
+ * rows' low nibbles as int4's (16 bytes each), then their high bits (8 bytes each). -1: a value
+ * outside the range. */
+static int pack_six(int rows, int Kp, const uint8_t *q, const float *scales, uint8_t *pq, float *ps) {
+    const int nb = Kp / QK, panels = (rows + PANEL - 1) / PANEL;
+    for (int p = 0; p < panels; p++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *dst = pq + ((size_t)p * nb + b) * PANEL * 24;
+            for (int j = 0; j < PANEL; j++) {
+                const int r = p * PANEL + j;
+                uint8_t u[QK];
+                for (int k = 0; k < QK; k++) {
+                    const int v = r < rows ? (int)q[(size_t)r * Kp + (size_t)b * QK + k] - 128 : 0;
+                    if (v < -32 || v > 31) return -1;
+                    u[k] = (uint8_t)(v + 32);
+                }
+                for (int k = 0; k < QK / 2; k++) dst[j * 16 + k] = (uint8_t)((u[2 * k] & 15) | (u[2 * k + 1] & 15) << 4);
+                for (int k = 0; k < 8; k++) dst[128 + j * 8 + k] = six_bits_byte(u, k);
+                ps[((size_t)p * nb + b) * PANEL + panel_scale_slot(6, j)] = r < rows ? scales[(size_t)r * nb + b] : 0.0f;
+            }
+        }
+    return 0;
+}
+
 /* Repack block-32 rows into panels (dsx.h): pq [ceil(rows/8) * 8, Kp * bits / 8] bytes, ps the same
- * rows x Kp/32 floats. 0 on success, -1 bad arguments. */
+ * rows x Kp/32 floats. bits 6: 8-bit rows (q [rows, Kp]) whose values fit 6 bits. 0 on success,
+ * -1 bad arguments (or a value that does not fit). */
 int dsx_pack_panels(int bits, int rows, int Kp, const uint8_t *q, const float *scales, uint8_t *pq, float *ps) {
-    if ((bits != 4 && bits != 8) || rows < 1 || Kp < QK || Kp % QK || !q || !scales || !pq || !ps) return -1;
+    if ((bits != 4 && bits != 6 && bits != 8) || rows < 1 || Kp < QK || Kp % QK || !q || !scales || !pq || !ps) return -1;
+    if (bits == 6) return pack_six(rows, Kp, q, scales, pq, ps);
     const int nb = Kp / QK, panels = (rows + PANEL - 1) / PANEL;
     const size_t row_bytes = (size_t)Kp * bits / 8, blk = (size_t)QK * bits / 8;
     for (int p = 0; p < panels; p++)
@@ -521,12 +553,67 @@ int dsx_decoder_forward(dsx_pool *pool, const dsx_model *m, const dsx_step *s) {
     return rc;
 }
 
+/* The first index of the largest of x[0..n), or -1 when any is NaN or Inf */
+static int argmax_finite(const float *x, int n) {
+    float top = -INFINITY;
+    int v = 0, finite = 1;
+#if defined(DSX_AVX2)
+    __m256 mx = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+    for (; v + 8 <= n; v += 8) {
+        const __m256 a = _mm256_loadu_ps(x + v);
+        mx = _mm256_max_ps(mx, a);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(a, a), _mm256_setzero_ps(), _CMP_NEQ_UQ)); /* inf - inf, NaN */
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mx);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    finite = _mm256_movemask_ps(bad) == 0;
+#endif
+    for (; v < n; v++) {
+        finite &= isfinite(x[v]) != 0;
+        top = x[v] > top ? x[v] : top;
+    }
+    if (!finite || n < 1) return -1;
+    for (v = 0; v < n; v++)
+        if (x[v] == top) return v;
+    return -1;
+}
+
+/* Greedy decode of one sequence: up to n_steps steps of one token each, each fed the last one's
+ * argmax (the first index of the largest logit, as numpy's argmax), stopping after a token of
+ * `stop`. s: B = T = 1, *ids the token to feed, *positions its position, mask all ones up to
+ * past + n_steps; ids, positions and past advance as it goes. tokens[i]: the step's token; routed
+ * (or NULL): [n_steps, n_layers, k] the experts each step chose. Why in C: between two steps the
+ * Python decode loop cost 210-280 us on M int4 (its working set evicted by the step's ~140 MB of
+ * weights), 4-5% of a step. Returns the steps run (>= 1), or a dsx_decoder_forward error, or -4
+ * when a step's logits hold NaN or Inf. */
+int dsx_decoder_greedy(dsx_pool *pool, const dsx_model *m, dsx_step *s, int n_steps, const int64_t *stop, int n_stop,
+                       int64_t *tokens, int32_t *routed) {
+    if (!s || s->B != 1 || s->T != 1 || n_steps < 1 || !tokens || (n_stop && !stop)) return -1;
+    int64_t *id = (int64_t *)s->ids, *position = (int64_t *)s->positions;
+    const size_t per_step = m ? (size_t)m->n_layers * m->k : 0;
+    for (int i = 0; i < n_steps; i++) {
+        s->routed = routed ? routed + i * per_step : NULL;
+        const int rc = dsx_decoder_forward(pool, m, s);
+        if (rc) return rc;
+        const int best = argmax_finite(s->logits, m->vocab);
+        if (best < 0) return -4;
+        tokens[i] = best;
+        for (int j = 0; j < n_stop; j++)
+            if (stop[j] == best) return i + 1;
+        *id = best;
+        *position += 1;
+        s->past += 1;
+    }
+    return n_steps;
+}
+
 /* What runtime/native_backend.py checks before it hands over weights: the structures' sizes and
  * the version of the layouts it prepares (3: W_UK in 64-column blocks, block-32 rows as panels,
  * dsx_step.last_only; 4: the MTP block's input, dsx_model.eh_proj and dsx_step.hidden_in; 5: panels
- * with fp16 scales, panel 2; 6: dsx_layer.w_half).
+ * with fp16 scales, panel 2; 6: dsx_layer.w_half; 7: 6-bit panels, dsx_linear.bits 6).
  * A library from another build that disagrees would read the weights wrongly, not fail. */
-#define DSX_LAYOUT_VERSION 6
+#define DSX_LAYOUT_VERSION 7
 int dsx_decoder_abi(int64_t *sizes, int n) {
     const int64_t mine[] = {sizeof(dsx_linear), sizeof(dsx_layer), sizeof(dsx_model), sizeof(dsx_step),
                             DSX_LAYOUT_VERSION};

@@ -39,7 +39,7 @@ def build_options(fn):
                      help="Asymmetric quantization: a zero point per block besides the scale (ONNX Runtime targets)."),
         click.option("--quantize", "quantize", multiple=True, metavar="PART=BITS",
                      help="Per part bits over the precision's preset: PART in attention, shared_experts, routed_experts, "
-                          "dense_mlp, lm_head; BITS 4, 8 or none (fp32). Repeatable; docs/quantization.md."),
+                          "dense_mlp, lm_head; BITS 4, 8, 6 (not routed_experts: 6-bit levels stored as 8-bit, read at 6 bits by the native decoder) or none (fp32). Repeatable; docs/quantization.md."),
         click.option("--expert-bits", default=None, metavar="BITS:FRACTION",
                      help="Give the FRACTION of routed experts that matter most (by --prune-by, from --calib) BITS "
                           "bits, e.g. 8:0.25 on an int4 build (docs/quantization.md)."),
@@ -78,8 +78,8 @@ def _parse_quantize(items: tuple[str, ...]) -> dict[str, int | None] | None:
     out: dict[str, int | None] = {}
     for item in items:
         part, _, bits = item.partition("=")
-        if bits not in ("4", "8", "none"):
-            raise UserError(f"--quantize {item!r}: expected PART=4, PART=8 or PART=none")
+        if bits not in ("4", "6", "8", "none"):
+            raise UserError(f"--quantize {item!r}: expected PART=4, PART=6, PART=8 or PART=none")
         out[part.strip().replace("-", "_")] = None if bits == "none" else int(bits)
     return out or None
 
