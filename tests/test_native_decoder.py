@@ -629,3 +629,25 @@ def test_greedy_decoding_loops_in_c_with_the_tokens_stops_and_statistics_of_the_
     calls.clear()
     c, p = both(max_new_tokens=8, temperature=0.8, seed=3)
     assert c.output_ids == p.output_ids and not calls
+
+
+def test_the_c_greedy_loop_stops_on_non_finite_logits(artifacts, monkeypatch):
+    """The C loop checks each step's logits as the Python loop does: a head weight overwritten with
+    Inf after loading (the loader refuses non-finite weights, so only memory can hold one) raises
+    NumericalError instead of decoding token 0 on."""
+    import ctypes
+
+    from dsexport.core.errors import NumericalError
+
+    engine = load(artifacts.export("v3_noaux_tc"), "native", monkeypatch)
+    backend = engine.backend
+    T = len(PROMPT)
+    logits, cache = backend.forward(np.array([PROMPT]), np.arange(T)[None], np.ones((1, T), np.int64),
+                                    backend.empty_cache(1))
+    tokens, _ = backend.greedy(int(logits[0, -1].argmax()), T, cache, 3, ())
+    assert len(tokens) == 3
+    head = backend.model.head
+    assert head.bits == 32
+    ctypes.cast(head.w, ctypes.POINTER(ctypes.c_float))[7] = float("inf")
+    with pytest.raises(NumericalError, match="non-finite"):
+        backend.greedy(int(logits[0, -1].argmax()), T, cache, 3, ())
