@@ -134,6 +134,10 @@ class Stepper(Protocol):
         """One more decoder run; each row's next token(s) (none for rows that are done)."""
 
 
+GREEDY_BURST_S = 0.05  # time per C call of greedy decoding: streamed tokens arrive at least this often
+GREEDY_BURST_STEPS = 64
+
+
 class PlainStepper:
     """One token per row per decoder run, batches in lockstep."""
 
@@ -175,7 +179,6 @@ class PlainStepper:
         self.next_pos = self.next_pos + 1
         return self._sample(logits)
 
-
     def _greedy_burst(self) -> list[list[int]]:
         """The row's next tokens from one C loop: those past a stop string, at most a burst's
         length less one, are computed and dropped (the cache is not reused after the generation)."""
@@ -189,10 +192,6 @@ class PlainStepper:
         self.mask = np.ones((1, self.mask.shape[1] + len(tokens)), np.int64)
         self.next_pos = self.next_pos + len(tokens)
         return [tokens]
-
-
-GREEDY_BURST_S = 0.05  # time per C call of greedy decoding: streamed tokens arrive at least this often
-GREEDY_BURST_STEPS = 64
 
 
 def prefill(backend, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray, cache: list,

@@ -268,14 +268,22 @@ def test_the_vnni_build_gives_the_logits_of_the_plain_avx2_build(artifacts, tmp_
                  int8_rows):
         vnni = load(path, "native", monkeypatch)
         steps = vnni.generate(PROMPT, max_new_tokens=12, ignore_eos=True).output_ids
-        want = teacher_forced_logits(vnni, PROMPT, steps)
-        monkeypatch.setattr(native, "_lib", None)
-        monkeypatch.setenv("DSEXPORT_NATIVE_LIBRARY", str(lib))
-        plain = load(path, "native", monkeypatch)
-        assert native.status()["simd"] == "AVX2" and plain.backend.half
-        assert np.array_equal(teacher_forced_logits(plain, PROMPT, steps), want)
-        monkeypatch.setattr(native, "_lib", None)
-        monkeypatch.delenv("DSEXPORT_NATIVE_LIBRARY")
+        with pytest.MonkeyPatch.context() as mp:
+            plain, logits = logits_with_library(lib, path, PROMPT, steps, mp)
+            assert plain.backend.half
+        assert np.array_equal(logits, teacher_forced_logits(vnni, PROMPT, steps))
+
+
+def logits_with_library(lib, path, prompt, steps, mp):
+    """The bundle on another build of the kernel library (an AVX2 one, not VNNI or AVX-512VL):
+    the engine and its teacher-forced logits. `mp` undoes the switch when its context ends."""
+    from dsexport.runtime import native
+
+    mp.setattr(native, "_lib", None)
+    mp.setenv("DSEXPORT_NATIVE_LIBRARY", str(lib))
+    engine = load(path, "native", mp)
+    assert native.status()["simd"] == "AVX2"
+    return engine, teacher_forced_logits(engine, prompt, steps)
 
 
 def test_fp32_prompt_tiles_do_not_change_the_logits(artifacts, tmp_path):
@@ -297,11 +305,8 @@ def test_fp32_prompt_tiles_do_not_change_the_logits(artifacts, tmp_path):
         wide = load(path, "native", mp)
         steps = wide.generate(prompt, max_new_tokens=6, ignore_eos=True).output_ids
         want = teacher_forced_logits(wide, prompt, steps)
-        mp.setattr(native, "_lib", None)
-        mp.setenv("DSEXPORT_NATIVE_LIBRARY", str(plain))
-        narrow = load(path, "native", mp)
-        assert native.status()["simd"] == "AVX2"
-        assert np.array_equal(teacher_forced_logits(narrow, prompt, steps), want)
+        _, logits = logits_with_library(plain, path, prompt, steps, mp)
+        assert np.array_equal(logits, want)
 
 
 def test_a_library_built_from_other_sources_falls_back_to_the_segments(artifacts, monkeypatch):

@@ -78,16 +78,15 @@ def test_matmulnbits_computes_with_the_dequantized_weights(bits, block, scheme):
     np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [6])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_six_bit_levels_run_as_8_bit_matmulnbits(bits, scheme, tmp_path):
+def test_six_bit_levels_run_as_8_bit_matmulnbits(scheme, tmp_path):
     """A 6-bit part: levels -32..31 (asymmetric: 0..63 from a zero point) x the block scale,
     stored as MatMulNBits 8-bit rows (q + 96, its zero points + 96): the op computes with exactly
     the dequantized 6-bit weights, and rounds to within half a 6-bit step."""
     from dsexport.core.quant import storage_bits
 
     rng = np.random.default_rng(6)
-    K, N, block = 200, 48, 32
+    K, N, block, bits = 200, 48, 32, 6
     w = rng.standard_normal((N, K)).astype(np.float32) + (0.5 if scheme == "asymmetric" else 0.0)
     q, d, zero = quantize_rows(w, bits, block, scheme)
     assert q.max() <= 63 and storage_bits(bits) == 8
